@@ -1,0 +1,5 @@
+import sys
+
+from prefrank.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""Command line: `prefrank score ...` (see `prefrank score --help`)."""
+import argparse
+import sys
+
+from prefrank.data import Columns, InputError
+from prefrank.scoring import METHODS
+from prefrank.tokenization import TRUNCATION_POLICIES
+
+SCORE_HELP = """\
+Score a preference dataset: for every row, Σ log π(y|x) and the token count of the chosen and the
+rejected completion given the prompt, under --model (and --ref-model). One output row per input
+row, in input order; rows that cannot be scored are kept with status=error and a reason.
+
+With neither --data nor --model, scores the embedded default: a built-in addition task with known
+preference shares, and a tiny model trained on it on first use (CPU, ~15 s, cached). --model
+alone scores that model on the built-in task.
+
+Input formats: JSON, JSONL(.gz), Parquet, or a Hugging Face dataset (hub name or local folder).
+Rows: prompt/chosen/rejected strings; chosen/rejected full transcripts (prompt = shared prefix up
+to the last "\\n\\nAssistant:"); chat message lists (rendered with the tokenizer's chat template);
+or any schema through --prompt-cols/--chosen-col/--rejected-col.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _column_list(text: str) -> list[str]:
+    cols = [c.strip() for c in text.split(",") if c.strip()]
+    if not cols:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated column names")
+    return cols
+
+
+def add_score_parser(sub):
+    p = sub.add_parser("score", help="score chosen/rejected log-probs of a preference dataset",
+                       description=SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("data and models")
+    io.add_argument("--data", help="input file or Hugging Face dataset (default: the built-in task)")
+    io.add_argument("--model", help="policy model: local folder or hub id (default: the built-in tiny model)")
+    io.add_argument("--ref-model", help="reference model, scored on the same token ids (optional)")
+    io.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the policy model's)")
+    io.add_argument("--out", default="scores.parquet", help="output Parquet file; a sidecar OUT.meta.json records "
+                    "models, options, versions and the input's hash (default: %(default)s)")
+    io.add_argument("--split", default="train", help="dataset split for Hugging Face datasets (default: %(default)s)")
+    io.add_argument("--subset", help="dataset configuration name for Hugging Face datasets")
+    io.add_argument("--limit", type=_positive_int, help="score only the first N rows")
+
+    cols = p.add_argument_group("columns")
+    cols.add_argument("--prompt-cols", type=_column_list, help="prompt column(s), joined by blank lines when several "
+                      "(default: 'prompt' if present, else the implicit HH format)")
+    cols.add_argument("--chosen-col", default="chosen", help="(default: %(default)s)")
+    cols.add_argument("--rejected-col", default="rejected", help="(default: %(default)s)")
+    cols.add_argument("--id-col", default="id", help="row id column; the row index when absent (default: %(default)s)")
+    cols.add_argument("--vote-cols", type=_column_list, help="rater columns coded 0 tie, 1 chosen, 2 rejected "
+                      "(PandaLM: annotator1,annotator2,annotator3); gives alpha. Without it, an 'alpha' column, or a "
+                      "'votes' list of 1/0/0.5, is used when present")
+    cols.add_argument("--completions-include-prompt", action="store_true",
+                      help="chosen/rejected start with the prompt: strip it (rows where they don't are errors)")
+
+    tok = p.add_argument_group("tokenization")
+    tok.add_argument("--append-eos", action="store_true", help="score an EOS token after each completion")
+    tok.add_argument("--max-length", type=_positive_int,
+                     help="longest prompt + completion in tokens (default: the model's maximum positions)")
+    tok.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none",
+                     help="over-length rows: 'none' makes them errors; 'keep-end' cuts the prompt from the left "
+                          "(keeping BOS), then the completions from the right, and marks them truncated "
+                          "(default: %(default)s)")
+
+    run = p.add_argument_group("execution")
+    run.add_argument("--method", choices=METHODS, default="kv",
+                     help="kv: prompt forward once, its KV cache reused by both completions, log-probs from "
+                          "hidden states without full logits; naive: the plain full-logits oracle (default: %(default)s)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="model dtype; log-probs accumulate in fp32 regardless (default: auto = bf16 on CUDA, "
+                          "else fp32)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+    run.add_argument("--max-tokens-per-batch", type=_positive_int, default=8192,
+                     help="padded tokens per forward call (default: %(default)s)")
+    run.add_argument("--chunk-rows", type=_positive_int, default=2048,
+                     help="rows read, length-sorted and written together (default: %(default)s)")
+    run.add_argument("--per-token", action="store_true", help="also write per-token log-prob lists")
+    run.add_argument("--strict", action="store_true", help="stop at the first bad row instead of recording it")
+    run.add_argument("--seed", type=int, default=0, help="seed of the built-in task and model (default: %(default)s)")
+    safety = p.add_argument_group("safety")
+    safety.add_argument("--trust-remote-code", action="store_true",
+                        help="allow models/tokenizers that run their own Python code (off by default)")
+    safety.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickled (non-safetensors) weights, which can execute code when loaded")
+    p.set_defaults(func=run_score)
+
+
+def run_score(args) -> int:
+    from prefrank.pipeline import ScoreOptions, score_dataset
+    data, model = args.data, args.model
+    if data and not model:
+        raise InputError("--data needs --model (the built-in model only knows the built-in task)")
+    if not data:
+        from prefrank.demo.default import ensure_default
+        default_data, default_model = ensure_default(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+        data, model = default_data, model or default_model
+    columns = Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
+                      votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt)
+    opts = ScoreOptions(
+        data=data, model=model, out=args.out, ref_model=args.ref_model, tokenizer=args.tokenizer, method=args.method,
+        dtype=args.dtype, device=args.device, max_tokens_per_batch=args.max_tokens_per_batch,
+        chunk_rows=args.chunk_rows, limit=args.limit, split=args.split, subset=args.subset, columns=columns,
+        max_length=args.max_length, truncate=args.truncate, append_eos=args.append_eos, per_token=args.per_token,
+        strict=args.strict, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    summary = score_dataset(opts)
+    print(summary.line(args.out), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefrank", description="Exact, fast scoring of preference data and "
+                                     "ranking analysis for language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_score_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import transformers
+    transformers.logging.set_verbosity_error()  # prefrank reports its own progress and problems
+    transformers.logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"prefrank {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prefrank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Loading causal LMs safely, and the adapter the scorer runs them through.
+
+Safety: `trust_remote_code` is off unless asked for; weights load from safetensors only unless
+pickled checkpoints are allowed explicitly. The adapter exposes what the KV-reuse scorer needs:
+the decoder's final hidden states (post final norm) with an explicit cache, and the output head
+as (weight, bias, softcap, temperature) so log-probs never need the full logits.
+"""
+import inspect
+import os
+
+import torch
+
+from prefrank.data import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_source(path: str, what: str):
+    """A local path must exist; anything else must look like a hub id ("org/name")."""
+    if os.path.exists(path):
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise InputError(f"{what} not found: {path}")
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    _check_source(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {e}") from None
+
+
+def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
+    from transformers import AutoModelForCausalLM
+    _check_source(path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
+    except Exception as e:
+        hint = " (only safetensors weights load unless --allow-pickle)" if not allow_pickle else ""
+        raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {e}") from None
+    return model.to(device).eval()
+
+
+class CausalLM:
+    """A Hugging Face causal LM seen as decoder + output head.
+
+    hidden(): [B, T] ids → [B, T, d] final hidden states, continuing from `cache` if given.
+    logits(): the model's own full forward (for the naive oracle).
+    head: weight [V, d], bias [V] or None, softcap, temperature — the op's arguments.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = model.base_model
+        head = model.get_output_embeddings()
+        if head is None or not isinstance(head, torch.nn.Linear):
+            raise InputError(f"{type(model).__name__}: no linear output head; use --method naive")
+        self.weight, self.bias = head.weight, head.bias
+        config = model.config.get_text_config()
+        self.config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        # Cohere multiplies logits by logit_scale, Granite divides them by logits_scaling.
+        self.temperature = (getattr(config, "logits_scaling", None) or 1.0) / (getattr(config, "logit_scale", None) or 1.0)
+        self.vocab_size = self.weight.shape[0]
+        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # transformers renames past_key_values to cache (deprecated in 5.2x, removed in 5.40).
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def head_kwargs(self) -> dict:
+        """The head's arguments to ops.logprobs_from_hidden, beside hidden, weight and targets."""
+        return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature)
+
+    def new_cache(self, layers=None):
+        """A DynamicCache, empty or holding the given per-layer (keys, values)."""
+        from transformers import DynamicCache
+        return DynamicCache(ddp_cache_data=layers, config=self.config)
+
+    def hidden(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
+        kwargs = {self._cache_arg: cache, "use_cache": cache is not None}
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return out.last_hidden_state
+
+    def logits(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.inference_mode()
+    def check_head(self, length: int = 8):
+        """Refuse architectures whose logits are not the head this adapter knows: compare the
+        model's own log-softmax with the head applied to the hidden states on a short input."""
+        from prefrank import reference
+        ids = torch.arange(length, device=self.device)[None] % self.vocab_size
+        mask = torch.ones_like(ids)
+        expected = torch.log_softmax(self.logits(ids, mask).float(), -1)[0]
+        hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
+        got = torch.log_softmax(reference.head_logits(hidden, self.weight, self.bias, self.softcap,
+                                                      self.temperature), -1)
+        tol = 1e-3 if self.weight.dtype == torch.float32 else 0.15
+        err = (got - expected).abs().max().item()
+        if not err <= tol:
+            raise InputError(f"{type(self.model).__name__}: its logits are not (hidden @ lm_head) as prefrank "
+                             f"reads them (max log-prob difference {err:.3g}); use --method naive")

@@ -1,0 +1,82 @@
+"""prefrank's log-prob ops, dispatched to the fastest backend for the tensors at hand.
+
+Backends: `cpp` (the OpenMP extension built from csrc/, CPU tensors, no autograd) and `torch`
+(prefrank/reference.py, any device, differentiable). The Triton kernels for CUDA tensors join
+here as they land. `PREFRANK_BACKEND=cpp|torch` forces one backend.
+"""
+import os
+
+import torch
+
+from prefrank import reference
+from prefrank.reference import IGNORE_INDEX
+
+try:
+    from prefrank import _cpu_ops
+except ImportError:  # a source checkout that was never built: the torch backend still works
+    _cpu_ops = None
+
+_CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+BACKENDS = ("cpp", "torch")
+
+
+def _backend(t: torch.Tensor) -> str:
+    forced = os.environ.get("PREFRANK_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"PREFRANK_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
+        if forced == "cpp" and _cpu_ops is None:
+            raise RuntimeError("PREFRANK_BACKEND=cpp but the C++ extension prefrank._cpu_ops is not built")
+        return forced
+    needs_grad = torch.is_grad_enabled() and t.requires_grad
+    if t.device.type == "cpu" and _cpu_ops is not None and not needs_grad and t.dtype in _CPP_DTYPES:
+        return "cpp"
+    return "torch"
+
+
+def _cpp_logprobs_from_logits(logits, targets, ignore_index=IGNORE_INDEX, num_threads=0):
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    targets = targets.to(torch.int64).contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.float32)
+    bad = _cpu_ops.logprobs_from_logits(
+        logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
+        targets.data_ptr(), out.data_ptr(), ignore_index, num_threads)
+    if bad:
+        raise IndexError(f"{bad} target ids outside [0, {logits.shape[1]}) and not ignore_index={ignore_index}")
+    return out
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                         *, num_threads: int = 0) -> torch.Tensor:
+    """log softmax(logits)[i, targets[i]] per row, 0 for ignored rows.
+
+    logits: [N, V] float32/bfloat16/float16; targets: [N] int64. Returns [N] float32.
+    num_threads: C++ backend only (0 = OpenMP's default).
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if _backend(logits) == "cpp":
+        return _cpp_logprobs_from_logits(logits, targets, ignore_index, num_threads)
+    return reference.logprobs_from_logits(logits, targets, ignore_index)
+
+
+def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, temperature=1.0,
+                         ignore_index=IGNORE_INDEX):
+    """Log-probs of `targets` under the output head applied to `hidden`, without the full logits.
+
+    hidden: [N, d]; weight: [V, d]; bias: [V] or None; targets: [N] int64 (ignore_index rows give 0
+    and cost nothing). Head: z = (hidden @ weight.T + bias) / temperature, then
+    softcap * tanh(z / softcap) if softcap. Returns [N] float32.
+    """
+    if _backend(hidden) == "cpp":
+        gather = lambda logits, t: _cpp_logprobs_from_logits(logits, t, ignore_index)  # noqa: E731
+    else:
+        gather = reference.logprobs_from_logits
+    return reference.logprobs_from_hidden(hidden, weight, targets, bias, softcap=softcap, temperature=temperature,
+                                          ignore_index=ignore_index, gather=gather)
+
+
+def sequence_sums(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_segments: int):
+    """Per-sequence float64 sums and int64 token counts; see reference.sequence_sums."""
+    return reference.sequence_sums(token_logps, segment_ids, num_segments)

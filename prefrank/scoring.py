@@ -1,0 +1,174 @@
+"""Scoring: token ids → Σ log π(completion | prompt) for every completion of every item.
+
+Two methods, same answers:
+  kv     the prompt's forward pass runs once; its KV cache serves every completion. Prompts are
+         batched by prompt length (left-padded), then the continuations of a group of prompts are
+         regrouped by their own length (right-padded), each continuation batch taking its rows of
+         the prompt cache. Log-probs come from the final hidden states through the fused op, only
+         at completion positions: the full logits never exist.
+  naive  the oracle: prompt + completion concatenated per completion, the model's full logits,
+         log_softmax, gather, sum over the completion positions.
+Token log-probs are fp32 whatever the model's dtype; sums are float64.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from prefrank import ops
+from prefrank.batching import length_batches, pad
+from prefrank.reference import IGNORE_INDEX
+from prefrank.tokenization import Tokenized
+
+METHODS = ("kv", "naive")
+PAD_ID = 0  # padded positions are masked out of attention and scoring; any valid id will do
+CACHE_BYTES = 2 << 30  # prompt KV caches held at once before their continuations are scored
+BAND = 1.5  # ... or before a prompt this many times longer than the shortest held one
+
+
+@dataclass
+class TokenCounts:
+    """Tokens pushed through the model: `real` ones and all including padding."""
+    real: int = 0
+    padded: int = 0
+
+    def add(self, mask: torch.Tensor):
+        self.real += int(mask.sum())
+        self.padded += mask.numel()
+
+
+class Scores:
+    """Per completion, flattened in item order (item 0's completions first): float64 sums of the
+    token log-probs, optionally the fp32 per-token log-probs, and the token counts pushed through."""
+
+    def __init__(self, n_sequences: int, per_token: bool):
+        self.logps = torch.zeros(n_sequences, dtype=torch.float64)
+        self.token_logps = [[] for _ in range(n_sequences)] if per_token else None
+        self.counts = TokenCounts()
+
+    def add(self, seqs: list[int], token_lp: torch.Tensor, lengths: list[int]):
+        """Add rows of per-token log-probs ([len(seqs), T] fp32, 0 past each row's length)."""
+        token_lp = token_lp.cpu()
+        self.logps[seqs] += token_lp.double().sum(1)
+        if self.token_logps is not None:
+            for s, row, n in zip(seqs, token_lp.tolist(), lengths):
+                self.token_logps[s] += row[:n]
+
+
+def _flatten(items: list[Tokenized]) -> tuple[list[int], list[list[int]]]:
+    """For each completion (flattened): its item's index, and its ids."""
+    owner = [i for i, it in enumerate(items) for _ in it.completion_ids]
+    completions = [c for it in items for c in it.completion_ids]
+    return owner, completions
+
+
+@dataclass
+class _PromptBatch:
+    """One prompt forward pass: its items, their completions' flat indices, its KV cache."""
+    seqs: list[list[int]]  # per row: the flat indices of that item's completions
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, heads, P, head_dim]
+    mask: torch.Tensor  # [B, P], left-padded
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+def _gather_cache(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]]):
+    """A cache and attention mask holding prompt rows (batch, row) of several prompt batches,
+    left-padded to the longest of them."""
+    width = max(batches[b].mask.shape[1] for b, _ in rows)
+    dev = batches[0].mask.device
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+    layers = [(k.new_zeros(len(rows), *k.shape[1:2], width, k.shape[3]),
+               v.new_zeros(len(rows), *v.shape[1:2], width, v.shape[3])) for k, v in batches[rows[0][0]].layers]
+    for b in sorted({b for b, _ in rows}):
+        out_rows = torch.tensor([j for j, (bb, _) in enumerate(rows) if bb == b], device=dev)
+        src_rows = torch.tensor([r for bb, r in rows if bb == b], device=dev)
+        p = batches[b].mask.shape[1]
+        mask[out_rows, width - p:] = batches[b].mask[src_rows]
+        for (k_out, v_out), (k, v) in zip(layers, batches[b].layers):
+            k_out[out_rows, :, width - p:] = k[src_rows]
+            v_out[out_rows, :, width - p:] = v[src_rows]
+    return lm.new_cache(layers), mask
+
+
+def _score_continuations(lm, batches: list[_PromptBatch], completions, scores: Scores, budget: int):
+    """Completion tokens 0..n-2 continue from their prompt's cache and predict tokens 1..n-1;
+    continuations are batched by their own length across all the given prompt batches."""
+    cont = [(b, r, s) for b, pb in enumerate(batches) for r, seqs in enumerate(pb.seqs) for s in seqs
+            if len(completions[s]) > 1]
+    for batch in length_batches([len(completions[s]) - 1 for _, _, s in cont], budget):
+        rows = [cont[x][:2] for x in batch]
+        seqs = [cont[x][2] for x in batch]
+        inputs, cont_mask = pad([completions[s][:-1] for s in seqs], PAD_ID, device=lm.device)
+        targets, _ = pad([completions[s][1:] for s in seqs], IGNORE_INDEX, device=lm.device)
+        scores.counts.add(cont_mask)
+        cache, prompt_mask = _gather_cache(lm, batches, rows)
+        positions = prompt_mask.sum(1, keepdim=True) + torch.arange(inputs.shape[1], device=lm.device)
+        hidden = lm.hidden(inputs, torch.cat([prompt_mask, cont_mask], 1), positions, cache)
+        lp = ops.logprobs_from_hidden(hidden.flatten(0, 1), lm.weight, targets.flatten(), **lm.head_kwargs)
+        scores.add(seqs, lp.view(len(seqs), -1), [len(completions[s]) - 1 for s in seqs])
+
+
+@torch.inference_mode()
+def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
+             cache_bytes: int = CACHE_BYTES) -> Scores:
+    owner, completions = _flatten(items)
+    scores = Scores(len(completions), per_token)
+    first_seq = [0]
+    for it in items:
+        first_seq.append(first_seq[-1] + len(it.completion_ids))
+    held, held_bytes = [], 0
+    for batch in length_batches([len(it.prompt_ids) for it in items], budget):
+        # Prompt pass. Left padding puts each prompt's last token, which predicts the first
+        # completion token, in the last column.
+        ids, mask = pad([items[i].prompt_ids for i in batch], PAD_ID, left=True, device=lm.device)
+        scores.counts.add(mask)
+        cache = lm.new_cache()
+        last_hidden = lm.hidden(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)[:, -1]
+        seqs = [list(range(first_seq[i], first_seq[i + 1])) for i in batch]
+        flat = [s for row in seqs for s in row]
+        rows = torch.tensor([r for r, row in enumerate(seqs) for _ in row], device=lm.device)
+        first_targets = torch.tensor([completions[s][0] for s in flat], device=lm.device)
+        first = ops.logprobs_from_hidden(last_hidden[rows], lm.weight, first_targets, **lm.head_kwargs)
+        scores.add(flat, first[:, None], [1] * len(flat))
+        held.append(_PromptBatch(seqs, [(layer.keys, layer.values) for layer in cache.layers], mask))
+            # Score what the held caches serve, then free them: when they use their memory budget, or
+        # when the next prompts are much longer, since every continuation attends over the
+        # longest held prompt (shorter ones are padded).
+        held_bytes += held[-1].nbytes
+        if held_bytes >= cache_bytes or mask.shape[1] > BAND * held[0].mask.shape[1] + 16:
+            _score_continuations(lm, held, completions, scores, budget)
+            held, held_bytes = [], 0
+    if held:
+        _score_continuations(lm, held, completions, scores, budget)
+    return scores
+
+
+@torch.inference_mode()
+def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
+    owner, completions = _flatten(items)
+    scores = Scores(len(completions), per_token)
+    sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
+    for batch in length_batches([len(s) for s in sequences], budget):
+        ids, mask = pad([sequences[s] for s in batch], PAD_ID, device=lm.device)
+        scores.counts.add(mask)
+        logits = lm.logits(ids, mask).float()
+        token_lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)  # predicts ids[:, 1:]
+        # Position t predicts token t + 1, a completion token when prompt_len <= t + 1 < seq_len;
+        # shifting each row left by its prompt length lines the completion up at column 0.
+        prompt_len = [len(items[owner[s]].prompt_ids) for s in batch]
+        lengths = [len(completions[s]) for s in batch]
+        width = max(lengths)
+        cols = torch.tensor(prompt_len, device=lm.device)[:, None] - 1 + torch.arange(width, device=lm.device)
+        valid = torch.arange(width, device=lm.device) < torch.tensor(lengths, device=lm.device)[:, None]
+        completion_lp = token_lp.gather(1, cols.clamp(max=token_lp.shape[1] - 1))
+        scores.add(batch, torch.where(valid, completion_lp, 0.0), lengths)
+    return scores
+
+
+def score(lm, items: list[Tokenized], *, method: str = "kv", budget: int = 8192, per_token: bool = False) -> Scores:
+    """Σ log π(completion | prompt) for every completion of `items`, by `method` ("kv" or "naive")."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    return (score_kv if method == "kv" else score_naive)(lm, items, budget, per_token)

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+HH = SHARED / "data" / "hh-rlhf"
+PANDALM = SHARED / "data" / "pandalm" / "testset-v1.json"
+
+needs_shared = pytest.mark.skipif(not STORIES.exists(), reason=f"../shared is absent ({SHARED}): real model and data tests skipped")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_cache(tmp_path_factory):
+    """A private cache for the embedded default model, trained once per test session."""
+    root = tmp_path_factory.mktemp("prefrank-cache")
+    old = os.environ.get("PREFRANK_CACHE")
+    os.environ["PREFRANK_CACHE"] = str(root)
+    from prefrank.demo.default import ensure_default
+    paths = ensure_default(log=lambda m: None)
+    yield paths
+    if old is None:
+        os.environ.pop("PREFRANK_CACHE", None)
+    else:
+        os.environ["PREFRANK_CACHE"] = old

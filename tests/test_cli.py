@@ -1,0 +1,171 @@
+"""`prefrank score` end to end: the table, the sidecar, bad rows, bad invocations."""
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from prefrank.cli import main
+from prefrank.demo.default import build_tokenizer
+from prefrank.io import read_sidecar
+from tiny_models import tiny_model
+
+GOOD = [{"id": f"g{i}", "prompt": f"Q: {i}+{i}=?\nA:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
+        for i in range(6)]
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(line + "\n" for line in raw_lines)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Two different tiny random-init Llamas with the character tokenizer, saved as safetensors."""
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path_factory.mktemp(f"model{seed}")
+        tiny_model("llama", seed=seed).save_pretrained(path)
+        build_tokenizer().save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def float64_logp(model_dir, prompt, completion):
+    """Independent: the convention applied by hand, one unpadded float64 forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    p, c = tok(prompt)["input_ids"], tok(completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0], -1)
+    return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
+
+
+def run(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_embedded_default(default_cache, tmp_path, capsys):
+    out = tmp_path / "scores.parquet"
+    code, err = run(["score", "--out", str(out)], capsys)
+    assert code == 0, err
+    table = pq.read_table(out).to_pylist()
+    data_path, model_path = default_cache
+    rows = [json.loads(line) for line in open(data_path)]
+    assert len(table) == len(rows) == 1000
+    assert [r["id"] for r in table] == [r["id"] for r in rows]
+    assert all(r["status"] == "ok" for r in table)
+    assert [r["alpha"] for r in table] == [r["alpha"] for r in rows]
+    for r, t in list(zip(rows, table))[:3]:
+        assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], r["chosen"]), abs=1e-4)
+        assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], r["rejected"]), abs=1e-4)
+    meta = read_sidecar(out)
+    assert meta["method"] == "kv" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
+    assert meta["model"]["class"] == "LlamaForCausalLM" and "torch" in meta["versions"]
+
+
+def test_bad_rows_are_kept_in_order(model_dirs, tmp_path, capsys):
+    bad = [{"prompt": "Q:", "chosen": " 1"}, {"prompt": "Q:", "chosen": " 1", "rejected": " 1"},
+           {"prompt": "Q:", "chosen": 5, "rejected": " 1"}, {"prompt": "Q:", "chosen": "", "rejected": " 1"}]
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD[:2] + bad + GOOD[2:], raw_lines=["{oops", "[3]"])
+    out = tmp_path / "s.parquet"
+    code, err = run(["score", "--data", data, "--model", model_dirs[0], "--out", str(out)], capsys)
+    assert code == 0, err
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == len(GOOD) + len(bad) + 2
+    assert [r["status"] for r in table] == ["ok"] * 2 + ["error"] * 4 + ["ok"] * 4 + ["error"] * 2
+    errors = [r["error"] for r in table if r["status"] == "error"]
+    for needle, message in zip(["missing field 'rejected'", "identical", "must be a string", "empty completion",
+                                "invalid JSON", "not an object"], errors):
+        assert needle in message
+    assert all(r["logp_chosen"] is None for r in table if r["status"] == "error")
+    assert "6 ok, 6 errors" in err and "first error: row 2" in err
+    code, err = run(["score", "--data", data, "--model", model_dirs[0], "--out", str(tmp_path / "x.parquet"),
+                     "--strict"], capsys)
+    assert code == 2 and "row 2 (id 2): missing field 'rejected' (--strict)" in err
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.partial").exists()
+
+
+def test_reference_model_and_per_token(model_dirs, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    policy, reference = model_dirs
+    out = tmp_path / "s.parquet"
+    code, err = run(["score", "--data", data, "--model", policy, "--ref-model", reference, "--out", str(out),
+                     "--per-token"], capsys)
+    assert code == 0, err
+    table = pq.read_table(out).to_pylist()
+    for row, r in zip(GOOD, table):
+        assert r["logp_chosen"] == pytest.approx(float64_logp(policy, row["prompt"], row["chosen"]), abs=1e-4)
+        assert r["ref_logp_rejected"] == pytest.approx(float64_logp(reference, row["prompt"], row["rejected"]),
+                                                       abs=1e-4)
+        assert r["n_chosen"] == len(row["chosen"]) == len(r["token_logps_chosen"])
+        assert sum(r["ref_token_logps_chosen"]) == pytest.approx(r["ref_logp_chosen"], abs=1e-4)
+
+
+def test_naive_method_matches_kv(model_dirs, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    tables = {}
+    for method in ("kv", "naive"):
+        out = tmp_path / f"{method}.parquet"
+        assert run(["score", "--data", data, "--model", model_dirs[0], "--out", str(out), "--method", method],
+                   capsys)[0] == 0
+        tables[method] = pq.read_table(out).to_pylist()
+    for a, b in zip(tables["kv"], tables["naive"]):
+        assert a["logp_chosen"] == pytest.approx(b["logp_chosen"], abs=1e-4)
+        assert a["logp_rejected"] == pytest.approx(b["logp_rejected"], abs=1e-4)
+
+
+def test_parquet_input_column_mapping_and_limit(model_dirs, tmp_path, capsys):
+    import pyarrow as pa
+    rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "v1": 1, "v2": 0} for r in GOOD]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    out = tmp_path / "s.parquet"
+    code, err = run(["score", "--data", str(tmp_path / "d.parquet"), "--model", model_dirs[0], "--out", str(out),
+                     "--prompt-cols", "q", "--chosen-col", "good", "--rejected-col", "bad", "--vote-cols", "v1,v2",
+                     "--limit", "4"], capsys)
+    assert code == 0, err
+    table = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in table] == ["0", "1", "2", "3"] and all(r["alpha"] == 0.75 for r in table)
+    assert table[1]["logp_chosen"] == pytest.approx(
+        float64_logp(model_dirs[0], GOOD[1]["prompt"], GOOD[1]["chosen"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.jsonl", "--model", "M"], "data file not found: missing.jsonl"),
+    (["--data", "D", "--model", "./no/such/model"], "model not found: ./no/such/model"),
+    (["--data", "D"], "--data needs --model"),
+    (["--data", "D", "--model", "M", "--chosen-col", "nope"], "unknown column(s) 'nope'"),
+    (["--data", "D", "--model", "M", "--ref-model", "/no/ref"], "model not found: /no/ref"),
+])
+def test_bad_invocations_exit_2_with_one_line(model_dirs, tmp_path, capsys, args, message):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    args = [data if a == "D" else model_dirs[0] if a == "M" else a for a in args]
+    code, err = run(["score", "--out", str(tmp_path / "s.parquet"), *args], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_pickled_weights_need_a_flag(tmp_path, capsys):
+    path = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.save_pretrained(path)
+    (path / "model.safetensors").unlink()  # keep only a pickled checkpoint
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    build_tokenizer().save_pretrained(path)
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    code, err = run(["score", "--data", data, "--model", str(path), "--out", str(tmp_path / "s.parquet")], capsys)
+    assert code == 2 and "--allow-pickle" in err
+    code, err = run(["score", "--data", data, "--model", str(path), "--out", str(tmp_path / "s.parquet"),
+                     "--allow-pickle"], capsys)
+    assert code == 0, err
+
+
+def test_help_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "prefrank", "score", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--ref-model" in out.stdout and "embedded default" in out.stdout

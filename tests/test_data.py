@@ -1,0 +1,176 @@
+"""Reading and normalizing preference rows: every format, every bad row kept as an error."""
+import gzip
+import json
+
+import pytest
+
+from prefrank.data import Columns, InputError, read_examples, read_rows, split_implicit_prompt, to_example
+from conftest import HH, PANDALM, needs_shared
+
+PAIR = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def test_explicit_pair():
+    ex = to_example(0, PAIR, Columns())
+    assert (ex.prompt, ex.completions, ex.error, ex.id) == ("Say hi.", [" Hi!", " No."], None, "0")
+
+
+def test_implicit_hh_prompt_cut_at_last_assistant():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: An apple."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: A car."
+    ex = to_example(3, {"chosen": chosen, "rejected": rejected, "id": 17}, Columns())
+    assert ex.prompt == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant:"
+    assert ex.completions == [" An apple.", " A car."]
+    assert ex.prompt + ex.completions[0] == chosen and ex.prompt + ex.completions[1] == rejected
+    assert ex.id == "17"
+
+
+def test_implicit_without_assistant_cuts_at_whitespace():
+    assert split_implicit_prompt("I like cats", "I like cars") == ("I like", " cats", " cars")
+    assert split_implicit_prompt("cats", "dogs") == ("", "cats", "dogs")
+
+
+@needs_shared
+def test_implicit_on_real_hh_rows():
+    rows = [json.loads(line) for line in gzip.open(HH / "helpful-base" / "test.jsonl.gz", "rt")]
+    for i, row in enumerate(rows[:300]):
+        ex = to_example(i, row, Columns())
+        if ex.error:
+            assert ex.error == "chosen and rejected are identical", ex.error
+            continue
+        assert ex.prompt.endswith("\n\nAssistant:")
+        assert ex.prompt + ex.completions[0] == row["chosen"] and ex.prompt + ex.completions[1] == row["rejected"]
+
+
+def test_conversational_explicit_and_implicit():
+    prompt = [{"role": "user", "content": "Hi"}]
+    chosen = [{"role": "assistant", "content": "Hello"}]
+    rejected = [{"role": "assistant", "content": "Go away"}]
+    ex = to_example(0, {"prompt": prompt, "chosen": chosen, "rejected": rejected}, Columns())
+    assert ex.error is None and ex.prompt == prompt and ex.completions == [chosen, rejected]
+    ex = to_example(0, {"chosen": prompt + chosen, "rejected": prompt + rejected}, Columns())
+    assert ex.error is None and ex.prompt == prompt and ex.completions == [chosen, rejected]
+    bad = to_example(0, {"prompt": prompt, "chosen": [{"role": "assistant"}], "rejected": rejected}, Columns())
+    assert "role' and 'content'" in bad.error
+
+
+def test_column_mapping_and_pandalm_votes():
+    row = {"instruction": "Fix this.", "input": "teh cat", "response1": "the cat", "response2": "teh cat",
+           "annotator1": 1, "annotator2": 0, "annotator3": 2, "idx": 5}
+    cols = Columns(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",
+                   votes=["annotator1", "annotator2", "annotator3"])
+    ex = to_example(0, row, cols)
+    assert ex.prompt == "Fix this.\n\nteh cat" and ex.completions == ["the cat", "teh cat"]
+    assert ex.alpha == pytest.approx((1 + 0.5) / 3) and ex.id == "5"
+    ex = to_example(0, {**row, "input": ""}, cols)
+    assert ex.prompt == "Fix this."
+    assert "must be 0 (tie)" in to_example(0, {**row, "annotator2": 7}, cols).error
+
+
+def test_alpha_and_votes_columns():
+    assert to_example(0, {**PAIR, "alpha": 0.25}, Columns()).alpha == 0.25
+    assert to_example(0, {**PAIR, "votes": [1, 1, 0.5, 0]}, Columns()).alpha == pytest.approx(2.5 / 4)
+    assert "'alpha' must be" in to_example(0, {**PAIR, "alpha": 1.5}, Columns()).error
+    assert "'votes' must be" in to_example(0, {**PAIR, "votes": []}, Columns()).error
+    assert to_example(0, PAIR, Columns()).alpha is None
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
+    ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "empty completion"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"chosen": "same text", "rejected": "same text"}, "identical"),
+    ([1, 2], "not an object"),
+])
+def test_bad_rows_become_errors(row, message):
+    ex = to_example(4, row, Columns())
+    assert ex.error is not None and message in ex.error, ex.error
+    assert ex.index == 4
+
+
+def test_completions_include_prompt():
+    cols = Columns(completions_include_prompt=True)
+    ex = to_example(0, {"prompt": "Q:", "chosen": "Q: yes", "rejected": "Q: no"}, cols)
+    assert ex.completions == [" yes", " no"]
+    assert "not a prefix" in to_example(0, {"prompt": "Q:", "chosen": "Q: yes", "rejected": "no"}, cols).error
+
+
+def test_jsonl_keeps_malformed_lines_in_place(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [PAIR], raw_lines=['{"prompt": broken', "", json.dumps(PAIR), "[1]"])
+    examples = list(read_examples(path, Columns()))
+    assert [e.index for e in examples] == [0, 1, 2, 3]
+    assert examples[0].error is None and examples[2].error is None
+    assert "line 2: invalid JSON" in examples[1].error
+    assert "not an object" in examples[3].error
+
+
+def test_file_formats_give_the_same_examples(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [dict(PAIR, id=f"r{i}", rejected=f" No {i}.") for i in range(5)]
+    paths = [write_jsonl(tmp_path / "d.jsonl", rows)]
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    paths.append(str(tmp_path / "d.jsonl.gz"))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    paths.append(str(tmp_path / "d.json"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    paths.append(str(tmp_path / "d.parquet"))
+    expected = [(f"r{i}", "Say hi.", [" Hi!", f" No {i}."]) for i in range(5)]
+    for path in paths:
+        assert [(e.id, e.prompt, e.completions) for e in read_examples(path, Columns())] == expected, path
+    assert len(list(read_examples(paths[0], Columns(), limit=2))) == 2
+
+
+def test_hf_dataset_from_local_folders(tmp_path):
+    import datasets
+    rows = [dict(PAIR, rejected=f" No {i}.") for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "files").mkdir()
+    write_jsonl(tmp_path / "files" / "train.jsonl", rows)
+    for source in (tmp_path / "saved", tmp_path / "files"):
+        got = [e.completions[1] for e in read_examples(str(source), Columns(), split="train")]
+        assert got == [f" No {i}." for i in range(4)], source
+
+
+def test_bad_sources_are_input_errors(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network waits in tests
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="not found"):
+        list(read_rows(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="unknown file type"):
+        list(read_rows(str(tmp_path / "x.csv")))
+    with pytest.raises(InputError, match="cannot load dataset"):
+        list(read_rows("no-such-org/no-such-dataset-prefrank"))
+
+
+@needs_shared
+def test_pandalm_all_rows_normalize():
+    rows = json.load(open(PANDALM))
+    cols = Columns(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",
+                   votes=["annotator1", "annotator2", "annotator3"])
+    examples = [to_example(i, r, cols) for i, r in enumerate(rows)]
+    assert len(examples) == 999
+    for ex, row in zip(examples, rows):
+        votes = [row[f"annotator{j}"] for j in (1, 2, 3)]
+        if ex.error is None:
+            assert ex.alpha == pytest.approx((votes.count(1) + 0.5 * votes.count(0)) / 3)
+        else:
+            responses = (row["response1"], row["response2"])
+            assert ((ex.error == "chosen and rejected are identical" and responses[0] == responses[1])
+                    or (ex.error == "empty completion" and "" in responses)
+                    or ("must be a string" in ex.error and not all(isinstance(r, str) for r in responses))), ex.error

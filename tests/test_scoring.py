@@ -1,0 +1,133 @@
+"""The KV-reuse scorer and the naive oracle against an independent float64 computation: each
+(prompt + completion) run alone, unpadded, through a float64 copy of the model."""
+import copy
+import gzip
+import json
+
+import pytest
+import torch
+
+from prefrank.data import Columns, to_example
+from prefrank.models import CausalLM
+from prefrank.scoring import score
+from prefrank.tokenization import Tokenized, tokenize_example
+from conftest import HH, PANDALM, STORIES, needs_shared
+from tiny_models import ARCHS, VOCAB, tiny_model
+
+
+def float64_reference(model, items):
+    """Per completion (flattened): Σ log p and the per-token log-probs, in float64."""
+    model64 = copy.deepcopy(model).double()
+    sums, tokens = [], []
+    with torch.no_grad():
+        for it in items:
+            for c in it.completion_ids:
+                ids = torch.tensor([it.prompt_ids + c])
+                logp = torch.log_softmax(model64(input_ids=ids).logits[0].double(), -1)
+                p = len(it.prompt_ids)
+                tok = logp[torch.arange(p - 1, p - 1 + len(c)), torch.tensor(c)]
+                sums.append(tok.sum().item())
+                tokens.append(tok)
+    return torch.tensor(sums, dtype=torch.float64), tokens
+
+
+def random_items(n, *, max_prompt=40, max_completion=30, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    items = []
+    for _ in range(n):
+        prompt = torch.randint(0, VOCAB, (rand(1, max_prompt),), generator=g).tolist()
+        completions = [torch.randint(0, VOCAB, (rand(1, max_completion),), generator=g).tolist() for _ in range(k)]
+        items.append(Tokenized(prompt, completions))
+    items[0].completion_ids[0] = items[0].completion_ids[0][:1]  # a completion of length 1
+    return items
+
+
+def assert_close(name, got, ref, n_tokens):
+    # fp32 per-token log-probs summed: error grows with the sum's magnitude and length
+    tol = 2e-6 * (ref.abs() + n_tokens) + 1e-6
+    err = (got - ref).abs()
+    print(f"{name}: max abs error {err.max().item():.3g} (max ref {ref.abs().max().item():.3g})")
+    assert (err <= tol).all(), f"{name}: errors {err[err > tol].tolist()} exceed {tol[err > tol].tolist()}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("budget", [1, 96, 100_000])  # batch size 1, several mixed batches, one batch
+def test_kv_and_naive_equal_float64(arch, budget):
+    model = tiny_model(arch)
+    lm = CausalLM(model)
+    items = random_items(9)
+    ref_sums, ref_tokens = float64_reference(model, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    for method in ("kv", "naive"):
+        s = score(lm, items, method=method, budget=budget, per_token=True)
+        assert_close(f"{arch} {method} budget={budget}", s.logps, ref_sums, n)
+        for got, ref in zip(s.token_logps, ref_tokens):
+            assert len(got) == len(ref)
+            assert torch.allclose(torch.tensor(got, dtype=torch.float64), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_with_small_cache_budget_equals_float64():
+    """Holding few prompt caches at once (many continuation flushes) changes nothing."""
+    from prefrank import scoring
+    model = tiny_model("llama")
+    items = random_items(12, seed=1)
+    ref_sums, _ = float64_reference(model, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    s = scoring.score_kv(CausalLM(model), items, budget=64, cache_bytes=1)
+    assert_close("llama kv cache_bytes=1", s.logps, ref_sums, n)
+
+
+def test_k_completions_per_prompt():
+    model = tiny_model("qwen2")
+    items = random_items(5, k=4, seed=2)
+    ref_sums, _ = float64_reference(model, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    assert_close("qwen2 kv K=4", score(CausalLM(model), items, budget=128).logps, ref_sums, n)
+
+
+def test_counts_padding():
+    from prefrank.batching import length_batches
+    items = random_items(6, seed=3)
+    s = score(CausalLM(tiny_model("llama")), items, method="naive", budget=100_000)
+    total = [len(it.prompt_ids) + len(c) for it in items for c in it.completion_ids]
+    assert s.counts.real == sum(total)
+    assert s.counts.padded == sum(len(b) * max(total[i] for i in b) for b in length_batches(total, 100_000))
+
+
+# ---------------------------------------------------------------- real model, real data
+
+def _real_items(rows, columns, tokenizer, n):
+    items = []
+    for i, row in enumerate(rows):
+        ex = to_example(i, row, columns)
+        if ex.error is None:
+            try:
+                items.append(tokenize_example(ex, tokenizer, max_length=512))
+            except ValueError:
+                continue
+        if len(items) == n:
+            break
+    return items
+
+
+@needs_shared
+@pytest.mark.parametrize("source", ["helpful-base", "helpful-online", "helpful-rejection-sampled", "pandalm"])
+def test_stories260k_on_real_pairs(source):
+    from prefrank.models import load_model, load_tokenizer
+    tokenizer = load_tokenizer(str(STORIES))
+    model = load_model(str(STORIES), dtype=torch.float32, device=torch.device("cpu"))
+    if source == "pandalm":
+        rows = json.load(open(PANDALM))
+        columns = Columns(prompt=["instruction", "input"], chosen="response1", rejected="response2")
+    else:
+        rows = [json.loads(line) for line in gzip.open(HH / source / "test.jsonl.gz", "rt")]
+        columns = Columns()
+    items = _real_items(rows, columns, tokenizer, 12)
+    assert len(items) == 12
+    ref_sums, _ = float64_reference(model, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    lm = CausalLM(model)
+    lm.check_head()
+    for method in ("kv", "naive"):
+        assert_close(f"stories260K {source} {method}", score(lm, items, method=method, budget=2048).logps, ref_sums, n)
