@@ -35,6 +35,8 @@ def _backend(t: torch.Tensor) -> str:
 
 
 def _cpp_logprobs_from_logits(logits, targets, ignore_index=IGNORE_INDEX, num_threads=0):
+    if logits.dtype not in _CPP_DTYPES or logits.device.type != "cpu":
+        raise TypeError(f"the cpp backend takes CPU float32/bfloat16/float16 logits, not {logits.dtype} on {logits.device}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     targets = targets.to(torch.int64).contiguous()

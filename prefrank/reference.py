@@ -9,14 +9,20 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for half and fp32 inputs; float64 stays float64 (gradcheck, references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """log softmax(logits)[i, targets[i]] for each row; 0 where targets[i] == ignore_index.
 
-    logits: [N, V] float32/bfloat16/float16; targets: [N] int64. Returns [N] float32.
+    logits: [N, V] float32/bfloat16/float16 (or float64); targets: [N] int64.
+    Returns [N] float32 (float64 for float64 logits).
     """
     keep = targets != ignore_index
     safe_targets = torch.where(keep, targets, 0)
-    logits = logits.float()
+    logits = upcast(logits)
     picked = logits.gather(1, safe_targets[:, None]).squeeze(1)
     logp = picked - torch.logsumexp(logits, dim=-1)
     return torch.where(keep, logp, 0.0)
@@ -24,8 +30,9 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 def head_logits(hidden, weight, bias=None, softcap=None, temperature=1.0):
     """The output head as causal LMs apply it: (hidden @ weight.T + bias) / temperature,
-    then softcap * tanh(z / softcap) when the architecture soft-caps its logits. fp32 out."""
-    logits = F.linear(hidden, weight, bias).float()
+    then softcap * tanh(z / softcap) when the architecture soft-caps its logits. fp32 out
+    (float64 for float64 inputs)."""
+    logits = upcast(F.linear(hidden, weight, bias))
     if temperature != 1.0:
         logits = logits / temperature
     if softcap is not None:
@@ -45,9 +52,10 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, te
 
     hidden: [N, d]; weight: [V, d] (same dtype); bias: [V] or None; targets: [N] int64.
     `gather(logits[n, V] fp32, targets[n])` turns one chunk of logits into log-probs (the torch
-    version here, or a fused CPU one). Returns [N] float32; differentiable with the torch gather.
+    version here, or a fused CPU one). Returns [N] float32 (float64 for float64 inputs);
+    differentiable with the torch gather.
     """
-    out = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    out = torch.zeros(targets.shape[0], dtype=upcast(hidden[:0]).dtype, device=hidden.device)
     rows = (targets != ignore_index).nonzero().squeeze(1)
     step = rows_per_chunk(weight.shape[0])
     for start in range(0, rows.numel(), step):

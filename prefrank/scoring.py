@@ -75,20 +75,20 @@ class _PromptBatch:
 
 def _gather_cache(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]]):
     """A cache and attention mask holding prompt rows (batch, row) of several prompt batches,
-    left-padded to the longest of them."""
+    right-padded to the longest of them."""
     width = max(batches[b].mask.shape[1] for b, _ in rows)
     dev = batches[0].mask.device
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
-    layers = [(k.new_zeros(len(rows), *k.shape[1:2], width, k.shape[3]),
-               v.new_zeros(len(rows), *v.shape[1:2], width, v.shape[3])) for k, v in batches[rows[0][0]].layers]
+    layers = [(k.new_zeros(len(rows), k.shape[1], width, k.shape[3]),
+               v.new_zeros(len(rows), v.shape[1], width, v.shape[3])) for k, v in batches[rows[0][0]].layers]
     for b in sorted({b for b, _ in rows}):
         out_rows = torch.tensor([j for j, (bb, _) in enumerate(rows) if bb == b], device=dev)
         src_rows = torch.tensor([r for bb, r in rows if bb == b], device=dev)
         p = batches[b].mask.shape[1]
-        mask[out_rows, width - p:] = batches[b].mask[src_rows]
+        mask[out_rows, :p] = batches[b].mask[src_rows]
         for (k_out, v_out), (k, v) in zip(layers, batches[b].layers):
-            k_out[out_rows, :, width - p:] = k[src_rows]
-            v_out[out_rows, :, width - p:] = v[src_rows]
+            k_out[out_rows, :, :p] = k[src_rows]
+            v_out[out_rows, :, :p] = v[src_rows]
     return lm.new_cache(layers), mask
 
 
@@ -120,12 +120,16 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
         first_seq.append(first_seq[-1] + len(it.completion_ids))
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
-        # Prompt pass. Left padding puts each prompt's last token, which predicts the first
-        # completion token, in the last column.
-        ids, mask = pad([items[i].prompt_ids for i in batch], PAD_ID, left=True, device=lm.device)
+        # Prompt pass, right-padded: under the causal mask a real prompt token only sees real
+        # tokens, so no padding mask is needed and attention runs purely causal (SDPA skips the
+        # upper triangle: half the work). The pads' keys enter the cache; the continuation pass
+        # masks them.
+        ids, mask = pad([items[i].prompt_ids for i in batch], PAD_ID, device=lm.device)
         scores.counts.add(mask)
         cache = lm.new_cache()
-        last_hidden = lm.hidden(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)[:, -1]
+        positions = torch.arange(ids.shape[1], device=lm.device).expand_as(ids)
+        hidden = lm.hidden(ids, None, positions, cache)
+        last_hidden = hidden[torch.arange(len(batch), device=lm.device), mask.sum(1) - 1]  # predicts token 0
         seqs = [list(range(first_seq[i], first_seq[i + 1])) for i in batch]
         flat = [s for row in seqs for s in row]
         rows = torch.tensor([r for r, row in enumerate(seqs) for _ in row], device=lm.device)
@@ -133,7 +137,7 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
         first = ops.logprobs_from_hidden(last_hidden[rows], lm.weight, first_targets, **lm.head_kwargs)
         scores.add(flat, first[:, None], [1] * len(flat))
         held.append(_PromptBatch(seqs, [(layer.keys, layer.values) for layer in cache.layers], mask))
-            # Score what the held caches serve, then free them: when they use their memory budget, or
+        # Score what the held caches serve, then free them: when they use their memory budget, or
         # when the next prompts are much longer, since every continuation attends over the
         # longest held prompt (shorter ones are padded).
         held_bytes += held[-1].nbytes

@@ -1,0 +1,49 @@
+"""Shared benchmark helpers: machine description, timing by alternation, result files."""
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def alternate(fns: dict, reps: int) -> dict:
+    """Run each function `reps` times, alternating A, B, A, B... so drift hits all alike;
+    returns each one's median seconds."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def write_result(name: str, result: dict, out_dir: str | None) -> Path:
+    out = Path(out_dir or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

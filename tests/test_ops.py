@@ -1,0 +1,120 @@
+"""prefrank.ops on every CPU backend against float64 torch written out here."""
+import pytest
+import torch
+
+from prefrank import ops
+from prefrank.reference import IGNORE_INDEX
+
+BACKENDS = ["cpp", "torch"]
+
+
+def float64_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
+    logits = logits.double()
+    keep = targets != ignore_index
+    out = torch.zeros(len(targets), dtype=torch.float64)
+    lp = torch.log_softmax(logits[keep], -1)
+    out[keep] = lp[torch.arange(int(keep.sum())), targets[keep]]
+    return out
+
+
+def case(n, v, dtype, *, scale=3.0, ignored=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignored] = IGNORE_INDEX
+    return logits, targets
+
+
+def check(name, got, ref, dtype_tol):
+    assert got.dtype == torch.float32
+    err = (got.double() - ref).abs()
+    finite = torch.isfinite(ref)
+    rel = (err[finite] / ref[finite].abs().clamp(min=1.0)).max().item() if finite.any() else 0.0
+    print(f"{name}: max abs error {err[finite].max().item() if finite.any() else 0:.3g}, max rel {rel:.3g}")
+    assert torch.equal(torch.isfinite(got), finite) and torch.equal(got[~finite].double(), ref[~finite])
+    assert rel <= dtype_tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, v", [(1, 1), (1, 7), (5, 1000), (33, 4099), (64, 32000)])
+def test_logprobs_from_logits_fp32(backend, n, v, monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(n, v, torch.float32)
+    got = ops.logprobs_from_logits(logits, targets)
+    ref = float64_logprobs(logits, targets)
+    check(f"{backend} fp32 N={n} V={v}", got, ref, 1e-5)
+    assert (got[targets == IGNORE_INDEX] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logprobs_from_logits_half(backend, dtype, monkeypatch):
+    """Half inputs are read exactly and accumulated in fp32: the error is that of fp32 math on
+    the half values, so compare with float64 on the same (rounded) inputs."""
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(17, 5003, dtype)
+    check(f"{backend} {dtype}", ops.logprobs_from_logits(logits, targets), float64_logprobs(logits, targets), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_and_infinite_logits(backend, monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(8, 301, torch.float32, scale=1e4, ignored=0.0)
+    logits[0, :] = float("-inf")
+    logits[0, 5] = 2.0  # one finite entry: log-prob 0 there, -inf elsewhere
+    targets[0] = 5
+    logits[1, 7] = float("-inf")
+    targets[1] = 7  # the target itself is -inf
+    logits[2, 100:] = float("-inf")
+    check(f"{backend} ±1e4/-inf", ops.logprobs_from_logits(logits, targets), float64_logprobs(logits, targets), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_and_strided_rows(backend, monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(6, 50, torch.float32, ignored=1.1)
+    assert (ops.logprobs_from_logits(logits, targets) == 0).all()
+    wide, targets = case(6, 80, torch.float32, ignored=0.0)
+    view = wide[:, 10:60]  # rows with a stride larger than their length
+    targets = targets % 50
+    check(f"{backend} strided", ops.logprobs_from_logits(view, targets), float64_logprobs(view, targets), 1e-5)
+
+
+def test_cpp_threads_agree_and_bad_targets_raise(monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", "cpp")
+    logits, targets = case(97, 3001, torch.float32)
+    one = ops.logprobs_from_logits(logits, targets, num_threads=1)
+    two = ops.logprobs_from_logits(logits, targets, num_threads=2)
+    assert torch.equal(one, two)
+    targets[3] = 3001
+    with pytest.raises(IndexError, match="outside"):
+        ops.logprobs_from_logits(logits, targets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias, softcap, temperature", [(False, None, 1.0), (True, 30.0, 0.7)])
+def test_logprobs_from_hidden(backend, bias, softcap, temperature, monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    g = torch.Generator().manual_seed(1)
+    n, d, v = 37, 19, 1031
+    hidden, weight = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    b = torch.randn(v, generator=g) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::3] = IGNORE_INDEX
+    z = hidden.double() @ weight.double().T + (b.double() if bias else 0)
+    z = z / temperature
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    ref = float64_logprobs(z, targets)
+    got = ops.logprobs_from_hidden(hidden, weight, targets, b, softcap=softcap, temperature=temperature)
+    check(f"{backend} hidden bias={bias} softcap={softcap}", got, ref, 1e-5)
+
+
+def test_torch_backend_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.tensor([1, IGNORE_INDEX, 10, 0, 3, IGNORE_INDEX])
+    from prefrank import reference
+    assert torch.autograd.gradcheck(
+        lambda h, w: reference.logprobs_from_hidden(h, w, targets, softcap=4.0, temperature=0.9), (hidden, weight))
