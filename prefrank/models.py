@@ -65,6 +65,12 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     return model.to(device).eval()
 
 
+def cache_argument(forward) -> str:
+    """The name under which `forward` takes a KV cache: transformers renamed past_key_values to
+    cache (deprecated in 5.2x, the old name removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class CausalLM:
     """A Hugging Face causal LM seen as decoder + output head.
 
@@ -87,9 +93,7 @@ class CausalLM:
         self.temperature = (getattr(config, "logits_scaling", None) or 1.0) / (getattr(config, "logit_scale", None) or 1.0)
         self.vocab_size = self.weight.shape[0]
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        # transformers renames past_key_values to cache (deprecated in 5.2x, removed in 5.40).
-        params = inspect.signature(self.decoder.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(self.decoder.forward)
 
     @property
     def device(self) -> torch.device:

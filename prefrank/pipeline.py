@@ -119,7 +119,7 @@ def _chunk_columns(examples, tokenized, policy, ref, per_token) -> dict[str, lis
 
 def _progress(total):
     from tqdm import tqdm
-    return tqdm(total=total, unit="row", dynamic_ncols=True, disable=None)
+    return tqdm(total=total, unit="pair", dynamic_ncols=True, disable=None)
 
 
 def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary:

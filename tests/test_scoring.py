@@ -131,3 +131,30 @@ def test_stories260k_on_real_pairs(source):
     lm.check_head()
     for method in ("kv", "naive"):
         assert_close(f"stories260K {source} {method}", score(lm, items, method=method, budget=2048).logps, ref_sums, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    """A half-precision model: both methods stay within twice the naive path's own error against
+    float64 on the same (rounded) weights, plus a small margin."""
+    model = tiny_model("llama").to(dtype)
+    items = random_items(6, seed=4)
+    ref_sums, _ = float64_reference(model, items)
+    lm = CausalLM(model)
+    naive_err = (score(lm, items, method="naive", budget=128).logps - ref_sums).abs()
+    kv_err = (score(lm, items, method="kv", budget=128).logps - ref_sums).abs()
+    print(f"{dtype}: naive max error {naive_err.max():.3g}, kv max error {kv_err.max():.3g}")
+    assert (kv_err <= 2 * naive_err.max() + 1e-3).all()
+
+
+def test_cache_argument_name_follows_transformers():
+    from prefrank.models import cache_argument
+
+    def new(input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+        pass
+
+    def old(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        pass
+
+    assert cache_argument(new) == "cache" and cache_argument(old) == "past_key_values"
+    assert cache_argument(tiny_model("llama").model.forward) in ("cache", "past_key_values")
