@@ -1,4 +1,4 @@
-"""Command line: `prefrank score ...` (see `prefrank score --help`)."""
+"""Command line: `prefrank score | analyze | report ...` (see `prefrank COMMAND --help`)."""
 import argparse
 import sys
 
@@ -36,6 +36,24 @@ def _column_list(text: str) -> list[str]:
     return cols
 
 
+def add_column_args(cols):
+    cols.add_argument("--prompt-cols", type=_column_list, help="prompt column(s), joined by blank lines when several "
+                      "(default: 'prompt' if present, else the implicit HH format)")
+    cols.add_argument("--chosen-col", default="chosen", help="(default: %(default)s)")
+    cols.add_argument("--rejected-col", default="rejected", help="(default: %(default)s)")
+    cols.add_argument("--id-col", default="id", help="row id column; the row index when absent (default: %(default)s)")
+    cols.add_argument("--vote-cols", type=_column_list, help="rater columns coded 0 tie, 1 chosen, 2 rejected "
+                      "(PandaLM: annotator1,annotator2,annotator3); gives alpha. Without it, an 'alpha' column, or a "
+                      "'votes' list of 1/0/0.5, is used when present")
+    cols.add_argument("--completions-include-prompt", action="store_true",
+                      help="chosen/rejected start with the prompt: strip it (rows where they don't are errors)")
+
+
+def columns_from_args(args) -> Columns:
+    return Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
+                   votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt)
+
+
 def add_score_parser(sub):
     p = sub.add_parser("score", help="score chosen/rejected log-probs of a preference dataset",
                        description=SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,17 +68,7 @@ def add_score_parser(sub):
     io.add_argument("--subset", help="dataset configuration name for Hugging Face datasets")
     io.add_argument("--limit", type=_positive_int, help="score only the first N rows")
 
-    cols = p.add_argument_group("columns")
-    cols.add_argument("--prompt-cols", type=_column_list, help="prompt column(s), joined by blank lines when several "
-                      "(default: 'prompt' if present, else the implicit HH format)")
-    cols.add_argument("--chosen-col", default="chosen", help="(default: %(default)s)")
-    cols.add_argument("--rejected-col", default="rejected", help="(default: %(default)s)")
-    cols.add_argument("--id-col", default="id", help="row id column; the row index when absent (default: %(default)s)")
-    cols.add_argument("--vote-cols", type=_column_list, help="rater columns coded 0 tie, 1 chosen, 2 rejected "
-                      "(PandaLM: annotator1,annotator2,annotator3); gives alpha. Without it, an 'alpha' column, or a "
-                      "'votes' list of 1/0/0.5, is used when present")
-    cols.add_argument("--completions-include-prompt", action="store_true",
-                      help="chosen/rejected start with the prompt: strip it (rows where they don't are errors)")
+    add_column_args(p.add_argument_group("columns"))
 
     tok = p.add_argument_group("tokenization")
     tok.add_argument("--append-eos", action="store_true", help="score an EOS token after each completion")
@@ -103,8 +111,7 @@ def run_score(args) -> int:
         from prefrank.demo.default import ensure_default
         default_data, default_model = ensure_default(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
         data, model = default_data, model or default_model
-    columns = Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
-                      votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt)
+    columns = columns_from_args(args)
     opts = ScoreOptions(
         data=data, model=model, out=args.out, ref_model=args.ref_model, tokenizer=args.tokenizer, method=args.method,
         dtype=args.dtype, device=args.device, max_tokens_per_batch=args.max_tokens_per_batch,
@@ -116,11 +123,118 @@ def run_score(args) -> int:
     return 0
 
 
+ANALYZE_HELP = """\
+The measurements of Chen et al. 2024 on a score table (from `prefrank score`):
+  ranking accuracy R (log π(chosen) >= log π(rejected); ties correct) and its length-normalized
+  form, with bootstrap 95% CIs; with reference log-probs (ref_ columns, or --ref-scores): the
+  reference's R, per-pair DPO loss and reward margin, the Theorem 4.1 check on every pair (a pair is
+  ranked right iff its loss <= -log σ(βc), c = log πref(rejected) - log πref(chosen)), difficulty
+  correlates and the four reference × policy groups; with alpha too: idealized accuracy R* over the
+  β sweep (min / median / max) and the alignment gap R* - R.
+"""
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("expected one or more positive numbers")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def add_analysis_args(p):
+    from prefrank.analysis.metrics import DEFAULT_BETAS, DEFAULT_EPSILON
+    p.add_argument("scores", help="score table (Parquet) of the policy")
+    p.add_argument("--ref-scores", help="score table of the reference model, row for row (default: the ref_ columns)")
+    p.add_argument("--beta", type=_positive_float, default=0.1, help="β of the DPO loss and Theorem 4.1 "
+                   "(default: %(default)s)")
+    p.add_argument("--betas", type=_float_list, default=list(DEFAULT_BETAS),
+                   help="β sweep of the idealized accuracy (default: %s)" % ",".join(f"{b:g}" for b in DEFAULT_BETAS))
+    p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="alpha is clipped to [ε, 1-ε] "
+                   "(default: %(default)s)")
+    p.add_argument("--gamma", type=float, default=1.0, help="DPO^γ: γ scales the reference log-ratio; reported "
+                   "as dpo_gamma_loss_mean when not 1 (default: %(default)s)")
+    p.add_argument("--tie-band", type=float, help="pairs with alpha = 0.5 count as correct when |Δ log π| <= band")
+    p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--checkpoints", nargs="+", help="score tables of successive checkpoints (same reference) for "
+                   "the groups over time")
+
+
+def _analysis_options(args) -> dict:
+    return dict(beta=args.beta, betas=args.betas, epsilon=args.epsilon, gamma=args.gamma, tie_band=args.tie_band,
+                n_boot=args.bootstrap, seed=args.seed)
+
+
+def _warn_theorem(summary: dict):
+    if summary.get("theorem41_violations"):
+        print(f"prefrank: WARNING: Theorem 4.1 fails on {summary['theorem41_violations']} pairs "
+              f"(ids {summary['theorem41_violating_ids']}): the log-probs are inconsistent or there is a bug",
+              file=sys.stderr)
+
+
+def run_analyze(args) -> int:
+    import json
+    from prefrank.analysis import checkpoint_series, load_pairs, summarize
+    summary = summarize(load_pairs(args.scores, args.ref_scores), **_analysis_options(args))
+    if args.checkpoints:
+        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta)
+    text = json.dumps(summary, indent=2, default=float)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    _warn_theorem(summary)
+    acc = summary["ranking_accuracy"]["value"]
+    print(f"{summary['n_pairs']} pairs ({summary['n_errors']} errors): ranking accuracy "
+          f"{'–' if acc is None else f'{100 * acc:.1f}%'}" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def run_report(args) -> int:
+    from prefrank.analysis import write_report
+    from prefrank.data import read_examples
+    examples = list(read_examples(args.data, columns_from_args(args))) if args.data else None
+    summary = write_report(args.scores, args.out, ref_scores=args.ref_scores, checkpoints=args.checkpoints,
+                           examples=examples, **_analysis_options(args))
+    _warn_theorem(summary)
+    print(f"report -> {args.out}/report.md", file=sys.stderr)
+    return 0
+
+
+def add_analysis_parsers(sub):
+    p = sub.add_parser("analyze", help="ranking accuracy, idealized accuracy, alignment gap, Theorem 4.1 -> JSON",
+                       description=ANALYZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_analysis_args(p)
+    p.add_argument("--out", help="summary JSON file (default: stdout)")
+    p.set_defaults(func=run_analyze)
+    p = sub.add_parser("report", help="the analysis as Markdown with plots",
+                       description=ANALYZE_HELP + "\nWrites report.md, summary.json and PNG plots into --out.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_analysis_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data", help="the scored input, to quote the hardest and easiest pairs (same column options "
+                   "as for scoring)")
+    add_column_args(p.add_argument_group("columns of --data"))
+    p.set_defaults(func=run_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefrank", description="Exact, fast scoring of preference data and "
                                      "ranking analysis for language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_score_parser(sub)
+    add_analysis_parsers(sub)
     return parser
 
 
@@ -131,7 +245,7 @@ def main(argv=None) -> int:
     transformers.logging.disable_progress_bar()
     try:
         return args.func(args)
-    except InputError as e:
+    except (InputError, ValueError) as e:
         print(f"prefrank {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

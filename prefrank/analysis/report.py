@@ -1,0 +1,191 @@
+"""A Markdown report with PNG plots (matplotlib, Agg) from score tables:
+
+  accuracy.png      observed ranking accuracy (raw, length-normalized) with 95% CIs, beside the
+                    idealized range over the β sweep (Fig. 1 / Table 1 style)
+  loss_vs_c.png     per-pair DPO loss vs difficulty c, coloured by correctness, with the
+                    Theorem 4.1 boundary -log σ(βc) (Fig. 3 style)
+  groups.png        the four reference × policy correctness groups over checkpoints: share, mean
+                    loss, mean margin (Fig. 2 style)
+  difficulty.png    histogram of c
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prefrank.analysis import metrics
+from prefrank.analysis.summary import load_pairs, summarize
+
+
+def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float) -> list[dict]:
+    """Per checkpoint score table: ranking accuracy, DPO loss and the four groups."""
+    series = []
+    for path in paths:
+        p = load_pairs(path, ref_scores)
+        if not p.has_ref:
+            raise ValueError(f"{path}: the groups need reference log-probs (--ref-scores or ref_ columns)")
+        theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+        margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+        series.append({"checkpoint": path, "ranking_accuracy": float(theorem["correct"].mean()),
+                       "dpo_loss_mean": float(theorem["loss"].mean()),
+                       "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l), theorem["correct"],
+                                                     theorem["loss"], margin)})
+    return series
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_accuracy(summary: dict, path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kinds = [("raw", "ranking_accuracy"), ("length_normalized", "ranking_accuracy_length_normalized")]
+    for x, (kind, key) in enumerate(kinds):
+        acc = summary[key]
+        lo, hi = acc["ci95"]
+        ax.bar(x - 0.2, acc["value"], width=0.4, color="tab:blue", label="observed" if x == 0 else None)
+        ax.errorbar(x - 0.2, acc["value"], yerr=[[acc["value"] - lo], [hi - acc["value"]]], color="k", capsize=4)
+        if "idealized" in summary:
+            ideal = summary["idealized"][kind]
+            ax.bar(x + 0.2, ideal["median"], width=0.4, color="tab:orange",
+                   label="idealized (median, min-max over β)" if x == 0 else None)
+            ax.errorbar(x + 0.2, ideal["median"], yerr=[[ideal["median"] - ideal["min"]], [ideal["max"] - ideal["median"]]],
+                        color="k", capsize=4)
+    if "reference_ranking_accuracy" in summary:
+        ax.axhline(summary["reference_ranking_accuracy"]["value"], color="gray", ls="--", label="reference model (raw)")
+    ax.set_xticks(range(len(kinds)), ["raw", "length-normalized"])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("ranking accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    c, loss, correct = theorem["c"], theorem["loss"], theorem["correct"]
+    ax.scatter(c[correct], loss[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
+    ax.scatter(c[~correct], loss[~correct], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
+    grid = np.linspace(c.min(), c.max(), 400) if len(c) else np.zeros(0)
+    ax.plot(grid, -metrics.log_sigmoid(beta * grid), color="k", lw=1, label=r"$-\log\sigma(\beta c)$ (Thm 4.1)")
+    ax.set_xlabel(r"difficulty $c = \log\pi_{ref}(y_l|x) - \log\pi_{ref}(y_w|x)$")
+    ax.set_ylabel(f"DPO loss (β = {beta:g})")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_groups(series: list[dict], path: Path):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    x = np.arange(len(series))
+    for g, name in enumerate(metrics.GROUPS):
+        rows = [s["groups"][g] for s in series]
+        for ax, key in zip(axes, ("share", "mean_loss", "mean_margin")):
+            ax.plot(x, [np.nan if r[key] is None else r[key] for r in rows], marker="o", label=name)
+    for ax, title in zip(axes, ("share of pairs", "mean DPO loss", "mean reward margin")):
+        ax.set_title(title)
+        ax.set_xticks(x, [Path(s["checkpoint"]).stem for s in series], rotation=30, fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_difficulty(c: np.ndarray, path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(c, bins=50, color="tab:purple")
+    ax.axvline(0, color="k", lw=1)
+    ax.set_xlabel("difficulty c (> 0: the reference prefers the rejected completion)")
+    ax.set_ylabel("pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _headline(s: dict) -> list[str]:
+    lines = ["| measure | value |", "|---|---|", f"| pairs scored (errors) | {s['n_pairs']} ({s['n_errors']}) |"]
+    for label, key in (("ranking accuracy R", "ranking_accuracy"),
+                       ("length-normalized R~", "ranking_accuracy_length_normalized"),
+                       ("reference model's R", "reference_ranking_accuracy"), ("reward accuracy", "reward_accuracy")):
+        if key in s:
+            lo, hi = s[key]["ci95"]
+            lines.append(f"| {label} | {_pct(s[key]['value'])} (95% CI {_pct(lo)}–{_pct(hi)}) |")
+    for kind in ("raw", "length_normalized"):
+        if "idealized" in s:
+            i, gap = s["idealized"][kind], s["alignment_gap"][kind]
+            lines.append(f"| idealized R* ({kind}; min / median / max over β) | "
+                         f"{_pct(i['min'])} / {_pct(i['median'])} / {_pct(i['max'])} |")
+            lines.append(f"| alignment gap ({kind}) | {_pct(gap['min'])} / {_pct(gap['median'])} / {_pct(gap['max'])} |")
+    if "dpo_loss_mean" in s:
+        lines.append(f"| mean DPO loss (β = {s['options']['beta']:g}) | {s['dpo_loss_mean']:.4f} |")
+        lines.append(f"| Theorem 4.1 violations | {s['theorem41_violations']} |")
+    return lines
+
+
+def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, checkpoints: list[str] | None = None,
+                 examples: list | None = None, **options) -> dict:
+    """Write report.md, summary.json and the plots into `out_dir`; returns the summary.
+    `examples`: the input rows (prefrank.data.Example, in input order) to quote the hardest and
+    easiest pairs' text."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(scores, ref_scores)
+    summary = summarize(pairs, **options)
+    beta = summary["options"]["beta"]
+    plot_accuracy(summary, out / "accuracy.png")
+    lines = [f"# prefrank report: {scores}", ""] + _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
+    if pairs.has_ref:
+        series = checkpoint_series(checkpoints or [scores], ref_scores, beta)
+        summary["series"] = series
+        theorem = metrics.theorem41(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, beta)
+        plot_loss_vs_c(theorem, beta, out / "loss_vs_c.png")
+        plot_groups(series, out / "groups.png")
+        plot_difficulty(theorem["c"], out / "difficulty.png")
+        lines += ["## Reference vs policy: the four groups", "", "| group | pairs | share | mean loss | mean margin |",
+                  "|---|---|---|---|---|"]
+        for g in summary["groups"]:
+            fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+            lines.append(f"| {g['group']} | {g['count']} | {_pct(g['share'])} | {fmt(g['mean_loss'])} | "
+                         f"{fmt(g['mean_margin'])} |")
+        lines += ["", "![groups over checkpoints](groups.png)", "",
+                  "## Theorem 4.1: loss vs difficulty", "",
+                  "A pair is ranked correctly exactly when its DPO loss is below the curve -log σ(βc).",
+                  "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
+        lines += _difficulty_section(summary["difficulty"], examples)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def _difficulty_section(d: dict, examples) -> list[str]:
+    rho = lambda key: "–" if d.get(key) is None else f"{d[key]:+.3f}"  # noqa: E731
+    lines = ["## Difficulty", "", f"Pairs the reference ranks wrongly (c > 0): {_pct(d['share_c_positive'])}. "
+             f"Spearman correlation of c with the chosen length {rho('spearman_c_vs_n_chosen')}, the rejected "
+             f"length {rho('spearman_c_vs_n_rejected')}, their difference {rho('spearman_c_vs_length_difference')}"
+             + (f", annotator agreement α {rho('spearman_c_vs_alpha')}." if "spearman_c_vs_alpha" in d else "."), ""]
+    for title, key in (("Hardest pairs (largest c)", "hardest"), ("Easiest pairs (smallest c)", "easiest")):
+        lines += [f"### {title}", ""]
+        for pair in d[key]:
+            lines.append(f"- id `{pair['id']}`, c = {pair['c']:.2f}")
+            if examples is not None:
+                ex = examples[pair["row"]]
+                for label, text in (("prompt", ex.prompt), ("chosen", ex.completions[0]),
+                                    ("rejected", ex.completions[1])):
+                    text = str(text).replace("\n", " ")
+                    lines.append(f"  - {label}: {text[:200]}{'…' if len(text) > 200 else ''}")
+        lines.append("")
+    return lines

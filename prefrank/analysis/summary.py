@@ -1,0 +1,141 @@
+"""Score tables → the paper's measurements, as one JSON-ready summary.
+
+The policy's log-probs come from a score table (`prefrank score`); the reference's from the same
+table's ref_ columns (scored with --ref-model) or from a second score table of the reference model
+(`ref_scores`), matched row by row. Only rows with status "ok" in every table enter the metrics;
+the others are counted in `n_errors`.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from prefrank.analysis import metrics
+from prefrank.data import InputError
+
+
+@dataclass
+class Pairs:
+    """Aligned per-pair arrays of the rows that scored ok (w = chosen, l = rejected)."""
+    ids: np.ndarray
+    rows: np.ndarray  # row positions in the score table (= input order)
+    pol_w: np.ndarray
+    pol_l: np.ndarray
+    n_w: np.ndarray
+    n_l: np.ndarray
+    ref_w: np.ndarray | None
+    ref_l: np.ndarray | None
+    alpha: np.ndarray | None
+    n_rows: int
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_rows - len(self.ids)
+
+    @property
+    def has_ref(self) -> bool:
+        return self.ref_w is not None
+
+
+def _read(path: str) -> dict:
+    try:
+        return pq.read_table(path).to_pydict()
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read score table {path}: {e}") from None
+
+
+def load_pairs(scores: str, ref_scores: str | None = None) -> Pairs:
+    table = _read(scores)
+    required = {"id", "status", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected"}
+    if missing := required - set(table):
+        raise InputError(f"{scores} is not a prefrank score table (missing {', '.join(sorted(missing))})")
+    ok = np.array([s == "ok" for s in table["status"]])
+    ref_cols = None
+    if ref_scores is not None:
+        ref = _read(ref_scores)
+        if ref.get("id") != table["id"]:
+            raise InputError(f"{ref_scores} does not hold the same rows as {scores} (ids differ)")
+        ok &= np.array([s == "ok" for s in ref["status"]])
+        ref_cols = (ref["logp_chosen"], ref["logp_rejected"])
+    elif "ref_logp_chosen" in table:
+        ref_cols = (table["ref_logp_chosen"], table["ref_logp_rejected"])
+
+    def column(values, dtype=np.float64):
+        return np.array([v for v, keep in zip(values, ok) if keep], dtype=dtype)
+
+    alpha = column(table["alpha"]) if "alpha" in table else None  # null (no votes) reads as nan
+    if alpha is not None and np.isnan(alpha).all():
+        alpha = None
+    elif alpha is not None and np.isnan(alpha).any():
+        raise InputError(f"{scores}: alpha is missing on some scored rows but not all; "
+                         f"idealized accuracy needs it on every pair")
+    return Pairs(ids=np.array(table["id"], dtype=object)[ok], rows=np.flatnonzero(ok),
+                 pol_w=column(table["logp_chosen"]), pol_l=column(table["logp_rejected"]),
+                 n_w=column(table["n_chosen"], np.int64), n_l=column(table["n_rejected"], np.int64),
+                 ref_w=column(ref_cols[0]) if ref_cols else None, ref_l=column(ref_cols[1]) if ref_cols else None,
+                 alpha=alpha, n_rows=len(ok))
+
+
+def _accuracy(correct, n_boot, seed) -> dict:
+    lo, hi = metrics.bootstrap_ci(correct, n_boot=n_boot, seed=seed)
+    return {"value": float(np.mean(correct)) if len(correct) else None, "ci95": [lo, hi]}
+
+
+def summarize(p: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, epsilon: float = metrics.DEFAULT_EPSILON,
+              gamma: float = 1.0, tie_band: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every measurement the inputs allow: accuracies with bootstrap CIs; with a reference, DPO
+    loss, Theorem 4.1 and the four groups; with a reference and alpha, idealized accuracy over
+    the β sweep and the alignment gap."""
+    norm_w, norm_l = metrics.length_normalized(p.pol_w, p.n_w), metrics.length_normalized(p.pol_l, p.n_l)
+    observed = {
+        "raw": metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band),
+        "length_normalized": metrics.ranking_correct(norm_w, norm_l, p.alpha, tie_band),
+    }
+    out = {
+        "n_pairs": len(p.ids), "n_errors": p.n_errors,
+        "ranking_accuracy": _accuracy(observed["raw"], n_boot, seed),
+        "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, seed),
+        "options": {"beta": beta, "betas": list(betas), "epsilon": epsilon, "gamma": gamma, "tie_band": tie_band,
+                    "bootstrap": n_boot, "seed": seed},
+    }
+    if not p.has_ref:
+        return out
+    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l)
+    out["reference_ranking_accuracy"] = _accuracy(ref_correct, n_boot, seed)
+    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
+    out["dpo_loss_mean"] = mean(theorem["loss"])
+    if gamma != 1.0:
+        out["dpo_gamma_loss_mean"] = mean(metrics.dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
+    out["reward_margin_mean"] = mean(margin)
+    out["reward_accuracy"] = _accuracy(margin > 0, n_boot, seed)
+    out["theorem41_violations"] = int(len(theorem["violations"]))
+    out["theorem41_violating_ids"] = [str(i) for i in p.ids[theorem["violations"]][:20]]
+    out["difficulty"] = _difficulty(p, theorem["c"])
+    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin)
+    if p.alpha is None:
+        return out
+    ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
+    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon),
+                 "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon)}
+    out["idealized"] = idealized
+    out["alignment_gap"] = {
+        kind: {stat: idealized[kind][stat] - out[key]["value"] for stat in ("min", "median", "max")}
+        for kind, key in (("raw", "ranking_accuracy"), ("length_normalized", "ranking_accuracy_length_normalized"))}
+    return out
+
+
+def _difficulty(p: Pairs, c: np.ndarray, k: int = 5) -> dict:
+    """How the Theorem-4.1 difficulty c relates to lengths and agreement; the hardest and easiest pairs."""
+    order = np.argsort(-c, kind="stable")
+    out = {"c_mean": float(c.mean()) if len(c) else None, "c_median": float(np.median(c)) if len(c) else None,
+           "share_c_positive": float((c > 0).mean()) if len(c) else None,
+           "spearman_c_vs_n_chosen": metrics.spearman(c, p.n_w),
+           "spearman_c_vs_n_rejected": metrics.spearman(c, p.n_l),
+           "spearman_c_vs_length_difference": metrics.spearman(c, p.n_w - p.n_l),
+           "hardest": [{"id": str(p.ids[i]), "row": int(p.rows[i]), "c": float(c[i])} for i in order[:k]],
+           "easiest": [{"id": str(p.ids[i]), "row": int(p.rows[i]), "c": float(c[i])} for i in order[::-1][:k]]}
+    if p.alpha is not None:
+        out["spearman_c_vs_alpha"] = metrics.spearman(c, p.alpha)
+    return out

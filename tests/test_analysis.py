@@ -1,0 +1,236 @@
+"""The analysis against oracles that do not use it: an explicitly built optimal policy,
+hand-computed cases, float64 formulas written out here, simulated coverage."""
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefrank.analysis import (bootstrap_ci, dpo_loss, flip_groups, idealized_correct, idealized_sweep,
+                               load_pairs, ranking_correct, spearman, summarize, theorem41)
+from prefrank.cli import main
+from conftest import PANDALM, STORIES, needs_shared
+
+
+# ---------------------------------------------------------------- idealized ranking accuracy
+
+@pytest.mark.parametrize("seed", range(20))
+def test_idealized_accuracy_equals_the_explicit_optimal_policy(seed):
+    """Build π* ∝ πref · exp(r / β) over a small enumerated completion space, rank each pair by it,
+    and compare with the closed form of Corollary 3.3 (α = σ(r_w - r_l), the Bradley-Terry share)."""
+    rng = np.random.default_rng(seed)
+    beta = float(rng.choice([0.01, 0.1, 1.0, 5.0]))
+    ref_w, ref_l, alpha, brute = [], [], [], []
+    for _ in range(30):  # prompts
+        k = rng.integers(2, 6)
+        logits = rng.normal(0, 3, size=k)
+        pi_ref = np.exp(logits) / np.exp(logits).sum()
+        reward = rng.normal(0, 2, size=k)
+        pi_star = pi_ref * np.exp(reward / beta)
+        pi_star /= pi_star.sum()
+        w, l = rng.choice(k, size=2, replace=False)
+        ref_w.append(math.log(pi_ref[w]))
+        ref_l.append(math.log(pi_ref[l]))
+        alpha.append(1 / (1 + math.exp(-(reward[w] - reward[l]))))
+        brute.append(pi_star[w] > pi_star[l])
+    got = idealized_correct(ref_w, ref_l, alpha, beta, epsilon=0.0)
+    assert got.tolist() == brute
+
+
+def test_idealized_edge_cases_by_hand():
+    # alpha = 0.5: the idealized policy keeps the reference's order (strictly)
+    assert idealized_correct([-1.0, -2.0, -1.0], [-2.0, -1.0, -1.0], [0.5] * 3, beta=0.1).tolist() == [True, False, False]
+    # alpha = 1 and 0, clipped to 1 - ε and ε: log-odds ±log(999) ≈ ±6.9; divided by β = 1
+    assert idealized_correct([-10.0], [-4.0], [1.0], beta=1.0).tolist() == [True]  # -6 + 6.9 > 0
+    assert idealized_correct([-10.0], [-2.0], [1.0], beta=1.0).tolist() == [False]  # -8 + 6.9 < 0
+    assert idealized_correct([-2.0], [-10.0], [0.0], beta=1.0).tolist() == [True]  # 8 - 6.9 > 0
+    assert idealized_correct([-4.0], [-10.0], [0.0], beta=1.0).tolist() == [False]  # 6 - 6.9 < 0
+    sweep = idealized_sweep([-10.0, -1.0], [-4.0, -2.0], [1.0, 0.6], betas=[0.1, 1.0, 10.0])
+    # β = 10: log(1.5)/10 + 1 > 0 and -6 + 0.69 < 0 → 1/2; β = 0.1, 1: both correct
+    assert sweep["per_beta"] == {0.1: 1.0, 1.0: 1.0, 10.0: 0.5}
+    assert (sweep["min"], sweep["median"], sweep["max"]) == (0.5, 1.0, 1.0)
+
+
+def test_ranking_ties_and_tie_band():
+    assert ranking_correct([-1.0, -2.0, -3.0], [-1.0, -1.0, -4.0]).tolist() == [True, False, True]
+    got = ranking_correct([-1.0, -1.0, -1.0], [-1.05, -1.5, -0.5], alpha=[0.5, 0.5, 1.0], tie_band=0.1)
+    assert got.tolist() == [True, False, False]  # tied raters: within the band; alpha 1: the usual rule
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_rejected(bad):
+    with pytest.raises(ValueError, match="non-finite"):
+        ranking_correct([0.0, bad], [0.0, 0.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        idealized_correct([0.0], [0.0], [bad], beta=1.0)
+    with pytest.raises(ValueError, match="alpha must lie"):
+        idealized_correct([0.0], [0.0], [1.5], beta=1.0)
+
+
+# ---------------------------------------------------------------- DPO loss and Theorem 4.1
+
+def test_dpo_loss_by_hand():
+    # margin = β((pw - pl) - γ(rw - rl)) = 0.5 * ((-1 + 3) - 2 * (-2 + 2.5)) = 0.5
+    assert dpo_loss([-1.0], [-3.0], [-2.0], [-2.5], beta=0.5, gamma=2.0)[0] == pytest.approx(math.log1p(math.exp(-0.5)))
+    assert dpo_loss([-1e4], [0.0], [0.0], [0.0], beta=1.0)[0] == pytest.approx(1e4)  # stable for huge margins
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_theorem41_holds_on_random_log_probs(seed):
+    rng = np.random.default_rng(seed)
+    n = 2000
+    beta = float(10 ** rng.uniform(-2, 1))
+    ref_w, ref_l = rng.normal(-50, 20, n), rng.normal(-50, 20, n)
+    pol_w, pol_l = ref_w + rng.normal(0, 5, n), ref_l + rng.normal(0, 5, n)
+    t = theorem41(pol_w, pol_l, ref_w, ref_l, beta)
+    assert len(t["violations"]) == 0
+    # the same statement written out independently
+    loss = np.log1p(np.exp(-beta * ((pol_w - ref_w) - (pol_l - ref_l))))
+    bound = np.log1p(np.exp(-beta * (ref_l - ref_w)))
+    clear = np.abs(loss - bound) > 1e-9 * (1 + bound)
+    assert ((loss <= bound) == (pol_w >= pol_l))[clear].all()
+    assert np.allclose(t["loss"], loss, rtol=1e-12) and np.allclose(t["c"], ref_l - ref_w)
+
+
+def test_theorem41_reports_a_broken_loss(monkeypatch):
+    """The check exists to catch arithmetic bugs: a loss that disagrees with the ranking is flagged."""
+    from prefrank.analysis import metrics
+    args = ([-1.0, -5.0, -2.0], [-2.0, -4.0, -2.5], [-3.0, -3.0, -3.0], [-3.0, -3.0, -3.0])
+    assert len(theorem41(*args, beta=1.0)["violations"]) == 0
+    honest = metrics.dpo_loss
+    monkeypatch.setattr(metrics, "dpo_loss", lambda *a, **k: honest(*a, **k) + np.array([0.0, 0.0, 5.0]))
+    t = theorem41(*args, beta=1.0)
+    assert t["violations"].tolist() == [2] and t["correct"].tolist() == [True, False, True]
+
+
+def test_flip_groups_by_hand():
+    rows = flip_groups([True, True, False, False, False], [True, False, True, False, False],
+                       [0.1, 0.2, 0.3, 0.4, 0.6], [1.0, -1.0, 2.0, -2.0, -4.0])
+    assert [r["count"] for r in rows] == [1, 1, 1, 2]
+    assert rows[3]["share"] == 0.4 and rows[3]["mean_loss"] == pytest.approx(0.5) and rows[3]["mean_margin"] == -3.0
+    assert flip_groups([True], [True], [0.1], [1.0])[1]["mean_loss"] is None
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_bootstrap_ci_covers_the_true_mean_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    p, n, trials = 0.6, 400, 400
+    covered = 0
+    for t in range(trials):
+        lo, hi = bootstrap_ci(rng.random(n) < p, n_boot=2000, seed=t)
+        covered += lo <= p <= hi
+    # 95% nominal; with 400 trials a correct interval lands in [0.92, 0.98] with probability > 0.99
+    assert 0.92 <= covered / trials <= 0.98, covered / trials
+
+
+def test_spearman_against_brute_force():
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 5, 40).astype(float), rng.normal(size=40)
+
+    def avg_ranks(v):  # rank = number below + half the number of others equal
+        return np.array([(v < a).sum() + ((v == a).sum() - 1) / 2 for a in v])
+
+    expected = np.corrcoef(avg_ranks(x), avg_ranks(y))[0, 1]
+    assert spearman(x, y) == pytest.approx(expected, abs=1e-12)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+# ---------------------------------------------------------------- tables, CLI, report
+
+def write_scores(path, pol, ref=None, alpha=None, status=None, n=None):
+    pol = np.asarray(pol, dtype=float)
+    rows = len(pol)
+    status = status or ["ok"] * rows
+    n = n or [[3, 4]] * rows
+    table = {"id": [str(i) for i in range(rows)], "logp_chosen": pol[:, 0].tolist(), "logp_rejected": pol[:, 1].tolist(),
+             "n_chosen": [r[0] for r in n], "n_rejected": [r[1] for r in n],
+             "alpha": alpha if alpha is not None else [None] * rows, "truncated": [False] * rows,
+             "status": status, "error": [None if s == "ok" else "bad" for s in status]}
+    if ref is not None:
+        ref = np.asarray(ref, dtype=float)
+        table["ref_logp_chosen"], table["ref_logp_rejected"] = ref[:, 0].tolist(), ref[:, 1].tolist()
+    pq.write_table(pa.table(table), path)
+    return str(path)
+
+
+def test_summary_on_a_table(tmp_path):
+    pol = [[-1, -2], [-3, -2], [-1, -1], [-5, -9], [-2, -1]]
+    ref = [[-2, -2], [-2, -3], [-1, -3], [-5, -6], [-1, -2]]
+    path = write_scores(tmp_path / "s.parquet", pol, ref, alpha=[0.9, 0.8, 0.5, 1.0, 0.7],
+                        status=["ok", "ok", "ok", "ok", "error"])
+    s = summarize(load_pairs(path), beta=1.0, betas=[1.0], n_boot=200)
+    assert (s["n_pairs"], s["n_errors"]) == (4, 1)
+    assert s["ranking_accuracy"]["value"] == 0.75  # pairs 0, 2 (tie), 3
+    assert s["reference_ranking_accuracy"]["value"] == 1.0
+    # idealized at β = 1: (rw - rl) + log(α/(1-α)): 0 + 2.2 > 0, 1 + 1.39 > 0, 2 + 0 > 0, 1 + 6.9 > 0
+    assert s["idealized"]["raw"]["median"] == 1.0 and s["alignment_gap"]["raw"]["median"] == 0.25
+    assert [g["count"] for g in s["groups"]] == [3, 1, 0, 0]
+    assert s["theorem41_violations"] == 0
+
+
+def test_analyze_and_report_cli(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    ref = rng.normal(-20, 5, (50, 2))
+    pol = ref + rng.normal(0, 2, (50, 2))
+    scores = write_scores(tmp_path / "s.parquet", pol, ref, alpha=rng.uniform(0, 1, 50).tolist())
+    later = write_scores(tmp_path / "s2.parquet", pol + [[1, -1]], ref, alpha=rng.uniform(0, 1, 50).tolist())
+    assert main(["analyze", scores, "--out", str(tmp_path / "a.json"), "--checkpoints", scores, later]) == 0
+    s = json.loads((tmp_path / "a.json").read_text())
+    for key in ("n_pairs", "n_errors", "ranking_accuracy", "ranking_accuracy_length_normalized", "idealized",
+                "alignment_gap", "dpo_loss_mean", "theorem41_violations", "groups", "series"):
+        assert key in s
+    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean(pol[:, 0] >= pol[:, 1]))
+    assert s["series"][1]["ranking_accuracy"] == pytest.approx(np.mean(pol[:, 0] + 1 >= pol[:, 1] - 1))
+    assert main(["report", scores, "--out", str(tmp_path / "rep"), "--checkpoints", scores, later]) == 0
+    for name in ("report.md", "summary.json", "accuracy.png", "loss_vs_c.png", "groups.png", "difficulty.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    assert "alignment gap" in (tmp_path / "rep" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "missing.parquet")]) == 2
+    assert "cannot read score table" in capsys.readouterr().err
+
+
+def test_separate_reference_table(tmp_path):
+    pol = write_scores(tmp_path / "p.parquet", [[-1, -2], [-3, -1]])
+    ref = write_scores(tmp_path / "r.parquet", [[-2, -1], [-1, -2]], status=["ok", "error"])
+    p = load_pairs(pol, ref)
+    assert p.ref_w.tolist() == [-2.0] and len(p.ids) == 1 and p.n_errors == 1
+
+
+@needs_shared
+def test_pandalm_scored_and_analyzed_end_to_end(tmp_path, capsys):
+    """Real data and model: PandaLM's 3 human votes give alpha; stories260K is the policy, a random
+    model with its vocabulary the reference."""
+    import torch
+    from transformers import AutoTokenizer
+    ref_dir = tmp_path / "ref"
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=512)).save_pretrained(ref_dir)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(ref_dir)
+    out = tmp_path / "s.parquet"
+    assert main(["score", "--data", str(PANDALM), "--model", str(STORIES), "--ref-model", str(ref_dir),
+                 "--prompt-cols", "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
+                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx", "--limit", "80",
+                 "--truncate", "keep-end", "--out", str(out)]) == 0
+    assert main(["analyze", str(out), "--out", str(tmp_path / "a.json")]) == 0
+    s = json.loads((tmp_path / "a.json").read_text())
+    table = pq.read_table(out).to_pylist()
+    rows = json.load(open(PANDALM))[:80]
+    ok = [r for r in table if r["status"] == "ok"]
+    assert s["n_pairs"] == len(ok) and s["n_pairs"] + s["n_errors"] == 80
+    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean([r["logp_chosen"] >= r["logp_rejected"] for r in ok]))
+    votes = {str(r["idx"]): [r[f"annotator{j}"] for j in (1, 2, 3)] for r in rows}
+    for r in ok:
+        v = votes[r["id"]]
+        assert r["alpha"] == pytest.approx((v.count(1) + 0.5 * v.count(0)) / 3)
+    assert "idealized" in s and s["theorem41_violations"] == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", str(PANDALM), "--prompt-cols",
+                 "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
+                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx"]) == 0
+    assert "Hardest pairs" in (tmp_path / "rep" / "report.md").read_text()
