@@ -184,10 +184,18 @@ def _warn_theorem(summary: dict):
 
 def run_analyze(args) -> int:
     import json
-    from prefrank.analysis import checkpoint_series, load_pairs, summarize
-    summary = summarize(load_pairs(args.scores, args.ref_scores), **_analysis_options(args))
+    from prefrank.analysis import checkpoint_series, load_pairs, per_pair_table, summarize
+    pairs = load_pairs(args.scores, args.ref_scores)
+    summary = summarize(pairs, **_analysis_options(args))
     if args.checkpoints:
         summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta)
+    if args.pairs_out:
+        if not pairs.has_ref:
+            raise InputError("--pairs-out needs reference log-probs (--ref-scores, or a table scored with --ref-model)")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        columns = {k: v for k, v in per_pair_table(pairs, args.beta).items() if v is not None}
+        pq.write_table(pa.table(columns), args.pairs_out)
     text = json.dumps(summary, indent=2, default=float)
     if args.out:
         with open(args.out, "w") as f:
@@ -217,6 +225,8 @@ def add_analysis_parsers(sub):
                        description=ANALYZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_analysis_args(p)
     p.add_argument("--out", help="summary JSON file (default: stdout)")
+    p.add_argument("--pairs-out", help="Parquet file with one row per pair: id, difficulty c, DPO loss, its "
+                   "Theorem 4.1 bound, reward margin, policy/reference correctness, alpha")
     p.set_defaults(func=run_analyze)
     p = sub.add_parser("report", help="the analysis as Markdown with plots",
                        description=ANALYZE_HELP + "\nWrites report.md, summary.json and PNG plots into --out.",

@@ -177,8 +177,16 @@ def test_analyze_and_report_cli(tmp_path, capsys):
     pol = ref + rng.normal(0, 2, (50, 2))
     scores = write_scores(tmp_path / "s.parquet", pol, ref, alpha=rng.uniform(0, 1, 50).tolist())
     later = write_scores(tmp_path / "s2.parquet", pol + [[1, -1]], ref, alpha=rng.uniform(0, 1, 50).tolist())
-    assert main(["analyze", scores, "--out", str(tmp_path / "a.json"), "--checkpoints", scores, later]) == 0
+    assert main(["analyze", scores, "--out", str(tmp_path / "a.json"), "--checkpoints", scores, later,
+                 "--pairs-out", str(tmp_path / "pairs.parquet"), "--beta", "0.5"]) == 0
     s = json.loads((tmp_path / "a.json").read_text())
+    per_pair = pq.read_table(tmp_path / "pairs.parquet").to_pydict()
+    assert per_pair["c"] == pytest.approx((ref[:, 1] - ref[:, 0]).tolist())
+    margin = 0.5 * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+    assert per_pair["dpo_loss"] == pytest.approx(np.log1p(np.exp(-margin)).tolist())
+    assert per_pair["policy_correct"] == (pol[:, 0] >= pol[:, 1]).tolist()
+    lo, hi = s["idealized"]["raw"]["per_beta_ci95"]["1.0"]
+    assert lo <= s["idealized"]["raw"]["per_beta"]["1.0"] <= hi
     for key in ("n_pairs", "n_errors", "ranking_accuracy", "ranking_accuracy_length_normalized", "idealized",
                 "alignment_gap", "dpo_loss_mean", "theorem41_violations", "groups", "series"):
         assert key in s

@@ -4,8 +4,8 @@ from prefrank.analysis.metrics import (DEFAULT_BETAS, DEFAULT_EPSILON, bootstrap
                                        flip_groups, idealized_correct, idealized_sweep, length_normalized,
                                        ranking_correct, spearman, theorem41)
 from prefrank.analysis.report import checkpoint_series, write_report
-from prefrank.analysis.summary import Pairs, load_pairs, summarize
+from prefrank.analysis.summary import Pairs, load_pairs, per_pair_table, summarize
 
 __all__ = ["DEFAULT_BETAS", "DEFAULT_EPSILON", "Pairs", "bootstrap_ci", "checkpoint_series", "dpo_loss", "dpo_margin",
-           "flip_groups", "idealized_correct", "idealized_sweep", "length_normalized", "load_pairs",
+           "flip_groups", "idealized_correct", "idealized_sweep", "length_normalized", "load_pairs", "per_pair_table",
            "ranking_correct", "spearman", "summarize", "theorem41", "write_report"]

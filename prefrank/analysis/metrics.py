@@ -68,11 +68,14 @@ def idealized_correct(ref_w, ref_l, alpha, beta: float, epsilon: float = DEFAULT
     return _finite("ref_w", ref_w) - _finite("ref_l", ref_l) + log_odds / beta > 0
 
 
-def idealized_sweep(ref_w, ref_l, alpha, betas=DEFAULT_BETAS, epsilon: float = DEFAULT_EPSILON) -> dict:
-    """R* for each β, and its min / median / max over the sweep."""
-    per_beta = {float(b): float(idealized_correct(ref_w, ref_l, alpha, b, epsilon).mean()) for b in betas}
+def idealized_sweep(ref_w, ref_l, alpha, betas=DEFAULT_BETAS, epsilon: float = DEFAULT_EPSILON,
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """R* for each β with its bootstrap 95% CI, and min / median / max over the sweep."""
+    correct = {float(b): idealized_correct(ref_w, ref_l, alpha, b, epsilon) for b in betas}
+    per_beta = {b: float(c.mean()) for b, c in correct.items()}
     values = list(per_beta.values())
-    return {"per_beta": per_beta, "min": min(values), "median": float(np.median(values)), "max": max(values)}
+    return {"per_beta": per_beta, "per_beta_ci95": {b: list(bootstrap_ci(c, n_boot, seed=seed)) for b, c in correct.items()},
+            "min": min(values), "median": float(np.median(values)), "max": max(values)}
 
 
 def dpo_margin(pol_w, pol_l, ref_w, ref_l, beta: float, gamma: float = 1.0) -> np.ndarray:

@@ -117,13 +117,26 @@ def summarize(p: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, epsil
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
-    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon),
-                 "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon)}
+    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, seed),
+                 "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon,
+                                                              n_boot, seed)}
     out["idealized"] = idealized
     out["alignment_gap"] = {
         kind: {stat: idealized[kind][stat] - out[key]["value"] for stat in ("min", "median", "max")}
         for kind, key in (("raw", "ranking_accuracy"), ("length_normalized", "ranking_accuracy_length_normalized"))}
     return out
+
+
+def per_pair_table(p: Pairs, beta: float) -> dict[str, list]:
+    """One row per scored pair: its Theorem 4.1 difficulty c, DPO loss, reward margin and who
+    ranks it correctly (needs reference log-probs)."""
+    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    return {"id": [str(i) for i in p.ids], "row": p.rows.tolist(), "c": theorem["c"].tolist(),
+            "dpo_loss": theorem["loss"].tolist(), "loss_bound": theorem["bound"].tolist(),
+            "reward_margin": metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta).tolist(),
+            "policy_correct": theorem["correct"].tolist(),
+            "reference_correct": metrics.ranking_correct(p.ref_w, p.ref_l).tolist(),
+            "alpha": None if p.alpha is None else p.alpha.tolist()}
 
 
 def _difficulty(p: Pairs, c: np.ndarray, k: int = 5) -> dict:
