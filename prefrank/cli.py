@@ -47,11 +47,17 @@ def add_column_args(cols):
                       "'votes' list of 1/0/0.5, is used when present")
     cols.add_argument("--completions-include-prompt", action="store_true",
                       help="chosen/rejected start with the prompt: strip it (rows where they don't are errors)")
+    cols.add_argument("--completions-col", help="K completions per prompt: the column with the list of completions "
+                      "(a dotted name reads a field of each listed object, e.g. completions.response for "
+                      "UltraFeedback); the table then holds lists (logps, n_tokens, human_scores)")
+    cols.add_argument("--scores-col", default="scores", help="with --completions-col: human scores, one per "
+                      "completion, higher is better (UltraFeedback: completions.overall_score; default: %(default)s)")
 
 
 def columns_from_args(args) -> Columns:
     return Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
-                   votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt)
+                   votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt,
+                   completions=args.completions_col, scores=args.scores_col)
 
 
 def add_score_parser(sub):
@@ -182,9 +188,21 @@ def _warn_theorem(summary: dict):
               file=sys.stderr)
 
 
+def _analyze_kwise(args) -> dict:
+    from prefrank.analysis import kwise, load_pairs, summarize
+    if args.ref_scores or args.checkpoints or args.pairs_out:
+        raise InputError("--ref-scores, --checkpoints and --pairs-out take pair tables; convert K-wise tables with "
+                         "`prefrank pairs`")
+    summary = kwise.summarize_kwise(args.scores, n_boot=args.bootstrap, seed=args.seed)
+    summary["implied_pairs"] = summarize(load_pairs(kwise.kwise_to_pair_table(args.scores)), **_analysis_options(args))
+    return summary
+
+
 def run_analyze(args) -> int:
     import json
-    from prefrank.analysis import checkpoint_series, load_pairs, per_pair_table, summarize
+    from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
+    if kwise.is_kwise_table(args.scores):
+        return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
     pairs = load_pairs(args.scores, args.ref_scores)
     summary = summarize(pairs, **_analysis_options(args))
     if args.checkpoints:
@@ -196,15 +214,20 @@ def run_analyze(args) -> int:
         import pyarrow.parquet as pq
         columns = {k: v for k, v in per_pair_table(pairs, args.beta).items() if v is not None}
         pq.write_table(pa.table(columns), args.pairs_out)
+    return _print_summary(summary, args, "ranking_accuracy", "pairs")
+
+
+def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
+    import json
     text = json.dumps(summary, indent=2, default=float)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
-    _warn_theorem(summary)
-    acc = summary["ranking_accuracy"]["value"]
-    print(f"{summary['n_pairs']} pairs ({summary['n_errors']} errors): ranking accuracy "
+    _warn_theorem(summary.get("implied_pairs", summary))
+    acc = summary[headline]["value"]
+    print(f"{summary['n_' + unit]} {unit} ({summary['n_errors']} errors): {headline.replace('_', ' ')} "
           f"{'–' if acc is None else f'{100 * acc:.1f}%'}" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
@@ -239,12 +262,70 @@ def add_analysis_parsers(sub):
     p.set_defaults(func=run_report)
 
 
+PAIRS_HELP = """\
+Expand K completions per prompt into the pairs they imply, as common recipes do: all strictly
+ranked pairs, the best vs the worst, or the best vs a random strictly worse one (ties in human
+scores imply nothing). INPUT is either a K-wise score table (Parquet with a logps column): the
+output is a pair score table for `prefrank analyze`; or a K-wise dataset (with --completions-col):
+the output is a JSONL pair dataset (id, prompt, chosen, rejected) for scoring or DPO training.
+"""
+
+
+def run_pairs(args) -> int:
+    import json
+
+    import numpy as np
+    from prefrank.analysis import kwise
+    if args.input.endswith(".parquet") and kwise.is_kwise_table(args.input):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = kwise.kwise_to_pair_table(args.input, args.pairing, args.seed)
+        pq.write_table(pa.table(table), args.out)
+        print(f"{len(table['id'])} pair rows -> {args.out}", file=sys.stderr)
+        return 0
+    from prefrank.data import read_examples
+    columns = columns_from_args(args)
+    if columns.completions is None:
+        raise InputError("a dataset needs --completions-col (and --scores-col) to be read as K-wise")
+    rng = np.random.default_rng(args.seed)
+    written = skipped = no_pairs = 0
+    first_error = None
+    with open(args.out, "w") as f:
+        for ex in read_examples(args.input, columns):
+            if ex.error:
+                skipped += 1
+                first_error = first_error or f"row {ex.index} (id {ex.id}): {ex.error}"
+                continue
+            pairs = kwise.implied_pairs(ex.scores, args.pairing, rng)
+            no_pairs += not pairs
+            for i, j in pairs:
+                f.write(json.dumps({"id": f"{ex.id}:{i}>{j}", "prompt": ex.prompt, "chosen": ex.completions[i],
+                                    "rejected": ex.completions[j]}) + "\n")
+                written += 1
+    print(f"{written} pairs -> {args.out}; {skipped} bad rows skipped, {no_pairs} rows with all scores tied"
+          + (f"\nfirst error: {first_error}" if first_error else ""), file=sys.stderr)
+    return 0
+
+
+def add_pairs_parser(sub):
+    from prefrank.analysis.kwise import PAIRINGS
+    p = sub.add_parser("pairs", help="expand K-wise score tables or datasets into their implied pairs",
+                       description=PAIRS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="K-wise score table (.parquet) or K-wise dataset")
+    p.add_argument("--out", required=True, help="pair score table (.parquet) or pair dataset (.jsonl)")
+    p.add_argument("--pairing", choices=PAIRINGS, default="all", help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="for best-random (default: %(default)s)")
+    add_column_args(p.add_argument_group("columns of a K-wise dataset"))
+    p.set_defaults(func=run_pairs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefrank", description="Exact, fast scoring of preference data and "
                                      "ranking analysis for language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_score_parser(sub)
     add_analysis_parsers(sub)
+    add_pairs_parser(sub)
     return parser
 
 

@@ -9,13 +9,18 @@ Formats (auto-detected per row, after the column mapping in `Columns`):
                   last whitespace (the completions then start with that whitespace)
   conversational  prompt / chosen / rejected: lists of {role, content} messages (prompt may be
                   absent: the shared leading messages are the prompt)
-Votes give `alpha`, the share of raters preferring the chosen completion (ties count half):
+K completions per prompt (Columns.completions set): a list of completions (texts or message lists)
+and a list of human scores, one per completion, higher is better; a dotted column reads a field of
+each listed object (UltraFeedback: completions.response and completions.overall_score).
+Votes give a pair's `alpha`, the share of raters preferring the chosen completion (ties count half):
   --vote-cols a,b,c  PandaLM coding per column: 0 tie, 1 the chosen column, 2 the rejected column
   `votes` column     a list of per-rater shares for chosen: 1, 0, or 0.5 for a tie
   `alpha` column     the share itself
 """
 import gzip
+import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,8 @@ class Columns:
     rejected: str = "rejected"
     id: str = "id"
     votes: list[str] | None = None  # PandaLM-style vote columns
+    completions: str | None = None  # K-wise rows: the list of completions (None: a chosen/rejected pair)
+    scores: str = "scores"  # K-wise rows: human scores, one per completion, higher is better
     completions_include_prompt: bool = False  # chosen/rejected repeat the prompt: strip it
     prompt_separator: str = "\n\n"  # joins several prompt columns (empty ones skipped)
 
@@ -45,8 +52,9 @@ class Example:
     index: int  # position in the input, 0-based
     id: str
     prompt: str | list | None = None  # text, or a list of chat messages
-    completions: list = field(default_factory=list)  # [chosen, rejected]: texts or message lists
-    alpha: float | None = None
+    completions: list = field(default_factory=list)  # [chosen, rejected], or K: texts or message lists
+    alpha: float | None = None  # pairs: share of raters preferring chosen
+    scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
     error: str | None = None
 
 
@@ -160,60 +168,93 @@ def _check_messages(value, what: str) -> list:
 
 
 def _field(row: dict, column: str):
-    if column not in row:
-        raise RowError(f"missing field {column!r}")
-    return row[column]
+    """row[column]; a dotted column "a.b" reads field b of each dict in the list row["a"]
+    (UltraFeedback's completions.response)."""
+    head, _, rest = column.partition(".")
+    if head not in row:
+        raise RowError(f"missing field {head!r}")
+    value = row[head]
+    if not rest:
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise RowError(f"field {head!r} must be a list of objects to read {column!r}")
+    if any(rest not in v for v in value):
+        raise RowError(f"missing field {rest!r} in an element of {head!r}")
+    return [v[rest] for v in value]
 
 
-def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """(prompt, chosen completion, rejected completion) from two full transcripts."""
-    common = os.path.commonprefix([chosen, rejected])
+def split_implicit_prompt(*texts: str) -> tuple[str, list[str]]:
+    """(prompt, completions) from full transcripts that share their prompt."""
+    common = os.path.commonprefix(list(texts))
     cut = common.rfind(HH_ASSISTANT)
     if cut >= 0:
         cut += len(HH_ASSISTANT)
     else:
         cut = max((i for i, c in enumerate(common) if c.isspace()), default=0)
-    return chosen[:cut], chosen[cut:], rejected[cut:]
+    return texts[0][:cut], [t[cut:] for t in texts]
 
 
-def _text_example(row: dict, cols: Columns) -> tuple[str, list[str]]:
-    chosen, rejected = _field(row, cols.chosen), _field(row, cols.rejected)
-    if cols.prompt is None and "prompt" not in row:
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise RowError(f"{cols.chosen!r} and {cols.rejected!r} must both be strings or both message lists")
-        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
-        return prompt, [chosen, rejected]
-    prompt_cols = cols.prompt or ["prompt"]
-    parts = [_field(row, c) for c in prompt_cols]
-    for c, p in zip(prompt_cols, parts):
+def _completions(row: dict, cols: Columns) -> tuple[list, list[str]]:
+    """The row's raw completions and their names for messages."""
+    if cols.completions is None:
+        return [_field(row, cols.chosen), _field(row, cols.rejected)], [cols.chosen, cols.rejected]
+    values = _field(row, cols.completions)
+    if not isinstance(values, list) or len(values) < 2:
+        raise RowError(f"field {cols.completions!r} must be a list of at least 2 completions")
+    return values, [f"{cols.completions}[{k}]" for k in range(len(values))]
+
+
+def _prompt(row: dict, cols: Columns):
+    """The prompt's text or messages; None when it is implicit (shared by the completions)."""
+    if cols.prompt is None:
+        return row.get("prompt")  # absent: implicit
+    parts = [_field(row, c) for c in cols.prompt]
+    if len(parts) == 1:
+        return parts[0]
+    for c, p in zip(cols.prompt, parts):
         if not isinstance(p, str):
             raise RowError(f"field {c!r} must be a string, got {type(p).__name__}")
-    prompt = cols.prompt_separator.join(p for p in parts if p) if len(parts) > 1 else parts[0]
-    completions = [chosen, rejected]
-    for c, text in zip((cols.chosen, cols.rejected), completions):
-        if not isinstance(text, str):
-            raise RowError(f"field {c!r} must be a string, got {type(text).__name__}")
+    return cols.prompt_separator.join(p for p in parts if p)
+
+
+def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
+    completions, names = _completions(row, cols)
+    prompt = _prompt(row, cols)
+    prompt_name = (cols.prompt or ["prompt"])[0]
+    if any(_is_messages(c) for c in completions):  # conversational
+        for c, name in zip(completions, names):
+            if not _is_messages(c):
+                raise RowError(f"{name!r} must be a message list like the other completions")
+            _check_messages(c, name)
+        if prompt is None:
+            shared = 0
+            while all(len(c) > shared and c[shared] == completions[0][shared] for c in completions):
+                shared += 1
+            return completions[0][:shared], [c[shared:] for c in completions]
+        if not _is_messages(prompt):
+            raise RowError(f"{prompt_name!r} must be a message list when the completions are")
+        return _check_messages(prompt, prompt_name), completions
+    for c, name in zip(completions, names):
+        if not isinstance(c, str):
+            raise RowError(f"field {name!r} must be a string, got {type(c).__name__}")
+    if prompt is None:
+        return split_implicit_prompt(*completions)
+    if not isinstance(prompt, str):
+        raise RowError(f"field {prompt_name!r} must be a string, got {type(prompt).__name__}")
     if cols.completions_include_prompt:
-        for c, text in zip((cols.chosen, cols.rejected), completions):
-            if not text.startswith(prompt):
-                raise RowError(f"the prompt is not a prefix of {c!r}")
-        completions = [text[len(prompt):] for text in completions]
+        for c, name in zip(completions, names):
+            if not c.startswith(prompt):
+                raise RowError(f"the prompt is not a prefix of {name!r}")
+        completions = [c[len(prompt):] for c in completions]
     return prompt, completions
 
 
-def _chat_example(row: dict, cols: Columns) -> tuple[list, list[list]]:
-    chosen = _check_messages(_field(row, cols.chosen), cols.chosen)
-    rejected = _check_messages(_field(row, cols.rejected), cols.rejected)
-    prompt_col = (cols.prompt or ["prompt"])[0]
-    if prompt_col in row:
-        prompt = row[prompt_col]
-        if not _is_messages(prompt):
-            raise RowError(f"{prompt_col!r} must be a message list when the completions are")
-        return _check_messages(prompt, prompt_col), [chosen, rejected]
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    return chosen[:shared], [chosen[shared:], rejected[shared:]]
+def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
+    scores = _field(row, cols.scores)
+    if (not isinstance(scores, list) or len(scores) != k
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in scores)):
+        raise RowError(f"{cols.scores!r} must be a list of {k} finite numbers (one per completion); got {scores!r}")
+    return [float(v) for v in scores]
 
 
 def _alpha(row: dict, cols: Columns) -> float | None:
@@ -245,15 +286,17 @@ def to_example(index: int, row, cols: Columns) -> Example:
     row_id = row.get(cols.id)
     example = Example(index, str(index) if row_id is None else str(row_id))
     try:
-        if _is_messages(row.get(cols.chosen)) or _is_messages(row.get(cols.rejected)):
-            example.prompt, example.completions = _chat_example(row, cols)
-        else:
-            example.prompt, example.completions = _text_example(row, cols)
+        example.prompt, example.completions = _prompt_and_completions(row, cols)
         if any(not c for c in example.completions):
             raise RowError("empty completion")
-        if example.completions[0] == example.completions[1]:
-            raise RowError("chosen and rejected are identical")
-        example.alpha = _alpha(row, cols)
+        for i, j in itertools.combinations(range(len(example.completions)), 2):
+            if example.completions[i] == example.completions[j]:
+                raise RowError("chosen and rejected are identical" if cols.completions is None
+                               else f"completions {i} and {j} are identical")
+        if cols.completions is None:
+            example.alpha = _alpha(row, cols)
+        else:
+            example.scores = _human_scores(row, cols, len(example.completions))
     except RowError as e:
         example.error = str(e)
     return example
@@ -262,11 +305,15 @@ def to_example(index: int, row, cols: Columns) -> Example:
 def check_columns(row: dict, cols: Columns):
     """Columns named for the whole input must exist in its first row: a typo is an invocation
     error, not a million row errors."""
-    named = (cols.prompt or []) + [cols.chosen, cols.rejected] + (cols.votes or [])
-    missing = [c for c in named if c not in row]
+    if cols.completions is None:
+        named = (cols.prompt or []) + [cols.chosen, cols.rejected] + (cols.votes or [])
+    else:
+        named = (cols.prompt or []) + [cols.completions, cols.scores]
+    missing = [c for c in named if c.partition(".")[0] not in row]
     if missing:
+        hint = " (K completions per prompt? pass --completions-col)" if cols.completions is None and "completions" in row else ""
         raise InputError(f"unknown column(s) {', '.join(map(repr, missing))}: the first row has "
-                         f"{', '.join(map(repr, row)) or 'no fields'}")
+                         f"{', '.join(map(repr, row)) or 'no fields'}{hint}")
 
 
 def read_examples(source: str, cols: Columns, *, split: str = "train", subset: str | None = None,

@@ -9,6 +9,8 @@ Columns (one row per input row):
   truncated                           the pair was cut to fit (--truncate keep-end)
   status, error                       "ok" / "error" and the reason
   token_logps_chosen, ...             per-token log-probs, float32 lists (with --per-token)
+K-wise tables (K completions per prompt) hold lists instead, one element per completion:
+  logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha.
 The file is written under a temporary name and renamed when complete: a crashed run never
 leaves a partial table under the final name.
 """
@@ -22,28 +24,49 @@ import pyarrow.parquet as pq
 
 COMPLETION_NAMES = ("chosen", "rejected")  # completion k of a pair
 
+# Per-completion values: pairs spread them over chosen/rejected columns, K-wise tables keep lists.
+_FIELDS = {  # kind: (pair column pattern, K-wise column, element type)
+    "logp": ("logp_{}", "logps", pa.float64()),
+    "ref_logp": ("ref_logp_{}", "ref_logps", pa.float64()),
+    "n": ("n_{}", "n_tokens", pa.int64()),
+    "token_logps": ("token_logps_{}", "token_logps", pa.list_(pa.float32())),
+    "ref_token_logps": ("ref_token_logps_{}", "ref_token_logps", pa.list_(pa.float32())),
+}
 
-def table_schema(with_ref: bool, per_token: bool) -> pa.Schema:
-    fields = [("id", pa.string())]
-    prefixes = ["", "ref_"] if with_ref else [""]
-    for prefix in prefixes:
-        fields += [(f"{prefix}logp_{name}", pa.float64()) for name in COMPLETION_NAMES]
-    fields += [(f"n_{name}", pa.int64()) for name in COMPLETION_NAMES]
-    fields += [("alpha", pa.float64()), ("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
+
+def completion_fields(kind: str, values: list | None, kwise: bool) -> dict:
+    """Table columns holding one row's per-completion `values` (None on an error row)."""
+    pair_pattern, kwise_column, _ = _FIELDS[kind]
+    if kwise:
+        return {kwise_column: values}
+    return {pair_pattern.format(name): None if values is None else values[k] for k, name in enumerate(COMPLETION_NAMES)}
+
+
+def _typed_fields(kind: str, kwise: bool) -> list[tuple[str, pa.DataType]]:
+    pair_pattern, kwise_column, element = _FIELDS[kind]
+    if kwise:
+        return [(kwise_column, pa.list_(element))]
+    return [(pair_pattern.format(name), element) for name in COMPLETION_NAMES]
+
+
+def table_schema(with_ref: bool, per_token: bool, kwise: bool = False) -> pa.Schema:
+    kinds = ["logp"] + (["ref_logp"] if with_ref else []) + ["n"]
     if per_token:
-        for prefix in prefixes:
-            fields += [(f"{prefix}token_logps_{name}", pa.list_(pa.float32())) for name in COMPLETION_NAMES]
+        kinds += ["token_logps"] + (["ref_token_logps"] if with_ref else [])
+    fields = [("id", pa.string())] + [f for kind in kinds for f in _typed_fields(kind, kwise)]
+    fields += [("human_scores", pa.list_(pa.float64()))] if kwise else [("alpha", pa.float64())]
+    fields += [("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
     return pa.schema(fields)
 
 
 class ScoreTable:
     """Appends chunks of rows (dicts of column → list) to a Parquet file."""
 
-    def __init__(self, path: str, *, with_ref: bool, per_token: bool):
+    def __init__(self, path: str, *, with_ref: bool, per_token: bool, kwise: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.path.with_name(self.path.name + ".partial")
-        self.schema = table_schema(with_ref, per_token)
+        self.schema = table_schema(with_ref, per_token, kwise)
         self.writer = pq.ParquetWriter(self.tmp_path, self.schema)
         self.rows = 0
 

@@ -14,7 +14,7 @@ import torch
 
 from prefrank import __version__
 from prefrank.data import Columns, InputError, RowError, count_rows, read_examples
-from prefrank.io import COMPLETION_NAMES, ScoreTable, input_hash
+from prefrank.io import ScoreTable, completion_fields, input_hash
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
 from prefrank.scoring import score
 from prefrank.tokenization import tokenize_example
@@ -92,29 +92,28 @@ def _tokenize_chunk(examples, tokenizer, opts, max_length):
     return tokenized
 
 
-def _chunk_columns(examples, tokenized, policy, ref, per_token) -> dict[str, list]:
+def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[str, list]:
     """One table row per example, in input order; scores are flat over the valid examples."""
-    cols = {name: [] for name in ("id", "alpha", "truncated", "status", "error")}
-    prefixes = {"": policy} if ref is None else {"": policy, "ref_": ref}
+    models = {"": policy} if ref is None else {"": policy, "ref_": ref}
     first_seq, n_seqs = {}, 0  # where each item's completions start in the flat score order
     for index, item in tokenized.items():
         first_seq[index], n_seqs = n_seqs, n_seqs + len(item.completion_ids)
+    rows = []
     for ex in examples:
-        cols["id"].append(ex.id)
-        cols["alpha"].append(ex.alpha)
         item = tokenized.get(ex.index)
-        cols["truncated"].append(item is not None and item.truncated)
-        cols["status"].append("ok" if item is not None else "error")
-        cols["error"].append(ex.error)
-        for k, name in enumerate(COMPLETION_NAMES):
-            seq = None if item is None else first_seq[ex.index] + k
-            cols.setdefault(f"n_{name}", []).append(None if item is None else len(item.completion_ids[k]))
-            for prefix, scores in prefixes.items():
-                cols.setdefault(f"{prefix}logp_{name}", []).append(None if item is None else float(scores.logps[seq]))
-                if per_token:
-                    cols.setdefault(f"{prefix}token_logps_{name}", []).append(
-                        None if item is None else scores.token_logps[seq])
-    return cols
+        row = {"id": ex.id, "truncated": item is not None and item.truncated,
+               "status": "ok" if item is not None else "error", "error": ex.error}
+        row.update({"human_scores": ex.scores} if kwise else {"alpha": ex.alpha})
+        seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
+        row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
+        for prefix, scores in models.items():
+            row.update(completion_fields(prefix + "logp", None if seqs is None else [float(scores.logps[s]) for s in seqs],
+                                         kwise))
+            if per_token:
+                row.update(completion_fields(prefix + "token_logps",
+                                             None if seqs is None else [scores.token_logps[s] for s in seqs], kwise))
+        rows.append(row)
+    return {name: [r[name] for r in rows] for name in rows[0]}
 
 
 def _progress(total):
@@ -133,7 +132,8 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary:
     limits = [m for m in (opts.max_length, policy_lm.max_positions, ref_lm and ref_lm.max_positions) if m]
     max_length = min(limits) if limits else None
 
-    table = ScoreTable(opts.out, with_ref=ref_lm is not None, per_token=opts.per_token)
+    kwise = opts.columns.completions is not None
+    table = ScoreTable(opts.out, with_ref=ref_lm is not None, per_token=opts.per_token, kwise=kwise)
     summary = Summary()
     total = [n for n in (opts.limit, count_rows(opts.data)) if n is not None]
     bar = _progress(min(total) if total else None) if progress else None
@@ -146,7 +146,7 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary:
                            per_token=opts.per_token)
             ref = ref_lm and score(ref_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                    per_token=opts.per_token)
-            table.write(_chunk_columns(chunk, tokenized, policy, ref, opts.per_token))
+            table.write(_chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise))
 
             summary.rows += len(chunk)
             summary.ok += len(items)

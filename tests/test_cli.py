@@ -10,7 +10,7 @@ import torch
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from prefrank.io import read_sidecar
-from tiny_models import tiny_model
+from tiny_models import float64_logp, tiny_model
 
 GOOD = [{"id": f"g{i}", "prompt": f"Q: {i}+{i}=?\nA:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
         for i in range(6)]
@@ -33,17 +33,6 @@ def model_dirs(tmp_path_factory):
         build_tokenizer().save_pretrained(path)
         paths.append(str(path))
     return paths
-
-
-def float64_logp(model_dir, prompt, completion):
-    """Independent: the convention applied by hand, one unpadded float64 forward."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    p, c = tok(prompt)["input_ids"], tok(completion, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0], -1)
-    return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
 
 
 def run(args, capsys):

@@ -35,8 +35,9 @@ def test_implicit_hh_prompt_cut_at_last_assistant():
 
 
 def test_implicit_without_assistant_cuts_at_whitespace():
-    assert split_implicit_prompt("I like cats", "I like cars") == ("I like", " cats", " cars")
-    assert split_implicit_prompt("cats", "dogs") == ("", "cats", "dogs")
+    assert split_implicit_prompt("I like cats", "I like cars") == ("I like", [" cats", " cars"])
+    assert split_implicit_prompt("cats", "dogs") == ("", ["cats", "dogs"])
+    assert split_implicit_prompt("I like cats", "I like cars", "I like dogs") == ("I like", [" cats", " cars", " dogs"])
 
 
 @needs_shared
@@ -174,3 +175,48 @@ def test_pandalm_all_rows_normalize():
             assert ((ex.error == "chosen and rejected are identical" and responses[0] == responses[1])
                     or (ex.error == "empty completion" and "" in responses)
                     or ("must be a string" in ex.error and not all(isinstance(r, str) for r in responses))), ex.error
+
+
+# ---------------------------------------------------------------- K completions per prompt
+
+KWISE = Columns(prompt=["instruction"], completions="completions.response", scores="completions.overall_score")
+
+
+def ultrafeedback_row(**changes):
+    row = {"instruction": "Name a colour.", "completions": [
+        {"response": " Red.", "overall_score": 8.5}, {"response": " Blue.", "overall_score": 6},
+        {"response": " A car.", "overall_score": 2}, {"response": " Green.", "overall_score": 8.5}]}
+    row.update(changes)
+    return row
+
+
+def test_kwise_nested_columns():
+    ex = to_example(0, ultrafeedback_row(), KWISE)
+    assert ex.error is None and ex.prompt == "Name a colour."
+    assert ex.completions == [" Red.", " Blue.", " A car.", " Green."] and ex.scores == [8.5, 6.0, 2.0, 8.5]
+    assert ex.alpha is None
+
+
+def test_kwise_flat_and_implicit_and_chat():
+    cols = Columns(completions="completions")
+    ex = to_example(0, {"completions": ["Q: hi A: yo", "Q: hi A: hey", "Q: hi A: no"], "scores": [1, 2, 0]}, cols)
+    assert (ex.prompt, ex.completions) == ("Q: hi A:", [" yo", " hey", " no"])
+    user = {"role": "user", "content": "hi"}
+    chats = [[user, {"role": "assistant", "content": t}] for t in ("a", "b", "c")]
+    ex = to_example(0, {"completions": chats, "scores": [3, 2, 1]}, cols)
+    assert ex.prompt == [user] and ex.completions == [c[1:] for c in chats]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"completions": [{"response": " Red.", "overall_score": 1}]}, "at least 2 completions"),
+    ({"completions": [{"response": " Red.", "overall_score": 1}, {"response": " Red.", "overall_score": 2}]},
+     "completions 0 and 1 are identical"),
+    ({"completions": [{"response": " Red.", "overall_score": 1}, {"response": " Blue."}]}, "missing field 'overall_score'"),
+    ({"completions": [{"response": " Red.", "overall_score": 1}, {"response": " Blue.", "overall_score": "x"}]},
+     "finite numbers"),
+    ({"completions": [{"response": " Red.", "overall_score": 1}, {"response": 3, "overall_score": 2}]}, "must be a string"),
+    ({"completions": "Red"}, "list of objects"),
+])
+def test_kwise_bad_rows(change, message):
+    ex = to_example(0, ultrafeedback_row(**change), KWISE)
+    assert ex.error is not None and message in ex.error, ex.error

@@ -31,3 +31,14 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 ARCHS = ("llama", "qwen2", "gpt2", "neox")
+
+
+def float64_logp(model_dir, prompt, completion):
+    """Independent: the convention applied by hand, one unpadded float64 forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    p, c = tok(prompt)["input_ids"], tok(completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0], -1)
+    return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))

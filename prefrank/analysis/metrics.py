@@ -136,6 +136,27 @@ def bootstrap_ci(correct, n_boot: int = 1000, level: float = 0.95, seed: int = 0
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def bootstrap_ratio_ci(numerators, denominators, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                       block: int = 64) -> tuple[float, float]:
+    """Percentile bootstrap interval of Σ numerators / Σ denominators, resampling the units (e.g.
+    prompts, each with its correct and total pair counts) with replacement; a mean when every
+    denominator is 1."""
+    num, den = np.asarray(numerators, np.float64), np.asarray(denominators, np.float64)
+    n = len(num)
+    if n == 0 or den.sum() == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for start in range(0, n_boot, block):  # multinomial counts: how often each unit is drawn
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(block, n_boot - start))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios.append((counts @ num) / (counts @ den))
+    ratios = np.concatenate(ratios)
+    ratios = ratios[np.isfinite(ratios)]
+    tail = (1 - level) / 2
+    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
+
+
 def spearman(x, y) -> float | None:
     """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
     rx, ry = _average_ranks(np.asarray(x, np.float64)), _average_ranks(np.asarray(y, np.float64))

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from prefrank.analysis import metrics
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prefrank.analysis import kwise, metrics
 from prefrank.analysis.summary import load_pairs, summarize
 
 
@@ -140,14 +143,25 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
                  examples: list | None = None, **options) -> dict:
     """Write report.md, summary.json and the plots into `out_dir`; returns the summary.
     `examples`: the input rows (prefrank.data.Example, in input order) to quote the hardest and
-    easiest pairs' text."""
+    easiest pairs' text. A K-wise table is reported with its K-wise metrics, then as the pair
+    analysis of all the pairs it implies (their table is written as implied_pairs.parquet)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# prefrank report: {scores}", ""]
+    kwise_summary = None
+    if kwise.is_kwise_table(scores):
+        if checkpoints or ref_scores:
+            raise ValueError("--checkpoints and --ref-scores take pair tables; convert K-wise tables with `prefrank pairs`")
+        kwise_summary = kwise.summarize_kwise(scores, n_boot=options.get("n_boot", 1000), seed=options.get("seed", 0))
+        lines += _kwise_headline(kwise_summary) + ["", "## All implied pairs", ""]
+        implied = out / "implied_pairs.parquet"
+        pq.write_table(pa.table(kwise.kwise_to_pair_table(scores)), implied)
+        scores, examples = str(implied), None
     pairs = load_pairs(scores, ref_scores)
     summary = summarize(pairs, **options)
     beta = summary["options"]["beta"]
     plot_accuracy(summary, out / "accuracy.png")
-    lines = [f"# prefrank report: {scores}", ""] + _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
+    lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
     if pairs.has_ref:
         series = checkpoint_series(checkpoints or [scores], ref_scores, beta)
         summary["series"] = series
@@ -166,9 +180,25 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
                   "A pair is ranked correctly exactly when its DPO loss is below the curve -log σ(βc).",
                   "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
         lines += _difficulty_section(summary["difficulty"], examples)
+    if kwise_summary is not None:
+        summary = {**kwise_summary, "implied_pairs": summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _kwise_headline(k: dict) -> list[str]:
+    lines = ["| K-wise measure | value |", "|---|---|",
+             f"| prompts scored (errors; all scores tied) | {k['n_prompts']} ({k['n_errors']}; {k['n_all_tied']}) |",
+             f"| completions per prompt | {', '.join(f'K={n}: {c}' for n, c in k['completions_per_prompt'].items())} |"]
+    for label, key in (("exact-order accuracy", "exact_order_accuracy"), ("pairwise accuracy", "pairwise_accuracy"),
+                       ("Kendall τ-b (mean over prompts)", "kendall_tau_b")):
+        for suffix, note in (("", ""), ("_length_normalized", ", length-normalized")):
+            m = k[key + suffix]
+            lo, hi = m["ci95"]
+            fmt = (lambda v: "–" if v is None else f"{v:+.3f}") if key == "kendall_tau_b" else _pct
+            lines.append(f"| {label}{note} | {fmt(m['value'])} (95% CI {fmt(lo)}–{fmt(hi)}) |")
+    return lines
 
 
 def _difficulty_section(d: dict, examples) -> list[str]:

@@ -44,17 +44,20 @@ def _read(path: str) -> dict:
         raise InputError(f"cannot read score table {path}: {e}") from None
 
 
-def load_pairs(scores: str, ref_scores: str | None = None) -> Pairs:
-    table = _read(scores)
+def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
+    """Pairs from a pair score table: a Parquet path, or its columns as a dict of lists."""
+    table = scores if isinstance(scores, dict) else _read(scores)
+    if "logps" in table:
+        raise InputError(f"{scores} is a K-wise score table: analyze it as such, or convert it with `prefrank pairs`")
     required = {"id", "status", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected"}
     if missing := required - set(table):
-        raise InputError(f"{scores} is not a prefrank score table (missing {', '.join(sorted(missing))})")
+        raise InputError(f"not a prefrank score table (missing {', '.join(sorted(missing))})")
     ok = np.array([s == "ok" for s in table["status"]])
     ref_cols = None
     if ref_scores is not None:
         ref = _read(ref_scores)
         if ref.get("id") != table["id"]:
-            raise InputError(f"{ref_scores} does not hold the same rows as {scores} (ids differ)")
+            raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
         ok &= np.array([s == "ok" for s in ref["status"]])
         ref_cols = (ref["logp_chosen"], ref["logp_rejected"])
     elif "ref_logp_chosen" in table:
@@ -67,8 +70,7 @@ def load_pairs(scores: str, ref_scores: str | None = None) -> Pairs:
     if alpha is not None and np.isnan(alpha).all():
         alpha = None
     elif alpha is not None and np.isnan(alpha).any():
-        raise InputError(f"{scores}: alpha is missing on some scored rows but not all; "
-                         f"idealized accuracy needs it on every pair")
+        raise InputError("alpha is missing on some scored rows but not all; idealized accuracy needs it on every pair")
     return Pairs(ids=np.array(table["id"], dtype=object)[ok], rows=np.flatnonzero(ok),
                  pol_w=column(table["logp_chosen"]), pol_l=column(table["logp_rejected"]),
                  n_w=column(table["n_chosen"], np.int64), n_l=column(table["n_rejected"], np.int64),
