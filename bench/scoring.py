@@ -1,11 +1,13 @@
 """End-to-end scoring on the CPU: KV reuse vs the naive full-logits path, same batching budget,
 on real pairs (Anthropic HH test split) with the real tiny model stories260K (../shared).
 
-  python -m bench.scoring [--pairs 400] [--reps 3] [--budget 8192]
+  python -m bench.scoring [--pairs 400] [--k 2] [--reps 3] [--budget 8192]
 
-Checks that both methods give the same log-probs before timing; reports pairs/s and tokens/s
+Checks that both methods give the same log-probs before timing; reports prompts/s and tokens/s
 (real prompt + completion tokens as the naive layout counts them, i.e. the work a user asks for)
-and the ideal prefix-sharing ratio (2P + C + R) / (P + C + R) of the same pairs.
+and the ideal prefix-sharing ratio (K·P + ΣC) / (P + ΣC) of the same items. With --k 4 each HH
+prompt gets its own two completions and the next pair's two (same lengths as real data; the text
+does not matter for throughput).
 """
 import argparse
 import gzip
@@ -18,7 +20,7 @@ from bench.common import SHARED, alternate, machine, write_result
 from prefrank.data import Columns, RowError, to_example
 from prefrank.models import CausalLM, load_model, load_tokenizer
 from prefrank.scoring import score
-from prefrank.tokenization import tokenize_example
+from prefrank.tokenization import Tokenized, tokenize_example
 
 
 def load_pairs(n: int, tokenizer, max_length: int, split: str = "helpful-base"):
@@ -37,10 +39,24 @@ def load_pairs(n: int, tokenizer, max_length: int, split: str = "helpful-base"):
     return items
 
 
+def k_completions(items, k: int, max_length: int):
+    """Give each prompt k completions: its own and those of the following items."""
+    if k == 2:
+        return items
+    out = []
+    for i in range(0, len(items) - k // 2 + 1, k // 2):
+        group = items[i:i + k // 2]
+        completions = [c for it in group for c in it.completion_ids]
+        if len(group[0].prompt_ids) + max(map(len, completions)) <= max_length:
+            out.append(Tokenized(group[0].prompt_ids, completions))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--k", type=int, default=2, choices=[2, 4, 6, 8], help="completions per prompt")
     parser.add_argument("--budget", type=int, default=8192, help="max padded tokens per forward call")
     parser.add_argument("--out-dir", help="where the JSON result goes (default: bench/results)")
     args = parser.parse_args(argv)
@@ -48,10 +64,10 @@ def main(argv=None):
     model_path = str(SHARED / "models" / "stories260K")
     tokenizer = load_tokenizer(model_path)
     lm = CausalLM(load_model(model_path, dtype=torch.float32, device=torch.device("cpu")))
-    items = load_pairs(args.pairs, tokenizer, lm.max_positions)
+    items = k_completions(load_pairs(args.pairs, tokenizer, lm.max_positions), args.k, lm.max_positions)
     prompt = sum(len(it.prompt_ids) for it in items)
     completions = sum(len(c) for it in items for c in it.completion_ids)
-    naive_tokens = 2 * prompt + completions
+    naive_tokens = args.k * prompt + completions
 
     kv = score(lm, items, method="kv", budget=args.budget)
     naive = score(lm, items, method="naive", budget=args.budget)
@@ -61,23 +77,23 @@ def main(argv=None):
     seconds = alternate({"kv": lambda: score(lm, items, method="kv", budget=args.budget),
                          "naive": lambda: score(lm, items, method="naive", budget=args.budget)}, args.reps)
     result = {
-        "benchmark": "scoring kv vs naive (CPU)", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "benchmark": f"scoring kv vs naive (CPU), K = {args.k}", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "command": "python -m bench.scoring " + " ".join(argv or []),
         "model": "stories260K", "data": "hh-rlhf helpful-base test (first pairs that fit 512 tokens)",
-        "pairs": len(items), "budget": args.budget, "reps": args.reps,
+        "prompts": len(items), "k": args.k, "budget": args.budget, "reps": args.reps,
         "tokens": {"prompt": prompt, "completions": completions, "naive_real": naive.counts.real,
                    "naive_padded": naive.counts.padded, "kv_real": kv.counts.real, "kv_padded": kv.counts.padded},
         "ideal_ratio": naive_tokens / (prompt + completions),
         "max_abs_diff": max_diff,
         "seconds": seconds,
-        "pairs_per_s": {m: len(items) / s for m, s in seconds.items()},
+        "prompts_per_s": {m: len(items) / s for m, s in seconds.items()},
         "tokens_per_s": {m: naive_tokens / s for m, s in seconds.items()},
         "speedup_kv_over_naive": seconds["naive"] / seconds["kv"],
     }
-    path = write_result("scoring_cpu", result, args.out_dir)
+    path = write_result(f"scoring_cpu_k{args.k}", result, args.out_dir)
     print(json.dumps(result, indent=2))
-    print(f"\n| {result['date']} | {len(items)} pairs | kv {result['pairs_per_s']['kv']:.1f} pairs/s, "
-          f"{result['tokens_per_s']['kv']:.0f} tok/s | naive {result['pairs_per_s']['naive']:.1f} pairs/s | "
+    print(f"\n| {result['date']} | {len(items)} prompts, K={args.k} | kv {result['prompts_per_s']['kv']:.1f} prompts/s, "
+          f"{result['tokens_per_s']['kv']:.0f} tok/s | naive {result['prompts_per_s']['naive']:.1f} prompts/s | "
           f"**{result['speedup_kv_over_naive']:.2f}×** (ideal {result['ideal_ratio']:.2f}×) | -> {path}")
 
 
