@@ -99,6 +99,8 @@ def add_score_parser(sub):
                      help="rows read, length-sorted and written together (default: %(default)s)")
     run.add_argument("--per-token", action="store_true", help="also write per-token log-prob lists")
     run.add_argument("--strict", action="store_true", help="stop at the first bad row instead of recording it")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run: the parts in OUT.parts/ "
+                     "that are complete are kept, the others scored (the run's input and options must match)")
     run.add_argument("--seed", type=int, default=0, help="seed of the built-in task and model (default: %(default)s)")
     safety = p.add_argument_group("safety")
     safety.add_argument("--trust-remote-code", action="store_true",
@@ -123,9 +125,17 @@ def run_score(args) -> int:
         dtype=args.dtype, device=args.device, max_tokens_per_batch=args.max_tokens_per_batch,
         chunk_rows=args.chunk_rows, limit=args.limit, split=args.split, subset=args.subset, columns=columns,
         max_length=args.max_length, truncate=args.truncate, append_eos=args.append_eos, per_token=args.per_token,
-        strict=args.strict, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        strict=args.strict, resume=args.resume, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle)
     summary = score_dataset(opts)
-    print(summary.line(args.out), file=sys.stderr)
+    if summary is not None:  # rank 0 (or a single process)
+        print(summary.line(args.out), file=sys.stderr)
+    return 0
+
+
+def run_merge(args) -> int:
+    from prefrank.pipeline import merge_parts
+    print(merge_parts(args.out).line(args.out), file=sys.stderr)
     return 0
 
 
@@ -319,6 +329,15 @@ def add_pairs_parser(sub):
     p.set_defaults(func=run_pairs)
 
 
+def add_merge_parser(sub):
+    p = sub.add_parser("merge", help="assemble a score table from the parts an interrupted or distributed run left",
+                       description="Write OUT from OUT.parts/ (in input order, with its sidecar), e.g. after a "
+                       "torchrun job whose rank 0 stopped before assembling it. Every part must be present: "
+                       "otherwise rerun `prefrank score ... --resume`.")
+    p.add_argument("out", help="the --out of the scoring run")
+    p.set_defaults(func=run_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefrank", description="Exact, fast scoring of preference data and "
                                      "ranking analysis for language models.")
@@ -326,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(sub)
     add_analysis_parsers(sub)
     add_pairs_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 

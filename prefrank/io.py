@@ -11,16 +11,20 @@ Columns (one row per input row):
   token_logps_chosen, ...             per-token log-probs, float32 lists (with --per-token)
 K-wise tables (K completions per prompt) hold lists instead, one element per completion:
   logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha.
-The file is written under a temporary name and renamed when complete: a crashed run never
-leaves a partial table under the final name.
+Rows are written as parts (one per chunk of input rows) that a killed run keeps and --resume
+reuses; the final table is assembled from them under a temporary name and renamed when complete,
+so a crashed run never leaves a partial table under the final name.
 """
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from prefrank.data import InputError
 
 COMPLETION_NAMES = ("chosen", "rejected")  # completion k of a pair
 
@@ -59,29 +63,105 @@ def table_schema(with_ref: bool, per_token: bool, kwise: bool = False) -> pa.Sch
     return pa.schema(fields)
 
 
-class ScoreTable:
-    """Appends chunks of rows (dicts of column → list) to a Parquet file."""
+class Parts:
+    """A score table under construction: OUT.parts/ holds one Parquet part per chunk of input rows
+    (part-000012.parquet: rows 12·chunk_rows ...), each written under a temporary name and renamed,
+    so a part is either complete or absent; a manifest of the run, so that --resume continues
+    only the same run; the sidecar's static part; and one done-RANK.json per process that read the
+    whole input. merge() writes OUT in input order, then the sidecar, then removes the folder."""
 
-    def __init__(self, path: str, *, with_ref: bool, per_token: bool, kwise: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = self.path.with_name(self.path.name + ".partial")
-        self.schema = table_schema(with_ref, per_token, kwise)
-        self.writer = pq.ParquetWriter(self.tmp_path, self.schema)
-        self.rows = 0
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.dir = self.out.with_name(self.out.name + ".parts")
 
-    def write(self, columns: dict[str, list]):
-        self.writer.write_table(pa.table({f.name: columns[f.name] for f in self.schema}, schema=self.schema))
-        self.rows += len(columns["id"])
+    def part(self, chunk: int) -> Path:
+        return self.dir / f"part-{chunk:06d}.parquet"
 
-    def close(self, sidecar: dict):
-        self.writer.close()
-        os.replace(self.tmp_path, self.path)
-        write_sidecar(self.path, sidecar)
+    def _write_json(self, name: str, obj):
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, self.dir / name)
 
-    def abort(self):
-        self.writer.close()
-        self.tmp_path.unlink(missing_ok=True)
+    def read_json(self, name: str):
+        return json.loads((self.dir / name).read_text())
+
+    def prepare(self, manifest: dict, sidecar: dict, resume: bool) -> bool:
+        """Start a run, or check that the parts on disk come from this same run (--resume).
+        Returns whether the folder is new."""
+        if self.dir.exists():
+            if not resume:
+                raise InputError(f"{self.dir} holds parts of an earlier run: pass --resume to continue it, "
+                                 f"or remove the folder")
+            try:
+                old = self.read_json("manifest.json")
+            except (OSError, ValueError):
+                raise InputError(f"{self.dir} has no readable manifest.json: not prefrank's parts") from None
+            differs = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            if differs:
+                raise InputError(f"--resume: the parts in {self.dir} come from a run with other "
+                                 f"{', '.join(differs)}; remove the folder or choose another --out")
+            for stale in self.dir.glob("done-*.json"):
+                stale.unlink()
+            created = False
+        else:
+            self.dir.mkdir(parents=True)
+            self._write_json("manifest.json", manifest)
+            created = True
+        self._write_json("sidecar.json", sidecar)
+        return created
+
+    def discard(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def is_complete(self, chunk: int, ids: list[str]) -> bool:
+        """Does a readable part for `chunk` hold exactly these rows? (A truncated or corrupt part,
+        or one from other input, is not.)"""
+        try:
+            part = pq.ParquetFile(self.part(chunk))
+            complete = (part.metadata.num_rows == len(ids) and b"prefrank" in (part.schema_arrow.metadata or {})
+                        and part.read(columns=["id"]).column("id").to_pylist() == ids)
+        except (OSError, ValueError, pa.ArrowException):
+            complete = False
+        return complete
+
+    def write(self, chunk: int, columns: dict[str, list], schema: pa.Schema, stats: dict):
+        table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+        table = table.replace_schema_metadata({"prefrank": json.dumps(stats)})
+        tmp = self.dir / f".{self.part(chunk).name}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.part(chunk))
+
+    def mark_done(self, rank: int, n_chunks: int):
+        self._write_json(f"done-{rank}.json", {"chunks": n_chunks})
+
+    def merge(self, schema: pa.Schema, seconds: float) -> dict:
+        """Write the final table from the parts, in input order, and its sidecar; returns the
+        run's totals (from the parts' statistics)."""
+        done = [json.loads(p.read_text())["chunks"] for p in self.dir.glob("done-*.json")]
+        if not done:
+            raise InputError(f"{self.dir}: no process finished reading the input; rerun with --resume")
+        n_chunks = done[0]
+        missing = [c for c in range(n_chunks) if not self.part(c).exists()]
+        if missing:
+            raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
+        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "real_tokens": 0, "padded_tokens": 0,
+                  "first_error": None}
+        tmp = self.out.with_name(self.out.name + ".partial")
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for c in range(n_chunks):
+                part = pq.read_table(self.part(c))
+                stats = json.loads(part.schema.metadata[b"prefrank"])
+                for key in totals:
+                    if key == "first_error":
+                        totals[key] = totals[key] or stats[key]
+                    else:
+                        totals[key] += stats[key]
+                writer.write_table(part.replace_schema_metadata(None).cast(schema))
+        os.replace(tmp, self.out)
+        totals["seconds"] = seconds
+        write_sidecar(self.out, {**self.read_json("sidecar.json"), "summary": totals})
+        shutil.rmtree(self.dir)
+        return totals
 
 
 def sidecar_path(table_path) -> Path:

@@ -1,20 +1,24 @@
 """The main job, top-down: data → tokens → batches → forward → log-probs → table.
 
 `score_dataset` streams the input in chunks of rows; each chunk is tokenized, scored under the
-policy (and reference) model with length-bucketed batches, and written as one Parquet row group
-in input order. Bad rows are kept as `status=error` rows; `strict` stops at the first one.
+policy (and reference) model with length-bucketed batches, and written as one Parquet part;
+the parts become the table, in input order. Memory stays flat whatever the input's size; a
+killed run continues with `resume`; under torchrun the chunks are shared among the ranks. Bad
+rows are kept as `status=error` rows; `strict` stops at the first one.
 """
+import os
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from itertools import islice
 
 import torch
 
 from prefrank import __version__
 from prefrank.data import Columns, InputError, RowError, count_rows, read_examples
-from prefrank.io import ScoreTable, completion_fields, input_hash
+from prefrank.io import Parts, completion_fields, input_hash, table_schema
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
 from prefrank.scoring import score
 from prefrank.tokenization import tokenize_example
@@ -41,6 +45,7 @@ class ScoreOptions:
     append_eos: bool = False
     per_token: bool = False
     strict: bool = False
+    resume: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -64,6 +69,24 @@ class Summary:
         if self.first_error:
             text += f"\nfirst error: {self.first_error}"
         return text
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): torch.distributed under torchrun (gloo on CPU, nccl on CUDA), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        # generous timeout: ranks wait for each other only at the start and at the end
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
@@ -121,54 +144,91 @@ def _progress(total):
     return tqdm(total=total, unit="pair", dynamic_ncols=True, disable=None)
 
 
-def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary:
-    """Score every row of `opts.data` into `opts.out` (+ sidecar); returns the run's summary."""
+def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | None:
+    """Score every row of `opts.data` into `opts.out` (+ sidecar); returns the run's summary
+    (None on ranks other than 0 under torchrun).
+
+    The input is read in chunks of `chunk_rows` rows; chunk c is scored by rank c mod world size
+    and written as its own part, so any number of processes, and any resumed run, produce the
+    same table. Rank 0 assembles it when every rank has finished."""
+    rank, world = distributed()
     examples = read_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset, limit=opts.limit)
     device = resolve_device(opts.device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype)
     tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code)
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
     limits = [m for m in (opts.max_length, policy_lm.max_positions, ref_lm and ref_lm.max_positions) if m]
     max_length = min(limits) if limits else None
-
     kwise = opts.columns.completions is not None
-    table = ScoreTable(opts.out, with_ref=ref_lm is not None, per_token=opts.per_token, kwise=kwise)
-    summary = Summary()
+    schema = table_schema(ref_lm is not None, opts.per_token, kwise)
+
+    parts = Parts(opts.out)
+    created = False
+    if rank == 0:
+        sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
+        created = parts.prepare(_manifest(sidecar), sidecar, opts.resume)
+    _barrier(world)
+
     total = [n for n in (opts.limit, count_rows(opts.data)) if n is not None]
-    bar = _progress(min(total) if total else None) if progress else None
+    bar = _progress(min(total) if total else None) if progress and rank == 0 else None
     start = time.perf_counter()
+    n_chunks = tokens = 0
     try:
         while chunk := list(islice(examples, opts.chunk_rows)):
+            c, n_chunks = n_chunks, n_chunks + 1
+            if c % world != rank or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
+                continue
             tokenized = _tokenize_chunk(chunk, tokenizer, opts, max_length)
             items = list(tokenized.values())
             policy = score(policy_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                            per_token=opts.per_token)
             ref = ref_lm and score(ref_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                    per_token=opts.per_token)
-            table.write(_chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise))
-
-            summary.rows += len(chunk)
-            summary.ok += len(items)
-            summary.errors += len(chunk) - len(items)
-            summary.truncated += sum(it.truncated for it in items)
-            for s in (policy, ref) if ref else (policy,):
-                summary.real_tokens += s.counts.real
-                summary.padded_tokens += s.counts.padded
-            summary.first_error = summary.first_error or next(
-                (f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)
-            summary.seconds = time.perf_counter() - start
+            stats = _chunk_stats(chunk, items, [policy, ref] if ref else [policy])
+            parts.write(c, _chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise), schema, stats)
             if bar is not None:
-                bar.update(len(chunk))
-                bar.set_postfix(tok_s=f"{summary.real_tokens / summary.seconds:.0f}", errors=summary.errors)
-    except BaseException:
-        table.abort()
+                tokens += stats["real_tokens"]
+                bar.update(len(chunk) * world)
+                bar.set_postfix(tok_s=f"{tokens * world / (time.perf_counter() - start):.0f}")
+    except InputError:  # a bad invocation or --strict: nothing worth resuming from a new run
+        if created:
+            parts.discard()
         raise
     finally:
         if bar is not None:
             bar.close()
-    table.close(_sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, summary))
-    return summary
+    parts.mark_done(rank, n_chunks)
+    _barrier(world)
+    if rank != 0:
+        return None
+    return Summary(**parts.merge(schema, seconds=time.perf_counter() - start))
+
+
+def merge_parts(out: str) -> Summary:
+    """Assemble OUT from OUT.parts/ (after a run whose rank 0 did not get to it)."""
+    parts = Parts(out)
+    if not parts.dir.exists():
+        raise InputError(f"no parts to merge: {parts.dir} does not exist")
+    options = parts.read_json("sidecar.json")["table"]
+    return Summary(**parts.merge(table_schema(**options), seconds=0.0))
+
+
+def _chunk_stats(chunk, items, scores) -> dict:
+    return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
+            "truncated": sum(it.truncated for it in items),
+            "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
+            "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
+
+
+def _manifest(sidecar: dict) -> dict:
+    """What must match for --resume to continue a run: everything that decides the rows."""
+    options = {k: v for k, v in sidecar["options"].items()
+               if k not in ("out", "resume", "device", "max_tokens_per_batch")}
+    return {"input": sidecar["input"], "options": options, "dtype": sidecar["dtype"],
+            "max_length": sidecar["max_length"], "table": sidecar["table"]}
 
 
 def _model_info(lm: CausalLM | None, path: str | None):
@@ -178,7 +238,8 @@ def _model_info(lm: CausalLM | None, path: str | None):
             "parameters": sum(p.numel() for p in lm.model.parameters()), "max_positions": lm.max_positions}
 
 
-def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, summary) -> dict:
+def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world) -> dict:
+    """Everything about the run but its summary, which merge() adds from the parts."""
     import numpy
     import pyarrow
     import transformers
@@ -196,7 +257,8 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, summ
         "max_length": max_length,
         "options": asdict(opts),
         "input": {"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},
-        "summary": asdict(summary),
+        "table": {"with_ref": ref_lm is not None, "per_token": opts.per_token, "kwise": opts.columns.completions is not None},
+        "world_size": world,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__,
                      "pyarrow": pyarrow.__version__},
