@@ -1,0 +1,244 @@
+"""DPO losses for other trainers: a light one on sequence log-probs, and a fused one from the
+policy's final hidden states and lm_head weight that never holds the full logits.
+
+  dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ...)
+  fused_linear_dpo_loss(hidden, weight, targets, sequence_ids, ref_chosen_logps=..., ...)
+  FusedLinearDPOLoss(...)(hidden, weight, targets, ...)   the same as an nn.Module
+
+With z = (log πθ(y_w) - log πθ(y_l)) - γ (log πref(y_w) - log πref(y_l)) (γ = 1 unless "gamma"):
+  sigmoid  -(1 - ε) log σ(βz) - ε log σ(-βz)           DPO, ε = label_smoothing (cDPO)
+  robust   (-(1 - ε) log σ(βz) + ε log σ(-βz)) / (1 - 2ε)
+  hinge    max(0, 1 - βz)                                SLiC
+  ipo      (z - 1/(2β))², on mean token log-probs        IPO
+  gamma    -log σ(βz) with γ scaling the reference log-ratio (DPO^γ, Chen et al. Section 5)
+Losses are averaged over pairs.
+
+The fused loss works like Liger's fused linear losses, with what they lack: precomputed reference
+log-probs (or reference hidden states), IPO, and any layout (prompt rows can share the tensor: they
+carry ignore_index and cost nothing, so a packed prompt + chosen + rejected layout works). Pairs are
+processed in chunks that hold whole pairs, so each chunk's loss gradient is known as soon as its
+log-probs are: the forward pass computes d(hidden), d(weight) and d(bias) at once (three matmuls per
+chunk, no recompute), and backward only scales them.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prefrank import ops
+from prefrank.reference import IGNORE_INDEX, head_logits, rows_per_chunk, upcast
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
+             chosen_lengths=None, rejected_lengths=None):
+    """Per-pair DPO-family losses [B] from sequence log-probs [B] (sums over completion tokens).
+    IPO needs the completion lengths, since it works on mean token log-probs."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    pw, pl, rw, rl = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo works on mean token log-probs: pass chosen_lengths and rejected_lengths")
+        pw, rw = pw / chosen_lengths, rw / chosen_lengths
+        pl, rl = pl / rejected_lengths, rl / rejected_lengths
+    z = (pw - pl) - (gamma if loss_type == "gamma" else 1.0) * (rw - rl)
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * z) - label_smoothing * F.logsigmoid(-beta * z)
+    if loss_type == "robust":
+        return (-(1 - label_smoothing) * F.logsigmoid(beta * z) + label_smoothing * F.logsigmoid(-beta * z)) / (
+            1 - 2 * label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * z)
+    if loss_type == "ipo":
+        return (z - 1 / (2 * beta)) ** 2
+    return -F.logsigmoid(beta * z)  # gamma
+
+
+def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> dict:
+    """Rewards β(log πθ - log πref), margins, reward accuracy and ranking accuracy (πθ alone)."""
+    with torch.no_grad():
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+        return {"rewards_chosen": chosen.mean().item(), "rewards_rejected": rejected.mean().item(),
+                "reward_margin": (chosen - rejected).mean().item(),
+                "reward_accuracy": (chosen > rejected).float().mean().item(),
+                "ranking_accuracy": (policy_chosen_logps >= policy_rejected_logps).float().mean().item(),
+                "logps_chosen": policy_chosen_logps.mean().item(), "logps_rejected": policy_rejected_logps.mean().item()}
+
+
+@dataclass
+class _Config:
+    beta: float
+    loss_type: str
+    label_smoothing: float
+    gamma: float
+    softcap: float | None
+    temperature: float
+    ignore_index: int
+    chunk_bytes: int
+
+
+def _sequence_sums(values, seq, n_sequences):
+    return torch.zeros(n_sequences, dtype=values.dtype, device=values.device).index_add_(0, seq, values)
+
+
+def _pair_chunks(pair_of_row: torch.Tensor, vocab: int, chunk_bytes: int) -> list[slice]:
+    """Slices of the (pair-sorted) rows, each holding whole pairs and about chunk_bytes of logits."""
+    budget = rows_per_chunk(vocab, chunk_bytes)
+    starts = torch.nonzero(torch.diff(pair_of_row, prepend=pair_of_row[:1] - 1)).squeeze(1).tolist() + [len(pair_of_row)]
+    chunks, begin = [], 0
+    for s, e in zip(starts[:-1], starts[1:]):
+        if e - begin > budget and s > begin:
+            chunks.append(slice(begin, s))
+            begin = s
+    if begin < len(pair_of_row):
+        chunks.append(slice(begin, len(pair_of_row)))
+    return chunks
+
+
+def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _Config, need_grads: bool):
+    """Loss (mean over pairs), policy sequence log-probs [2B], and the gradients of the loss."""
+    n_seq = ref_logps.shape[0]
+    n_pairs = n_seq // 2
+    rows = torch.nonzero(targets != cfg.ignore_index).squeeze(1)
+    rows = rows[torch.argsort(seq_ids[rows] // 2, stable=True)]  # whole pairs together
+    seq = seq_ids[rows]
+    counts = torch.bincount(seq, minlength=n_seq).to(ref_logps.dtype)
+    if (counts == 0).any():
+        raise ValueError("every chosen and rejected sequence needs at least one target token")
+    acc = upcast(hidden[:0]).dtype  # fp32 math for half inputs, float64 stays float64
+    policy = torch.zeros(n_seq, dtype=acc, device=hidden.device)
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    grad_h = torch.zeros_like(hidden) if need_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grads else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grads and bias is not None else None
+    for chunk in _pair_chunks(seq // 2, weight.shape[0], cfg.chunk_bytes):
+        r, s, t = rows[chunk], seq[chunk], targets[rows[chunk]]
+        z = head_logits(hidden[r], weight, bias, None, cfg.temperature)
+        scores = cfg.softcap * torch.tanh(z / cfg.softcap) if cfg.softcap else z
+        lse = torch.logsumexp(scores, -1)
+        token_logp = scores.gather(1, t[:, None]).squeeze(1) - lse
+        # the loss of this chunk's pairs, and its gradient w.r.t. their sequence log-probs
+        pairs = torch.unique(s // 2)
+        seq_logp = _sequence_sums(token_logp, s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
+        seq_logp.requires_grad_(need_grads)
+        with torch.enable_grad():
+            chunk_loss = dpo_loss(seq_logp[0], seq_logp[1], ref_logps[2 * pairs].to(acc), ref_logps[2 * pairs + 1].to(acc),
+                                  beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                                  gamma=cfg.gamma, chosen_lengths=counts[2 * pairs].to(acc),
+                                  rejected_lengths=counts[2 * pairs + 1].to(acc)).sum() / n_pairs
+        loss += chunk_loss.detach()
+        policy[2 * pairs], policy[2 * pairs + 1] = seq_logp[0].detach(), seq_logp[1].detach()
+        if not need_grads:
+            continue
+        (d_seq,) = torch.autograd.grad(chunk_loss, seq_logp)
+        d_token = torch.zeros(n_seq, dtype=acc, device=hidden.device)
+        d_token[2 * pairs], d_token[2 * pairs + 1] = d_seq[0], d_seq[1]
+        g = d_token[s]  # d loss / d token log-prob
+        # d token_logp / d scores = onehot(t) - softmax(scores); then through softcap and temperature
+        d_scores = -torch.exp(scores - lse[:, None]) * g[:, None]
+        d_scores[torch.arange(len(t), device=t.device), t] += g
+        if cfg.softcap:
+            d_scores *= 1 - (scores / cfg.softcap) ** 2
+        d_logits = d_scores / cfg.temperature
+        grad_h[r] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        grad_w += (d_logits.to(hidden.dtype).T @ hidden[r]).to(acc)
+        if grad_b is not None:
+            grad_b += d_logits.sum(0)
+    return loss, policy, grad_h, grad_w, grad_b
+
+
+class _FusedLinearDPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, seq_ids, ref_logps, cfg):
+        need = ctx.needs_input_grad
+        loss, policy, grad_h, grad_w, grad_b = _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps,
+                                                                  cfg, need_grads=need[0] or need[1] or need[2])
+        ctx.has_bias = bias is not None
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.mark_non_differentiable(policy)
+        return loss, policy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_policy):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
+
+
+def _flatten_layout(hidden, targets, sequence_ids):
+    """[2B, T, d] hidden with chosen rows first (the TRL / Liger layout) → flat rows and sequence
+    ids (2i: chosen of pair i, 2i + 1: its rejected); flat inputs pass through."""
+    if hidden.dim() == 2:
+        if sequence_ids is None:
+            raise ValueError("flat [N, d] hidden states need sequence_ids (2i: chosen of pair i, 2i + 1: rejected)")
+        return hidden, targets, sequence_ids
+    if hidden.dim() != 3 or hidden.shape[0] % 2 or targets.shape != hidden.shape[:2]:
+        raise ValueError("hidden must be [2B, T, d] (chosen rows, then rejected rows) with targets [2B, T], "
+                         f"or [N, d] with sequence_ids; got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    b2, t = targets.shape
+    row = torch.arange(b2, device=hidden.device)
+    seq = (2 * (row % (b2 // 2)) + row // (b2 // 2))[:, None].expand(b2, t)
+    return hidden.reshape(b2 * t, -1), targets.reshape(-1), seq.reshape(-1)
+
+
+def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=None, ref_chosen_logps=None,
+                          ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta: float = 0.1,
+                          loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
+                          softcap: float | None = None, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                          chunk_bytes: int = 256 << 20, return_metrics: bool = True):
+    """DPO-family loss from the policy's final hidden states, differentiable w.r.t. hidden, weight and bias.
+
+    hidden: [N, d] with sequence_ids [N] (2i: chosen of pair i, 2i + 1: rejected; prompt and padding
+    rows carry ignore_index in targets), or [2B, T, d] with chosen rows first; weight [V, d]; bias [V];
+    targets: next-token ids aligned with hidden (int64). The reference: precomputed sums
+    ref_chosen_logps / ref_rejected_logps [B], or ref_hidden (+ ref_weight, ref_bias; same layout).
+    Head: z = (hidden @ weight.T + bias) / temperature, softcap·tanh(z / softcap) if softcap.
+    Returns (loss, metrics) (metrics: see dpo_metrics), or the loss alone.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    flat_h, flat_t, seq = _flatten_layout(hidden, targets, sequence_ids)
+    n_pairs = int(seq[flat_t != ignore_index].max()) // 2 + 1 if (flat_t != ignore_index).any() else 0
+    if ref_hidden is not None:
+        ref_h, _, _ = _flatten_layout(ref_hidden, targets, sequence_ids)
+        with torch.no_grad():
+            token = ops.logprobs_from_hidden(ref_h, ref_weight if ref_weight is not None else weight, flat_t,
+                                             ref_bias, softcap=softcap, temperature=temperature,
+                                             ignore_index=ignore_index)
+            keep = flat_t != ignore_index
+            ref_logps = _sequence_sums(token[keep].double(), seq[keep], 2 * n_pairs)
+    elif ref_chosen_logps is not None and ref_rejected_logps is not None:
+        ref_logps = torch.stack([ref_chosen_logps, ref_rejected_logps], 1).reshape(-1).detach()
+        if ref_logps.shape[0] != 2 * n_pairs:
+            raise ValueError(f"{ref_logps.shape[0] // 2} reference pairs for {n_pairs} policy pairs")
+    else:
+        raise ValueError("pass the reference as ref_chosen_logps and ref_rejected_logps, or as ref_hidden")
+    cfg = _Config(beta, loss_type, label_smoothing, gamma, softcap, temperature, ignore_index, chunk_bytes)
+    loss, policy = _FusedLinearDPO.apply(flat_h, weight, bias, flat_t, seq, ref_logps, cfg)
+    if not return_metrics:
+        return loss
+    return loss, dpo_metrics(policy[0::2], policy[1::2], ref_logps[0::2].to(policy.dtype),
+                             ref_logps[1::2].to(policy.dtype), beta)
+
+
+class FusedLinearDPOLoss(torch.nn.Module):
+    """nn.Module form of fused_linear_dpo_loss: configure once, call with
+    (hidden, weight, targets, sequence_ids=None, bias=None, ref_chosen_logps=..., ...)."""
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 gamma: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
+                 ignore_index: int = IGNORE_INDEX, chunk_bytes: int = 256 << 20):
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+        self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+                            softcap=softcap, temperature=temperature, ignore_index=ignore_index,
+                            chunk_bytes=chunk_bytes)
+
+    def forward(self, hidden, weight, targets, sequence_ids=None, bias=None, **reference):
+        return fused_linear_dpo_loss(hidden, weight, targets, sequence_ids, bias=bias, **reference, **self.options)
