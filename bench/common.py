@@ -47,3 +47,19 @@ def write_result(name: str, result: dict, out_dir: str | None) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def _status_kb(key: str) -> int:
+    import re
+    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (Linux: /proc/self/clear_refs) and return the current RSS
+    in bytes, the baseline for peak_rss_since_reset()."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss_since_reset() -> int:
+    return _status_kb("VmHWM") * 1024

@@ -6,7 +6,8 @@ LigerFusedLinearDPOLoss (torch path, compiled=False) when installed.
 Shapes: B pairs of chosen + rejected rows of T tokens ([2B, T, d], chosen rows first, the TRL /
 Liger layout), the first quarter of each row prompt tokens (ignore_index), d = 1024, fp32.
 Each method runs in a fresh process: median seconds of `reps` forward + backward passes, and
-peak RSS above the process's RSS once its inputs exist. Methods:
+peak RSS during them above the RSS once the inputs exist (the peak is reset through
+/proc/self/clear_refs after the set-up). Methods:
   naive          full logits, log_softmax, gather, sums, DPO loss, autograd
   prefrank       fused_linear_dpo_loss with precomputed reference log-probs (how it is meant to be used)
   prefrank_refh  the same, the reference given as hidden states + weight (what Liger needs)
@@ -15,7 +16,6 @@ All methods' losses are compared before timing.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import machine, write_result
+from bench.common import machine, peak_rss_since_reset, reset_peak_rss, write_result
 
 D, IGNORE = 1024, -100
 
@@ -81,7 +81,7 @@ def run_method(method: str, vocab: int, tokens: int, reps: int):
         step = lambda: liger(w, h, targets, ref_input=ref_hidden, ref_weight=weight.detach())[0]  # noqa: E731
     else:
         raise ValueError(method)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = reset_peak_rss()
     times, loss = [], None
     for _ in range(reps):
         h.grad = w.grad = None
@@ -89,9 +89,8 @@ def run_method(method: str, vocab: int, tokens: int, reps: int):
         loss = step()
         loss.backward()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"method": method, "vocab": vocab, "tokens": tokens, "seconds": statistics.median(times),
-            "extra_peak_mb": (peak - base) / 1024, "loss": loss.item()}
+            "extra_peak_mb": (peak_rss_since_reset() - base) / 2**20, "loss": loss.item()}
 
 
 def main(argv=None):

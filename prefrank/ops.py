@@ -1,9 +1,11 @@
 """prefrank's log-prob ops, dispatched to the fastest backend for the tensors at hand.
 
-Backends: `cpp` (the OpenMP extension built from csrc/, CPU tensors, no autograd) and `torch`
-(prefrank/reference.py, any device, differentiable). The Triton kernels for CUDA tensors join
-here as they land. `PREFRANK_BACKEND=cpp|torch` forces one backend.
+Backends: `triton` (kernels/, CUDA tensors, differentiable; on CPU tensors only through
+TRITON_INTERPRET=1, for tests), `cpp` (the OpenMP extension built from csrc/, CPU tensors, no
+autograd) and `torch` (prefrank/reference.py, any device, differentiable).
+`PREFRANK_BACKEND=triton|cpp|torch` forces one backend.
 """
+import functools
 import os
 
 import torch
@@ -17,7 +19,17 @@ except ImportError:  # a source checkout that was never built: the torch backend
     _cpu_ops = None
 
 _CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-BACKENDS = ("cpp", "torch")
+BACKENDS = ("triton", "cpp", "torch")
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton kernels module, or None where Triton is missing."""
+    try:
+        from prefrank.kernels import logprobs_from_logits
+    except ImportError:
+        return None
+    return logprobs_from_logits
 
 
 def _backend(t: torch.Tensor) -> str:
@@ -27,7 +39,11 @@ def _backend(t: torch.Tensor) -> str:
             raise ValueError(f"PREFRANK_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
         if forced == "cpp" and _cpu_ops is None:
             raise RuntimeError("PREFRANK_BACKEND=cpp but the C++ extension prefrank._cpu_ops is not built")
+        if forced == "triton" and _triton_kernels() is None:
+            raise RuntimeError("PREFRANK_BACKEND=triton but triton is not installed")
         return forced
+    if t.device.type == "cuda" and t.dtype in _CPP_DTYPES and _triton_kernels() is not None:
+        return "triton"
     needs_grad = torch.is_grad_enabled() and t.requires_grad
     if t.device.type == "cpu" and _cpu_ops is not None and not needs_grad and t.dtype in _CPP_DTYPES:
         return "cpp"
@@ -58,7 +74,10 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits must be [N, V] and targets [N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    if _backend(logits) == "cpp":
+    backend = _backend(logits)
+    if backend == "triton":
+        return _triton_kernels().logprobs_from_logits(logits, targets, ignore_index)
+    if backend == "cpp":
         return _cpp_logprobs_from_logits(logits, targets, ignore_index, num_threads)
     return reference.logprobs_from_logits(logits, targets, ignore_index)
 
@@ -71,7 +90,10 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, te
     and cost nothing). Head: z = (hidden @ weight.T + bias) / temperature, then
     softcap * tanh(z / softcap) if softcap. Returns [N] float32.
     """
-    if _backend(hidden) == "cpp":
+    backend = _backend(hidden)
+    if backend == "triton":
+        gather = lambda logits, t: _triton_kernels().logprobs_from_logits(logits, t, ignore_index)  # noqa: E731
+    elif backend == "cpp":
         gather = lambda logits, t: _cpp_logprobs_from_logits(logits, t, ignore_index)  # noqa: E731
     else:
         gather = reference.logprobs_from_logits

@@ -132,6 +132,17 @@ def test_upstream_gradient_scales_and_bf16_runs():
     assert hb.grad.dtype == torch.bfloat16 and math.isfinite(loss.item())
 
 
+def test_a_second_backward_recomputes_the_same_gradients():
+    h, w, b, t, seq, rw, rl = make_case(bias=False)
+    h.requires_grad_()
+    loss = fused_linear_dpo_loss(h, w, t, seq, ref_chosen_logps=rw, ref_rejected_logps=rl, return_metrics=False)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    h.grad = None
+    loss.backward()
+    assert torch.equal(h.grad, first)
+
+
 def test_light_dpo_loss_and_errors():
     pw, pl, rw, rl = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.5))
     assert dpo_loss(pw, pl, rw, rl, beta=0.5).item() == pytest.approx(math.log1p(math.exp(-0.5 * 1.5)))

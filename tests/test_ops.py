@@ -5,7 +5,7 @@ import torch
 from prefrank import ops
 from prefrank.reference import IGNORE_INDEX
 
-BACKENDS = ["cpp", "torch"]
+BACKENDS = ["triton", "cpp", "torch"]  # triton on CPU tensors runs in TRITON_INTERPRET mode (conftest)
 
 
 def float64_logprobs(logits, targets, ignore_index=IGNORE_INDEX):

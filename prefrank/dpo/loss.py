@@ -118,9 +118,10 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
     for chunk in _pair_chunks(seq // 2, weight.shape[0], cfg.chunk_bytes):
         r, s, t = rows[chunk], seq[chunk], targets[rows[chunk]]
         z = head_logits(hidden[r], weight, bias, None, cfg.temperature)
-        scores = cfg.softcap * torch.tanh(z / cfg.softcap) if cfg.softcap else z
-        lse = torch.logsumexp(scores, -1)
-        token_logp = scores.gather(1, t[:, None]).squeeze(1) - lse
+        scores = cfg.softcap * torch.tanh(z / cfg.softcap) if cfg.softcap else z  # [rows, V], fp32
+        # the fused op reads the chunk once, without a temporary of its size (C++ on CPU)
+        token_logp = ops.logprobs_from_logits(scores, t).to(scores.dtype)
+        lse = scores.gather(1, t[:, None]).squeeze(1) - token_logp
         # the loss of this chunk's pairs, and its gradient w.r.t. their sequence log-probs
         pairs = torch.unique(s // 2)
         seq_logp = _sequence_sums(token_logp, s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
@@ -138,14 +139,16 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
         d_token = torch.zeros(n_seq, dtype=acc, device=hidden.device)
         d_token[2 * pairs], d_token[2 * pairs + 1] = d_seq[0], d_seq[1]
         g = d_token[s]  # d loss / d token log-prob
-        # d token_logp / d scores = onehot(t) - softmax(scores); then through softcap and temperature
-        d_scores = -torch.exp(scores - lse[:, None]) * g[:, None]
+        # d token_logp / d scores = onehot(t) - softmax(scores), built in the scores' own buffer
+        # (softcap needs the scores themselves for its derivative, so it keeps a copy)
+        tanh_sq = (scores / cfg.softcap) ** 2 if cfg.softcap else None
+        d_scores = scores.sub_(lse[:, None]).exp_().mul_(-g[:, None])
         d_scores[torch.arange(len(t), device=t.device), t] += g
         if cfg.softcap:
-            d_scores *= 1 - (scores / cfg.softcap) ** 2
-        d_logits = d_scores / cfg.temperature
+            d_scores.mul_(1 - tanh_sq)
+        d_logits = d_scores.div_(cfg.temperature) if cfg.temperature != 1.0 else d_scores
         grad_h[r] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-        grad_w += (d_logits.to(hidden.dtype).T @ hidden[r]).to(acc)
+        grad_w.addmm_(d_logits.T, hidden[r].to(acc))  # in place: no [V, d] temporary per chunk
         if grad_b is not None:
             grad_b += d_logits.sum(0)
     return loss, policy, grad_h, grad_w, grad_b
@@ -154,20 +157,33 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
 class _FusedLinearDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, seq_ids, ref_logps, cfg):
-        need = ctx.needs_input_grad
-        loss, policy, grad_h, grad_w, grad_b = _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps,
-                                                                  cfg, need_grads=need[0] or need[1] or need[2])
-        ctx.has_bias = bias is not None
-        if grad_h is not None:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+        loss, policy, *grads = _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg,
+                                                  need_grads=any(ctx.needs_input_grad[:3]))
+        ctx.grads = _cast_grads(grads, weight, bias)
+        ctx.save_for_backward(hidden, weight, bias, targets, seq_ids, ref_logps)  # only for a second backward
+        ctx.cfg = cfg
         ctx.mark_non_differentiable(policy)
         return loss, policy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_policy):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
+        # Hand the gradients over and drop our reference: autograd then keeps them as .grad
+        # instead of copying them (a [V, d] fp32 copy is 0.5 GB at a 128k vocabulary). A second
+        # backward through the same graph (retain_graph) recomputes them.
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            hidden, weight, bias, targets, seq_ids, ref_logps = ctx.saved_tensors
+            grads = _cast_grads(_forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, ctx.cfg,
+                                                   need_grads=True)[2:], weight, bias)
+        if grad_loss.item() != 1.0:  # e.g. a loss scaled before backward
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return *grads, None, None, None, None
+
+
+def _cast_grads(grads, weight, bias):
+    grad_h, grad_w, grad_b = grads
+    return [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype)]
 
 
 def _flatten_layout(hidden, targets, sequence_ids):
@@ -190,7 +206,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                           ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta: float = 0.1,
                           loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
                           softcap: float | None = None, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                          chunk_bytes: int = 256 << 20, return_metrics: bool = True):
+                          chunk_bytes: int = 64 << 20, return_metrics: bool = True):
     """DPO-family loss from the policy's final hidden states, differentiable w.r.t. hidden, weight and bias.
 
     hidden: [N, d] with sequence_ids [N] (2i: chosen of pair i, 2i + 1: rejected; prompt and padding
@@ -232,7 +248,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  gamma: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
-                 ignore_index: int = IGNORE_INDEX, chunk_bytes: int = 256 << 20):
+                 ignore_index: int = IGNORE_INDEX, chunk_bytes: int = 64 << 20):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
