@@ -90,11 +90,14 @@ def logprobs_from_logits_forward(logits: torch.Tensor, targets: torch.Tensor, ig
     return logp, lse
 
 
-def logprobs_from_logits_backward(logits, targets, lse, grad_logp, ignore_index: int = IGNORE_INDEX):
+def logprobs_from_logits_backward(logits, targets, lse, grad_logp, ignore_index: int = IGNORE_INDEX,
+                                  inplace: bool = False):
+    """d logits [N, V] for per-row gradients grad_logp [N]; with `inplace`, written over `logits`
+    (each element is read before it is overwritten, by the same program)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     N, V = logits.shape
-    grad_logits = torch.empty_like(logits)
+    grad_logits = logits if inplace else torch.empty_like(logits)
     if N:
         _logprobs_bwd_kernel[(N,)](logits, targets.contiguous(), lse, grad_logp.contiguous(), grad_logits, V,
                                    logits.stride(0), grad_logits.stride(0), ignore_index,

@@ -11,6 +11,7 @@ import os
 import torch
 
 from prefrank import reference
+from prefrank.head import Head, LogprobsFromHidden
 from prefrank.reference import IGNORE_INDEX
 
 try:
@@ -32,7 +33,9 @@ def _triton_kernels():
     return logprobs_from_logits
 
 
-def _backend(t: torch.Tensor) -> str:
+def _backend(t: torch.Tensor, chunked: bool = False) -> str:
+    """The backend for `t`. `chunked`: the op runs on detached chunks of scores inside an autograd
+    Function, so the C++ forward serves tensors that need gradients too."""
     forced = os.environ.get("PREFRANK_BACKEND")
     if forced:
         if forced not in BACKENDS:
@@ -44,7 +47,7 @@ def _backend(t: torch.Tensor) -> str:
         return forced
     if t.device.type == "cuda" and t.dtype in _CPP_DTYPES and _triton_kernels() is not None:
         return "triton"
-    needs_grad = torch.is_grad_enabled() and t.requires_grad
+    needs_grad = torch.is_grad_enabled() and t.requires_grad and not chunked
     if t.device.type == "cpu" and _cpu_ops is not None and not needs_grad and t.dtype in _CPP_DTYPES:
         return "cpp"
     return "torch"
@@ -83,24 +86,14 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, temperature=1.0,
-                         ignore_index=IGNORE_INDEX):
-    """Log-probs of `targets` under the output head applied to `hidden`, without the full logits.
+                         ignore_index=IGNORE_INDEX, chunk_bytes: int = 64 << 20):
+    """Log-probs of `targets` under the output head applied to `hidden`, without the full logits;
+    differentiable w.r.t. hidden, weight and bias (the backward recomputes chunk by chunk).
 
     hidden: [N, d]; weight: [V, d]; bias: [V] or None; targets: [N] int64 (ignore_index rows give 0
     and cost nothing). Head: z = (hidden @ weight.T + bias) / temperature, then
-    softcap * tanh(z / softcap) if softcap. Returns [N] float32.
+    softcap * tanh(z / softcap) if softcap. Returns [N] float32 (float64 for float64 inputs).
     """
-    backend = _backend(hidden)
-    if backend == "triton":
-        gather = lambda logits, t: _triton_kernels().logprobs_from_logits(logits, t, ignore_index)  # noqa: E731
-    elif backend == "cpp":
-        gather = lambda logits, t: _cpp_logprobs_from_logits(logits, t, ignore_index)  # noqa: E731
-    else:
-        gather = reference.logprobs_from_logits
-    return reference.logprobs_from_hidden(hidden, weight, targets, bias, softcap=softcap, temperature=temperature,
-                                          ignore_index=ignore_index, gather=gather)
-
-
-def sequence_sums(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_segments: int):
-    """Per-sequence float64 sums and int64 token counts; see reference.sequence_sums."""
-    return reference.sequence_sums(token_logps, segment_ids, num_segments)
+    backend = _backend(hidden, chunked=True)
+    head = Head(weight, bias, softcap, temperature, backend, chunk_bytes)
+    return LogprobsFromHidden.apply(hidden, weight, bias, targets, head, ignore_index)

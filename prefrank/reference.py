@@ -45,32 +45,6 @@ def rows_per_chunk(vocab_size: int, budget_bytes: int = 256 << 20) -> int:
     return max(1, budget_bytes // (4 * max(vocab_size, 1)))
 
 
-def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, temperature=1.0,
-                         ignore_index=IGNORE_INDEX, gather=logprobs_from_logits):
-    """Log-probs of `targets` under the head applied to `hidden`, never holding more than a
-    chunk of rows' logits. Ignored rows are dropped before the matmul and give 0.
-
-    hidden: [N, d]; weight: [V, d] (same dtype); bias: [V] or None; targets: [N] int64.
-    `gather(logits[n, V] fp32, targets[n])` turns one chunk of logits into log-probs (the torch
-    version here, or a fused CPU one). Returns [N] float32 (float64 for float64 inputs);
-    differentiable with the torch gather.
-    """
-    out = torch.zeros(targets.shape[0], dtype=upcast(hidden[:0]).dtype, device=hidden.device)
-    rows = (targets != ignore_index).nonzero().squeeze(1)
-    step = rows_per_chunk(weight.shape[0])
-    for start in range(0, rows.numel(), step):
-        idx = rows[start:start + step]
-        logits = head_logits(hidden[idx], weight, bias, softcap, temperature)
-        out = out.index_put((idx,), gather(logits, targets[idx]))
-    return out
-
-
-def sequence_sums(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_segments: int):
-    """Per-sequence sums (float64) and token counts (int64) of per-token log-probs.
-
-    token_logps: [N] float; segment_ids: [N] int64 in [0, num_segments).
-    """
-    sums = torch.zeros(num_segments, dtype=torch.float64, device=token_logps.device)
-    sums.index_add_(0, segment_ids, token_logps.double())
-    counts = torch.bincount(segment_ids, minlength=num_segments)
-    return sums, counts
+def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """[num_segments] sums of `values` [N] by `segment_ids` [N] (int64 in [0, num_segments)), in values' dtype."""
+    return torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add_(0, segment_ids, values)

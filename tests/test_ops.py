@@ -110,11 +110,35 @@ def test_logprobs_from_hidden(backend, bias, softcap, temperature, monkeypatch):
     check(f"{backend} hidden bias={bias} softcap={softcap}", got, ref, 1e-5)
 
 
-def test_torch_backend_gradcheck():
+def test_logprobs_from_hidden_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.tensor([1, IGNORE_INDEX, 10, 0, 3, IGNORE_INDEX])
-    from prefrank import reference
     assert torch.autograd.gradcheck(
-        lambda h, w: reference.logprobs_from_hidden(h, w, targets, softcap=4.0, temperature=0.9), (hidden, weight))
+        lambda h, w, b: ops.logprobs_from_hidden(h, w, targets, b, softcap=4.0, temperature=0.9, chunk_bytes=100),
+        (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_from_hidden_backward_for_any_upstream_gradient(backend, monkeypatch):
+    """Gradients for an arbitrary per-token upstream gradient, not just a sum, against float64
+    autograd through the full logits; several chunks."""
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 29, 12, 517
+    hidden, weight, bias = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g), torch.randn(v, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::4] = IGNORE_INDEX
+    upstream = torch.randn(n, generator=g)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    out = ops.logprobs_from_hidden(*leaves[:2], targets, leaves[2], softcap=15.0, temperature=1.3, chunk_bytes=4 * v * 5)
+    (out * upstream).sum().backward()
+    ref = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    z = (ref[0] @ ref[1].T + ref[2]) / 1.3
+    (float64_logprobs(15.0 * torch.tanh(z / 15.0), targets) * upstream.double()).sum().backward()
+    for name, a, e in zip(("hidden", "weight", "bias"), leaves, ref):
+        err = (a.grad.double() - e.grad).abs().max().item()
+        print(f"{backend} d{name}: max abs error {err:.3g} (max {e.grad.abs().max().item():.3g})")
+        assert err <= 1e-5 * e.grad.abs().max().item() + 1e-6

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from prefrank import ops
-from prefrank.reference import IGNORE_INDEX, head_logits, rows_per_chunk, upcast
+from prefrank.head import Head
+from prefrank.reference import IGNORE_INDEX, segment_sum, upcast
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
 
@@ -81,13 +82,8 @@ class _Config:
     chunk_bytes: int
 
 
-def _sequence_sums(values, seq, n_sequences):
-    return torch.zeros(n_sequences, dtype=values.dtype, device=values.device).index_add_(0, seq, values)
-
-
-def _pair_chunks(pair_of_row: torch.Tensor, vocab: int, chunk_bytes: int) -> list[slice]:
-    """Slices of the (pair-sorted) rows, each holding whole pairs and about chunk_bytes of logits."""
-    budget = rows_per_chunk(vocab, chunk_bytes)
+def _pair_chunks(pair_of_row: torch.Tensor, budget: int) -> list[slice]:
+    """Slices of the (pair-sorted) rows, each holding whole pairs and about `budget` rows."""
     starts = torch.nonzero(torch.diff(pair_of_row, prepend=pair_of_row[:1] - 1)).squeeze(1).tolist() + [len(pair_of_row)]
     chunks, begin = [], 0
     for s, e in zip(starts[:-1], starts[1:]):
@@ -115,16 +111,15 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
     grad_h = torch.zeros_like(hidden) if need_grads else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grads else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grads and bias is not None else None
-    for chunk in _pair_chunks(seq // 2, weight.shape[0], cfg.chunk_bytes):
+    head = Head(weight, bias, cfg.softcap, cfg.temperature, ops._backend(hidden, chunked=True), cfg.chunk_bytes)
+    for chunk in _pair_chunks(seq // 2, head.rows):
         r, s, t = rows[chunk], seq[chunk], targets[rows[chunk]]
-        z = head_logits(hidden[r], weight, bias, None, cfg.temperature)
-        scores = cfg.softcap * torch.tanh(z / cfg.softcap) if cfg.softcap else z  # [rows, V], fp32
-        # the fused op reads the chunk once, without a temporary of its size (C++ on CPU)
-        token_logp = ops.logprobs_from_logits(scores, t).to(scores.dtype)
-        lse = scores.gather(1, t[:, None]).squeeze(1) - token_logp
+        h = hidden[r]
+        scores = head.scores(h)
+        token_logp, lse = head.logprobs(scores, t)
         # the loss of this chunk's pairs, and its gradient w.r.t. their sequence log-probs
         pairs = torch.unique(s // 2)
-        seq_logp = _sequence_sums(token_logp, s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
+        seq_logp = segment_sum(token_logp.to(acc), s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
         seq_logp.requires_grad_(need_grads)
         with torch.enable_grad():
             chunk_loss = dpo_loss(seq_logp[0], seq_logp[1], ref_logps[2 * pairs].to(acc), ref_logps[2 * pairs + 1].to(acc),
@@ -133,24 +128,11 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
                                   rejected_lengths=counts[2 * pairs + 1].to(acc)).sum() / n_pairs
         loss += chunk_loss.detach()
         policy[2 * pairs], policy[2 * pairs + 1] = seq_logp[0].detach(), seq_logp[1].detach()
-        if not need_grads:
-            continue
-        (d_seq,) = torch.autograd.grad(chunk_loss, seq_logp)
-        d_token = torch.zeros(n_seq, dtype=acc, device=hidden.device)
-        d_token[2 * pairs], d_token[2 * pairs + 1] = d_seq[0], d_seq[1]
-        g = d_token[s]  # d loss / d token log-prob
-        # d token_logp / d scores = onehot(t) - softmax(scores), built in the scores' own buffer
-        # (softcap needs the scores themselves for its derivative, so it keeps a copy)
-        tanh_sq = (scores / cfg.softcap) ** 2 if cfg.softcap else None
-        d_scores = scores.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-        d_scores[torch.arange(len(t), device=t.device), t] += g
-        if cfg.softcap:
-            d_scores.mul_(1 - tanh_sq)
-        d_logits = d_scores.div_(cfg.temperature) if cfg.temperature != 1.0 else d_scores
-        grad_h[r] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-        grad_w.addmm_(d_logits.T, hidden[r].to(acc))  # in place: no [V, d] temporary per chunk
-        if grad_b is not None:
-            grad_b += d_logits.sum(0)
+        if need_grads:
+            (d_seq,) = torch.autograd.grad(chunk_loss, seq_logp)
+            d_token = torch.zeros(n_seq, dtype=acc, device=hidden.device)
+            d_token[2 * pairs], d_token[2 * pairs + 1] = d_seq[0], d_seq[1]
+            head.backward_(scores, t, lse, d_token[s], h, [grad_h, grad_w, grad_b], r)
     return loss, policy, grad_h, grad_w, grad_b
 
 
@@ -227,7 +209,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                                              ref_bias, softcap=softcap, temperature=temperature,
                                              ignore_index=ignore_index)
             keep = flat_t != ignore_index
-            ref_logps = _sequence_sums(token[keep].double(), seq[keep], 2 * n_pairs)
+            ref_logps = segment_sum(token[keep].double(), seq[keep], 2 * n_pairs)
     elif ref_chosen_logps is not None and ref_rejected_logps is not None:
         ref_logps = torch.stack([ref_chosen_logps, ref_rejected_logps], 1).reshape(-1).detach()
         if ref_logps.shape[0] != 2 * n_pairs:
