@@ -2,8 +2,8 @@
 // builds in seconds and works with any torch the user brings).
 //
 // logprobs_from_logits: logp[i] = logits[i, t_i] - logsumexp(logits[i, :]) for every row i
-// whose target t_i != ignore_index (0 for ignored rows), accumulated in fp32 whatever the
-// input dtype. Two passes over each row (max, then sum of exp); a row of a 128k vocabulary
+// whose target t_i != ignore_index (0 for ignored rows), accumulated in fp32 for half and single
+// precision inputs (float64 stays float64). Two passes over each row (max, then sum of exp); a row of a 128k vocabulary
 // stays in L2 between them. The inner loops are written so that the compiler vectorizes them
 // (a polynomial exp instead of libm's), and built for AVX-512, AVX2 and baseline x86-64.
 #include <pybind11/pybind11.h>
@@ -20,7 +20,7 @@ namespace py = pybind11;
 
 namespace {
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -70,52 +70,67 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-template <typename T>
-inline float load(const T* p, int64_t j);
-template <>
-inline float load<float>(const float* p, int64_t j) { return p[j]; }
-
 struct BF16 { uint16_t v; };
 struct FP16 { uint16_t v; };
-template <>
-inline float load<BF16>(const BF16* p, int64_t j) { return bf16_to_float(p[j].v); }
-template <>
-inline float load<FP16>(const FP16* p, int64_t j) { return fp16_to_float(p[j].v); }
 
-template <typename T>
+// Per input type: how an element is read, the accumulation type, and exp on values <= 0.
+// Half and single precision accumulate in fp32 with the vectorizable exp; float64 (for
+// references and gradcheck) stays in double with libm's exp.
+template <typename T> struct Elem {
+  using Acc = float;
+  static float load(const T* p, int64_t j) { return p[j]; }
+  static float exp(float x) { return exp_nonpositive(x); }
+};
+template <> struct Elem<BF16> {
+  using Acc = float;
+  static float load(const BF16* p, int64_t j) { return bf16_to_float(p[j].v); }
+  static float exp(float x) { return exp_nonpositive(x); }
+};
+template <> struct Elem<FP16> {
+  using Acc = float;
+  static float load(const FP16* p, int64_t j) { return fp16_to_float(p[j].v); }
+  static float exp(float x) { return exp_nonpositive(x); }
+};
+template <> struct Elem<double> {
+  using Acc = double;
+  static double load(const double* p, int64_t j) { return p[j]; }
+  static double exp(double x) { return std::exp(x); }
+};
+
+template <typename T, typename Acc = typename Elem<T>::Acc>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-float row_logsumexp(const T* row, int64_t V) {
-  float m = -std::numeric_limits<float>::infinity();
+Acc row_logsumexp(const T* row, int64_t V) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) {
-    const float x = load<T>(row, j);
+    const Acc x = Elem<T>::load(row, j);
     m = x > m ? x : m;
   }
-  if (m == -std::numeric_limits<float>::infinity() || std::isnan(m)) return m;
-  float s = 0.0f;
+  if (m == -std::numeric_limits<Acc>::infinity() || std::isnan(m)) return m;
+  Acc s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < V; ++j) s += exp_nonpositive(load<T>(row, j) - m);
+  for (int64_t j = 0; j < V; ++j) s += Elem<T>::exp(Elem<T>::load(row, j) - m);
   return m + std::log(s);
 }
 
-template <typename T>
+template <typename T, typename Acc = typename Elem<T>::Acc>
 int64_t logprobs_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* targets,
-                      float* out, int64_t ignore_index, int num_threads) {
+                      Acc* out, int64_t ignore_index, int num_threads) {
   int64_t bad_targets = 0;
 #pragma omp parallel for schedule(static) num_threads(num_threads) reduction(+ : bad_targets)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t t = targets[i];
     if (t == ignore_index) {
-      out[i] = 0.0f;
+      out[i] = 0;
       continue;
     }
     if (t < 0 || t >= V) {
-      out[i] = std::numeric_limits<float>::quiet_NaN();
+      out[i] = std::numeric_limits<Acc>::quiet_NaN();
       ++bad_targets;
       continue;
     }
     const T* row = logits + i * row_stride;
-    out[i] = load<T>(row, t) - row_logsumexp<T>(row, V);
+    out[i] = Elem<T>::load(row, t) - row_logsumexp<T>(row, V);
   }
   return bad_targets;
 }
@@ -132,6 +147,9 @@ int64_t logprobs_from_logits(uintptr_t logits_ptr, int dtype, int64_t N, int64_t
       return logprobs_rows(reinterpret_cast<const BF16*>(logits_ptr), N, V, row_stride, targets, out, ignore_index, num_threads);
     case kFloat16:
       return logprobs_rows(reinterpret_cast<const FP16*>(logits_ptr), N, V, row_stride, targets, out, ignore_index, num_threads);
+    case kFloat64:
+      return logprobs_rows(reinterpret_cast<const double*>(logits_ptr), N, V, row_stride, targets,
+                           reinterpret_cast<double*>(out_ptr), ignore_index, num_threads);
     default:
       throw std::invalid_argument("logprobs_from_logits: unsupported dtype code");
   }
@@ -144,7 +162,8 @@ PYBIND11_MODULE(_cpu_ops, m) {
   m.def("logprobs_from_logits", &logprobs_from_logits, py::call_guard<py::gil_scoped_release>(),
         py::arg("logits_ptr"), py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("row_stride"),
         py::arg("targets_ptr"), py::arg("out_ptr"), py::arg("ignore_index"), py::arg("num_threads") = 0,
-        "Per-row log-softmax of logits[N, V] gathered at targets[N] (int64) into out[N] (fp32). "
-        "dtype: 0 float32, 1 bfloat16, 2 float16. Returns the number of out-of-range targets.");
+        "Per-row log-softmax of logits[N, V] gathered at targets[N] (int64) into out[N] (fp32; float64 for "
+        "float64 logits). dtype: 0 float32, 1 bfloat16, 2 float16, 3 float64. Returns the number of "
+        "out-of-range targets.");
   m.def("max_threads", &omp_get_max_threads);
 }

@@ -19,7 +19,7 @@ try:
 except ImportError:  # a source checkout that was never built: the torch backend still works
     _cpu_ops = None
 
-_CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 BACKENDS = ("triton", "cpp", "torch")
 
 
@@ -45,7 +45,7 @@ def _backend(t: torch.Tensor, chunked: bool = False) -> str:
         if forced == "triton" and _triton_kernels() is None:
             raise RuntimeError("PREFRANK_BACKEND=triton but triton is not installed")
         return forced
-    if t.device.type == "cuda" and t.dtype in _CPP_DTYPES and _triton_kernels() is not None:
+    if t.device.type == "cuda" and t.dtype != torch.float64 and _triton_kernels() is not None:
         return "triton"
     needs_grad = torch.is_grad_enabled() and t.requires_grad and not chunked
     if t.device.type == "cpu" and _cpu_ops is not None and not needs_grad and t.dtype in _CPP_DTYPES:
@@ -55,11 +55,11 @@ def _backend(t: torch.Tensor, chunked: bool = False) -> str:
 
 def _cpp_logprobs_from_logits(logits, targets, ignore_index=IGNORE_INDEX, num_threads=0):
     if logits.dtype not in _CPP_DTYPES or logits.device.type != "cpu":
-        raise TypeError(f"the cpp backend takes CPU float32/bfloat16/float16 logits, not {logits.dtype} on {logits.device}")
+        raise TypeError(f"the cpp backend takes CPU floating-point logits, not {logits.dtype} on {logits.device}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     targets = targets.to(torch.int64).contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.float32)
+    out = torch.empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     bad = _cpu_ops.logprobs_from_logits(
         logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
         targets.data_ptr(), out.data_ptr(), ignore_index, num_threads)

@@ -46,6 +46,17 @@ def test_logprobs_from_logits_fp32(backend, n, v, monkeypatch):
     assert (got[targets == IGNORE_INDEX] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_logprobs_from_logits_float64(backend, monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(9, 3001, torch.float64)
+    got = ops.logprobs_from_logits(logits, targets)
+    assert got.dtype == torch.float64
+    err = (got - float64_logprobs(logits, targets)).abs().max().item()
+    print(f"{backend} float64: max abs error {err:.3g}")
+    assert err <= 1e-12
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_logprobs_from_logits_half(backend, dtype, monkeypatch):
@@ -110,7 +121,9 @@ def test_logprobs_from_hidden(backend, bias, softcap, temperature, monkeypatch):
     check(f"{backend} hidden bias={bias} softcap={softcap}", got, ref, 1e-5)
 
 
-def test_logprobs_from_hidden_gradcheck_float64():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_logprobs_from_hidden_gradcheck_float64(backend, monkeypatch):
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
