@@ -155,6 +155,60 @@ int64_t logprobs_from_logits(uintptr_t logits_ptr, int dtype, int64_t N, int64_t
   }
 }
 
+// Sequence sums: for each segment s (rows cu_seqlens[s] .. cu_seqlens[s+1]-1), the sum of the
+// log-probs of its non-ignored rows (float64) and how many there are, in one pass over the logits:
+// the per-token log-probs are never written. OpenMP over segments: deterministic.
+template <typename T>
+int64_t sequence_rows(const T* logits, int64_t V, int64_t row_stride, const int64_t* targets, const int64_t* cu,
+                      int64_t S, double* sums, int64_t* counts, int64_t ignore_index, int num_threads) {
+  int64_t bad_targets = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(+ : bad_targets)
+  for (int64_t s = 0; s < S; ++s) {
+    double sum = 0.0;
+    int64_t count = 0;
+    for (int64_t i = cu[s]; i < cu[s + 1]; ++i) {
+      const int64_t t = targets[i];
+      if (t == ignore_index) continue;
+      if (t < 0 || t >= V) {
+        ++bad_targets;
+        continue;
+      }
+      const T* row = logits + i * row_stride;
+      sum += static_cast<double>(Elem<T>::load(row, t) - row_logsumexp<T>(row, V));
+      ++count;
+    }
+    sums[s] = sum;
+    counts[s] = count;
+  }
+  return bad_targets;
+}
+
+int64_t sequence_logprobs(uintptr_t logits_ptr, int dtype, int64_t V, int64_t row_stride, uintptr_t targets_ptr,
+                          uintptr_t cu_seqlens_ptr, int64_t S, uintptr_t sums_ptr, uintptr_t counts_ptr,
+                          int64_t ignore_index, int num_threads) {
+  if (num_threads <= 0) num_threads = omp_get_max_threads();
+  const auto* targets = reinterpret_cast<const int64_t*>(targets_ptr);
+  const auto* cu = reinterpret_cast<const int64_t*>(cu_seqlens_ptr);
+  auto* sums = reinterpret_cast<double*>(sums_ptr);
+  auto* counts = reinterpret_cast<int64_t*>(counts_ptr);
+  switch (dtype) {
+    case kFloat32:
+      return sequence_rows(reinterpret_cast<const float*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
+                           ignore_index, num_threads);
+    case kBFloat16:
+      return sequence_rows(reinterpret_cast<const BF16*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
+                           ignore_index, num_threads);
+    case kFloat16:
+      return sequence_rows(reinterpret_cast<const FP16*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
+                           ignore_index, num_threads);
+    case kFloat64:
+      return sequence_rows(reinterpret_cast<const double*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
+                           ignore_index, num_threads);
+    default:
+      throw std::invalid_argument("sequence_logprobs: unsupported dtype code");
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu_ops, m) {
@@ -165,5 +219,10 @@ PYBIND11_MODULE(_cpu_ops, m) {
         "Per-row log-softmax of logits[N, V] gathered at targets[N] (int64) into out[N] (fp32; float64 for "
         "float64 logits). dtype: 0 float32, 1 bfloat16, 2 float16, 3 float64. Returns the number of "
         "out-of-range targets.");
+  m.def("sequence_logprobs", &sequence_logprobs, py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptr"),
+        py::arg("dtype"), py::arg("V"), py::arg("row_stride"), py::arg("targets_ptr"), py::arg("cu_seqlens_ptr"),
+        py::arg("S"), py::arg("sums_ptr"), py::arg("counts_ptr"), py::arg("ignore_index"), py::arg("num_threads") = 0,
+        "Per-segment sums (float64) and counts (int64) of the log-probs of logits[N, V] at targets[N], segments "
+        "given by cu_seqlens[S + 1] (int64). Returns the number of out-of-range targets.");
   m.def("max_threads", &omp_get_max_threads);
 }

@@ -7,6 +7,7 @@ autograd) and `torch` (prefrank/reference.py, any device, differentiable).
 """
 import functools
 import os
+import types
 
 import torch
 
@@ -25,12 +26,12 @@ BACKENDS = ("triton", "cpp", "torch")
 
 @functools.cache
 def _triton_kernels():
-    """The Triton kernels module, or None where Triton is missing."""
+    """The Triton kernel modules as one namespace, or None where Triton is missing."""
     try:
-        from prefrank.kernels import logprobs_from_logits
+        from prefrank.kernels import logprobs_from_logits, segment_sums
     except ImportError:
         return None
-    return logprobs_from_logits
+    return types.SimpleNamespace(**vars(logprobs_from_logits), **{"segment_sums": segment_sums.segment_sums})
 
 
 def _backend(t: torch.Tensor, chunked: bool = False) -> str:
@@ -97,3 +98,35 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, te
     backend = _backend(hidden, chunked=True)
     head = Head(weight, bias, softcap, temperature, backend, chunk_bytes)
     return LogprobsFromHidden.apply(hidden, weight, bias, targets, head, ignore_index)
+
+
+def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[S] float64 sums of per-token `values` [N] over the sequences delimited by `cu_seqlens`
+    [S + 1] (int64 offsets). Pairs: sequence 2i is pair i's chosen, 2i + 1 its rejected."""
+    if _backend(values) == "triton":
+        return _triton_kernels().segment_sums(values, cu_seqlens)
+    lengths = torch.diff(cu_seqlens)
+    ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    return reference.segment_sum(values.double(), ids, lengths.numel())
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
+                      ignore_index: int = IGNORE_INDEX, *, num_threads: int = 0):
+    """(sums [S] float64, counts [S] int64): the log-probs of `targets` under `logits` [N, V]
+    summed per sequence (rows cu_seqlens[s] .. cu_seqlens[s+1] - 1), ignored rows left out. On CPU
+    one fused pass (the per-token log-probs are never written); elsewhere the per-token op, then
+    segment_sums. Not differentiable (scoring)."""
+    cu_seqlens = cu_seqlens.to(torch.int64)
+    if _backend(logits) == "cpp":
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        sums = torch.empty(cu_seqlens.numel() - 1, dtype=torch.float64)
+        counts = torch.empty_like(sums, dtype=torch.int64)
+        targets, cu_seqlens = targets.to(torch.int64).contiguous(), cu_seqlens.contiguous()
+        bad = _cpu_ops.sequence_logprobs(logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[1],
+                                         logits.stride(0), targets.data_ptr(), cu_seqlens.data_ptr(), sums.numel(),
+                                         sums.data_ptr(), counts.data_ptr(), ignore_index, num_threads)
+        if bad:
+            raise IndexError(f"{bad} target ids outside [0, {logits.shape[1]}) and not ignore_index={ignore_index}")
+        return sums, counts
+    counts = segment_sums((targets != ignore_index).double(), cu_seqlens).round().long()
+    return segment_sums(logprobs_from_logits(logits, targets, ignore_index), cu_seqlens), counts

@@ -155,3 +155,34 @@ def test_logprobs_from_hidden_backward_for_any_upstream_gradient(backend, monkey
         err = (a.grad.double() - e.grad).abs().max().item()
         print(f"{backend} d{name}: max abs error {err:.3g} (max {e.grad.abs().max().item():.3g})")
         assert err <= 1e-5 * e.grad.abs().max().item() + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_logprobs_and_segment_sums(backend, dtype, monkeypatch):
+    """Per-sequence sums and counts (paired: 2i chosen, 2i + 1 rejected), with an empty sequence,
+    a sequence of ignored rows only, and a one-row sequence, against float64 brute force."""
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(23, 1037, dtype)
+    lengths = [5, 0, 3, 1, 6, 8]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    targets[8:9] = IGNORE_INDEX  # the one-row sequence 3 is all ignored
+    ref = float64_logprobs(logits, targets)
+    expected_sums = torch.stack([ref[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+    expected_counts = torch.tensor([(targets[a:b] != IGNORE_INDEX).sum().item() for a, b in zip(cu[:-1], cu[1:])])
+    sums, counts = ops.sequence_logprobs(logits, targets, cu)
+    err = (sums - expected_sums).abs().max().item()
+    print(f"{backend} {dtype} sequence sums: max abs error {err:.3g}")
+    assert sums.dtype == torch.float64 and err <= 1e-5 * expected_sums.abs().max().item()
+    assert torch.equal(counts, expected_counts) and sums[1] == 0 and sums[3] == 0
+    values = torch.randn(23, dtype=torch.float64)
+    got = ops.segment_sums(values, cu)
+    assert torch.allclose(got, torch.stack([values[a:b].sum() for a, b in zip(cu[:-1], cu[1:])]), atol=1e-12)
+
+
+def test_cpp_sequence_logprobs_threads_agree():
+    logits, targets = case(200, 3001, torch.float32)
+    cu = torch.arange(0, 201, 8)
+    one = ops.sequence_logprobs(logits, targets, cu, num_threads=1)
+    two = ops.sequence_logprobs(logits, targets, cu, num_threads=2)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
