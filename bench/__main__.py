@@ -1,0 +1,37 @@
+"""prefrank's benchmarks, one command per machine:
+
+  python -m bench --suite cpu    scoring (KV reuse vs naive, K = 2 and 4), C++ log-probs, fused DPO
+                                 loss vs naive and Liger, streaming memory (needs ../shared)
+  python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings
+
+Each benchmark writes its JSON into bench/results/ (or --out-dir); bench/RESULTS.md records the
+figures with their command, machine and date. Every module also runs alone: python -m bench.NAME.
+"""
+import argparse
+import importlib
+import sys
+
+SUITES = {
+    "cpu": [("scoring", ["--pairs", "600", "--k", "2", "--reps", "5"]),
+            ("scoring", ["--pairs", "600", "--k", "4", "--reps", "5"]),
+            ("logprobs", []),
+            ("dpo_loss", []),
+            ("streaming", ["--sizes", "10000,100000"])],
+    "gpu": [("ops_gpu", [])],
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--out-dir", help="where the JSON results go (default: bench/results)")
+    args = parser.parse_args(argv)
+    for name, bench_args in SUITES[args.suite]:
+        print(f"== python -m bench.{name} {' '.join(bench_args)}", file=sys.stderr, flush=True)
+        extra = ["--out-dir", args.out_dir] if args.out_dir else []
+        importlib.import_module(f"bench.{name}").main(bench_args + extra)
+
+
+if __name__ == "__main__":
+    main()
