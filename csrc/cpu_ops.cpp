@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 namespace py = pybind11;
 
@@ -135,24 +136,29 @@ int64_t logprobs_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride,
   return bad_targets;
 }
 
+// Calls f with the logits pointer cast to its element type.
+template <typename F>
+int64_t with_element_type(int dtype, uintptr_t ptr, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(reinterpret_cast<const float*>(ptr));
+    case kBFloat16: return f(reinterpret_cast<const BF16*>(ptr));
+    case kFloat16: return f(reinterpret_cast<const FP16*>(ptr));
+    case kFloat64: return f(reinterpret_cast<const double*>(ptr));
+    default: throw std::invalid_argument("unsupported dtype code");
+  }
+}
+
+template <typename P>
+using AccOf = typename Elem<std::remove_cv_t<std::remove_pointer_t<P>>>::Acc;
+
 int64_t logprobs_from_logits(uintptr_t logits_ptr, int dtype, int64_t N, int64_t V, int64_t row_stride,
                              uintptr_t targets_ptr, uintptr_t out_ptr, int64_t ignore_index, int num_threads) {
   if (num_threads <= 0) num_threads = omp_get_max_threads();
   const auto* targets = reinterpret_cast<const int64_t*>(targets_ptr);
-  auto* out = reinterpret_cast<float*>(out_ptr);
-  switch (dtype) {
-    case kFloat32:
-      return logprobs_rows(reinterpret_cast<const float*>(logits_ptr), N, V, row_stride, targets, out, ignore_index, num_threads);
-    case kBFloat16:
-      return logprobs_rows(reinterpret_cast<const BF16*>(logits_ptr), N, V, row_stride, targets, out, ignore_index, num_threads);
-    case kFloat16:
-      return logprobs_rows(reinterpret_cast<const FP16*>(logits_ptr), N, V, row_stride, targets, out, ignore_index, num_threads);
-    case kFloat64:
-      return logprobs_rows(reinterpret_cast<const double*>(logits_ptr), N, V, row_stride, targets,
-                           reinterpret_cast<double*>(out_ptr), ignore_index, num_threads);
-    default:
-      throw std::invalid_argument("logprobs_from_logits: unsupported dtype code");
-  }
+  return with_element_type(dtype, logits_ptr, [&](auto* logits) {
+    return logprobs_rows(logits, N, V, row_stride, targets, reinterpret_cast<AccOf<decltype(logits)>*>(out_ptr),
+                         ignore_index, num_threads);
+  });
 }
 
 // Sequence sums: for each segment s (rows cu_seqlens[s] .. cu_seqlens[s+1]-1), the sum of the
@@ -187,26 +193,11 @@ int64_t sequence_logprobs(uintptr_t logits_ptr, int dtype, int64_t V, int64_t ro
                           uintptr_t cu_seqlens_ptr, int64_t S, uintptr_t sums_ptr, uintptr_t counts_ptr,
                           int64_t ignore_index, int num_threads) {
   if (num_threads <= 0) num_threads = omp_get_max_threads();
-  const auto* targets = reinterpret_cast<const int64_t*>(targets_ptr);
-  const auto* cu = reinterpret_cast<const int64_t*>(cu_seqlens_ptr);
-  auto* sums = reinterpret_cast<double*>(sums_ptr);
-  auto* counts = reinterpret_cast<int64_t*>(counts_ptr);
-  switch (dtype) {
-    case kFloat32:
-      return sequence_rows(reinterpret_cast<const float*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
-                           ignore_index, num_threads);
-    case kBFloat16:
-      return sequence_rows(reinterpret_cast<const BF16*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
-                           ignore_index, num_threads);
-    case kFloat16:
-      return sequence_rows(reinterpret_cast<const FP16*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
-                           ignore_index, num_threads);
-    case kFloat64:
-      return sequence_rows(reinterpret_cast<const double*>(logits_ptr), V, row_stride, targets, cu, S, sums, counts,
-                           ignore_index, num_threads);
-    default:
-      throw std::invalid_argument("sequence_logprobs: unsupported dtype code");
-  }
+  return with_element_type(dtype, logits_ptr, [&](auto* logits) {
+    return sequence_rows(logits, V, row_stride, reinterpret_cast<const int64_t*>(targets_ptr),
+                         reinterpret_cast<const int64_t*>(cu_seqlens_ptr), S, reinterpret_cast<double*>(sums_ptr),
+                         reinterpret_cast<int64_t*>(counts_ptr), ignore_index, num_threads);
+  });
 }
 
 }  // namespace
