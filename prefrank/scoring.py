@@ -2,10 +2,11 @@
 
 Two methods, same answers:
   kv     the prompt's forward pass runs once; its KV cache serves every completion. Prompts are
-         batched by prompt length (left-padded), then the continuations of a group of prompts are
-         regrouped by their own length (right-padded), each continuation batch taking its rows of
-         the prompt cache. Log-probs come from the final hidden states through the fused op, only
-         at completion positions: the full logits never exist.
+         batched by prompt length (right-padded: attention stays purely causal), then the
+         continuations of the prompts held in memory are regrouped by their own length, each
+         continuation batch taking its rows of the prompt caches. Log-probs come from the final
+         hidden states through the chunked head op, only at completion positions: the full logits
+         never exist.
   naive  the oracle: prompt + completion concatenated per completion, the model's full logits,
          log_softmax, gather, sum over the completion positions.
 Token log-probs are fp32 whatever the model's dtype; sums are float64.
@@ -31,27 +32,31 @@ class TokenCounts:
     real: int = 0
     padded: int = 0
 
-    def add(self, mask: torch.Tensor):
-        self.real += int(mask.sum())
-        self.padded += mask.numel()
+    def add(self, seqs: list[list[int]], ids: torch.Tensor):
+        self.real += sum(map(len, seqs))  # from the host-side lists: no device sync
+        self.padded += ids.numel()
 
 
 class Scores:
     """Per completion, flattened in item order (item 0's completions first): float64 sums of the
-    token log-probs, optionally the fp32 per-token log-probs, and the token counts pushed through."""
+    token log-probs, optionally the fp32 per-token log-probs, and the token counts pushed through.
+    The sums stay on the model's device until finish() (one transfer, not one per batch)."""
 
-    def __init__(self, n_sequences: int, per_token: bool):
-        self.logps = torch.zeros(n_sequences, dtype=torch.float64)
+    def __init__(self, n_sequences: int, per_token: bool, device):
+        self.logps = torch.zeros(n_sequences, dtype=torch.float64, device=device)
         self.token_logps = [[] for _ in range(n_sequences)] if per_token else None
         self.counts = TokenCounts()
 
     def add(self, seqs: list[int], token_lp: torch.Tensor, lengths: list[int]):
         """Add rows of per-token log-probs ([len(seqs), T] fp32, 0 past each row's length)."""
-        token_lp = token_lp.cpu()
-        self.logps[seqs] += token_lp.double().sum(1)
+        self.logps[torch.tensor(seqs, device=self.logps.device)] += token_lp.double().sum(1)
         if self.token_logps is not None:
             for s, row, n in zip(seqs, token_lp.tolist(), lengths):
                 self.token_logps[s] += row[:n]
+
+    def finish(self) -> "Scores":
+        self.logps = self.logps.cpu()
+        return self
 
 
 def _flatten(items: list[Tokenized]) -> tuple[list[int], list[list[int]]]:
@@ -66,7 +71,7 @@ class _PromptBatch:
     """One prompt forward pass: its items, their completions' flat indices, its KV cache."""
     seqs: list[list[int]]  # per row: the flat indices of that item's completions
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, heads, P, head_dim]
-    mask: torch.Tensor  # [B, P], left-padded
+    mask: torch.Tensor  # [B, P], right-padded
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +107,7 @@ def _score_continuations(lm, batches: list[_PromptBatch], completions, scores: S
         seqs = [cont[x][2] for x in batch]
         inputs, cont_mask = pad([completions[s][:-1] for s in seqs], PAD_ID, device=lm.device)
         targets, _ = pad([completions[s][1:] for s in seqs], IGNORE_INDEX, device=lm.device)
-        scores.counts.add(cont_mask)
+        scores.counts.add([completions[s][:-1] for s in seqs], inputs)
         cache, prompt_mask = _gather_cache(lm, batches, rows)
         positions = prompt_mask.sum(1, keepdim=True) + torch.arange(inputs.shape[1], device=lm.device)
         hidden = lm.hidden(inputs, torch.cat([prompt_mask, cont_mask], 1), positions, cache)
@@ -113,8 +118,8 @@ def _score_continuations(lm, batches: list[_PromptBatch], completions, scores: S
 @torch.inference_mode()
 def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
              cache_bytes: int = CACHE_BYTES) -> Scores:
-    owner, completions = _flatten(items)
-    scores = Scores(len(completions), per_token)
+    _, completions = _flatten(items)
+    scores = Scores(len(completions), per_token, lm.device)
     first_seq = [0]
     for it in items:
         first_seq.append(first_seq[-1] + len(it.completion_ids))
@@ -124,8 +129,9 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
         # tokens, so no padding mask is needed and attention runs purely causal (SDPA skips the
         # upper triangle: half the work). The pads' keys enter the cache; the continuation pass
         # masks them.
-        ids, mask = pad([items[i].prompt_ids for i in batch], PAD_ID, device=lm.device)
-        scores.counts.add(mask)
+        prompts = [items[i].prompt_ids for i in batch]
+        ids, mask = pad(prompts, PAD_ID, device=lm.device)
+        scores.counts.add(prompts, ids)
         cache = lm.new_cache()
         positions = torch.arange(ids.shape[1], device=lm.device).expand_as(ids)
         hidden = lm.hidden(ids, None, positions, cache)
@@ -146,17 +152,17 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
             held, held_bytes = [], 0
     if held:
         _score_continuations(lm, held, completions, scores, budget)
-    return scores
+    return scores.finish()
 
 
 @torch.inference_mode()
 def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
     owner, completions = _flatten(items)
-    scores = Scores(len(completions), per_token)
+    scores = Scores(len(completions), per_token, lm.device)
     sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
     for batch in length_batches([len(s) for s in sequences], budget):
         ids, mask = pad([sequences[s] for s in batch], PAD_ID, device=lm.device)
-        scores.counts.add(mask)
+        scores.counts.add([sequences[s] for s in batch], ids)
         logits = lm.logits(ids, mask).float()
         token_lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)  # predicts ids[:, 1:]
         # Position t predicts token t + 1, a completion token when prompt_len <= t + 1 < seq_len;
@@ -168,7 +174,7 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
         valid = torch.arange(width, device=lm.device) < torch.tensor(lengths, device=lm.device)[:, None]
         completion_lp = token_lp.gather(1, cols.clamp(max=token_lp.shape[1] - 1))
         scores.add(batch, torch.where(valid, completion_lp, 0.0), lengths)
-    return scores
+    return scores.finish()
 
 
 def score(lm, items: list[Tokenized], *, method: str = "kv", budget: int = 8192, per_token: bool = False) -> Scores:
