@@ -329,6 +329,78 @@ def add_pairs_parser(sub):
     p.set_defaults(func=run_pairs)
 
 
+TRAIN_HELP = """\
+DPO training that watches rankings: each pair's prompt runs once per step and both completions
+continue from its KV cache (gradients flow through the shared prompt); the fused DPO loss never
+builds the full logits; the reference log-probs are computed once with the scorer and cached.
+At step 0 and every --eval-every steps, OUT/metrics.jsonl gets one line: ranking accuracy, DPO
+loss, reward accuracy and the four reference x policy groups on a fixed training subsample and
+on the validation pairs, and ||theta - theta_ref||^2. OUT/checkpoint (safetensors) is replaced
+at each evaluation; --resume continues from it exactly. The final model goes to OUT/final.
+"""
+
+SFT_HELP = """\
+Supervised fine-tuning on the chosen completions (loss on their tokens only), which is how the
+paper makes a reference model. Same data options, loop, metrics and checkpoints as `train`.
+"""
+
+
+def add_train_parsers(sub):
+    from prefrank.dpo.loss import LOSS_TYPES
+    from prefrank.dpo.trainer import OPTIMIZERS
+    for name, help_text, description in (("train", "DPO training that tracks ranking accuracy", TRAIN_HELP),
+                                         ("sft", "fine-tune on chosen completions (a reference model)", SFT_HELP)):
+        p = sub.add_parser(name, help=help_text, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--model", required=True, help="initial policy: local folder or hub id")
+        p.add_argument("--data", required=True, help="training pairs (any format `score` reads)")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--val-data", help="validation pairs (default: --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, default=0.1, help="(default: %(default)s)")
+        if name == "train":
+            p.add_argument("--ref-model", help="reference model (default: the initial policy, frozen)")
+            p.add_argument("--beta", type=_positive_float, default=0.1, help="(default: %(default)s)")
+            p.add_argument("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="(default: %(default)s)")
+            p.add_argument("--label-smoothing", type=float, default=0.0, help="(default: %(default)s)")
+            p.add_argument("--gamma", type=float, default=1.0, help="DPO^gamma's reference scale (default: %(default)s)")
+        p.add_argument("--lr", type=_positive_float, default=5e-6 if name == "train" else 1e-5,
+                       help="(default: %(default)s)")
+        p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: %(default)s)")
+        p.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+        p.add_argument("--epochs", type=_positive_int, default=1, help="(default: %(default)s)")
+        p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+        p.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per micro-batch (default: %(default)s)")
+        p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default: %(default)s)")
+        p.add_argument("--eval-every", type=_positive_int, default=50, help="(default: %(default)s)")
+        p.add_argument("--eval-pairs", type=_positive_int, default=256,
+                       help="size of the fixed training subsample evaluated (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+        p.add_argument("--max-length", type=_positive_int, help="(default: the model's maximum positions)")
+        p.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none", help="(default: %(default)s)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--allow-pickle", action="store_true")
+        add_column_args(p.add_argument_group("columns"))
+        p.set_defaults(func=run_train, mode="dpo" if name == "train" else "sft")
+
+
+def run_train(args) -> int:
+    from prefrank.dpo.trainer import TrainOptions, train
+    dpo = dict(ref_model=args.ref_model, beta=args.beta, loss_type=args.loss_type,
+               label_smoothing=args.label_smoothing, gamma=args.gamma) if args.mode == "dpo" else {}
+    opts = TrainOptions(model=args.model, data=args.data, out=args.out, mode=args.mode, val_data=args.val_data,
+                        val_fraction=args.val_fraction, lr=args.lr, optimizer=args.optimizer,
+                        weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
+                        eval_pairs=args.eval_pairs, seed=args.seed, max_length=args.max_length, truncate=args.truncate,
+                        columns=columns_from_args(args), device=args.device, resume=args.resume,
+                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **dpo)
+    train(opts, log=lambda m: print(m, file=sys.stderr))
+    print(f"{args.mode} -> {args.out}/final (metrics: {args.out}/metrics.jsonl)", file=sys.stderr)
+    return 0
+
+
 def add_merge_parser(sub):
     p = sub.add_parser("merge", help="assemble a score table from the parts an interrupted or distributed run left",
                        description="Write OUT from OUT.parts/ (in input order, with its sidecar), e.g. after a "
@@ -346,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_parsers(sub)
     add_pairs_parser(sub)
     add_merge_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 

@@ -32,9 +32,10 @@ class TokenCounts:
     real: int = 0
     padded: int = 0
 
-    def add(self, seqs: list[list[int]], ids: torch.Tensor):
+    def add(self, seqs: list[list[int]], padded: torch.Tensor):
+        """`seqs` as pushed through, `padded` any tensor of their padded [B, T] shape."""
         self.real += sum(map(len, seqs))  # from the host-side lists: no device sync
-        self.padded += ids.numel()
+        self.padded += padded.numel()
 
 
 class Scores:
@@ -97,20 +98,39 @@ def _gather_cache(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]]):
     return lm.new_cache(layers), mask
 
 
+def prompt_pass(lm, prompts: list[list[int]]) -> tuple[_PromptBatch, torch.Tensor]:
+    """One right-padded forward pass over `prompts`: their KV cache (in a _PromptBatch whose seqs
+    are left for the caller) and each prompt's last hidden state [B, d], which predicts the first
+    completion token. Under the causal mask a real prompt token only sees real tokens, so no
+    padding mask is needed and attention runs purely causal (SDPA skips the upper triangle: half
+    the work); the pads' keys enter the cache and the continuation pass masks them."""
+    ids, mask = pad(prompts, PAD_ID, device=lm.device)
+    cache = lm.new_cache()
+    positions = torch.arange(ids.shape[1], device=lm.device).expand_as(ids)
+    hidden = lm.hidden(ids, None, positions, cache)
+    last_hidden = hidden[torch.arange(len(prompts), device=lm.device), mask.sum(1) - 1]
+    return _PromptBatch([], [(layer.keys, layer.values) for layer in cache.layers], mask), last_hidden
+
+
+def continuation_pass(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]], continuations: list[list[int]]):
+    """Completions continued from their prompts' caches: `continuations[j]` (each of length >= 2)
+    follows prompt row rows[j] = (batch, row). Tokens 0..n-2 go in and predict tokens 1..n-1.
+    Returns the hidden states [b, T, d] and their targets [b, T] (IGNORE_INDEX past each end)."""
+    inputs, cont_mask = pad([c[:-1] for c in continuations], PAD_ID, device=lm.device)
+    targets, _ = pad([c[1:] for c in continuations], IGNORE_INDEX, device=lm.device)
+    cache, prompt_mask = _gather_cache(lm, batches, rows)
+    positions = prompt_mask.sum(1, keepdim=True) + torch.arange(inputs.shape[1], device=lm.device)
+    return lm.hidden(inputs, torch.cat([prompt_mask, cont_mask], 1), positions, cache), targets
+
+
 def _score_continuations(lm, batches: list[_PromptBatch], completions, scores: Scores, budget: int):
-    """Completion tokens 0..n-2 continue from their prompt's cache and predict tokens 1..n-1;
-    continuations are batched by their own length across all the given prompt batches."""
+    """Continuations batched by their own length across all the given prompt batches."""
     cont = [(b, r, s) for b, pb in enumerate(batches) for r, seqs in enumerate(pb.seqs) for s in seqs
             if len(completions[s]) > 1]
     for batch in length_batches([len(completions[s]) - 1 for _, _, s in cont], budget):
-        rows = [cont[x][:2] for x in batch]
         seqs = [cont[x][2] for x in batch]
-        inputs, cont_mask = pad([completions[s][:-1] for s in seqs], PAD_ID, device=lm.device)
-        targets, _ = pad([completions[s][1:] for s in seqs], IGNORE_INDEX, device=lm.device)
-        scores.counts.add([completions[s][:-1] for s in seqs], inputs)
-        cache, prompt_mask = _gather_cache(lm, batches, rows)
-        positions = prompt_mask.sum(1, keepdim=True) + torch.arange(inputs.shape[1], device=lm.device)
-        hidden = lm.hidden(inputs, torch.cat([prompt_mask, cont_mask], 1), positions, cache)
+        hidden, targets = continuation_pass(lm, batches, [cont[x][:2] for x in batch], [completions[s] for s in seqs])
+        scores.counts.add([completions[s][:-1] for s in seqs], targets)
         lp = ops.logprobs_from_hidden(hidden.flatten(0, 1), lm.weight, targets.flatten(), **lm.head_kwargs)
         scores.add(seqs, lp.view(len(seqs), -1), [len(completions[s]) - 1 for s in seqs])
 
@@ -125,29 +145,21 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
         first_seq.append(first_seq[-1] + len(it.completion_ids))
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
-        # Prompt pass, right-padded: under the causal mask a real prompt token only sees real
-        # tokens, so no padding mask is needed and attention runs purely causal (SDPA skips the
-        # upper triangle: half the work). The pads' keys enter the cache; the continuation pass
-        # masks them.
         prompts = [items[i].prompt_ids for i in batch]
-        ids, mask = pad(prompts, PAD_ID, device=lm.device)
-        scores.counts.add(prompts, ids)
-        cache = lm.new_cache()
-        positions = torch.arange(ids.shape[1], device=lm.device).expand_as(ids)
-        hidden = lm.hidden(ids, None, positions, cache)
-        last_hidden = hidden[torch.arange(len(batch), device=lm.device), mask.sum(1) - 1]  # predicts token 0
-        seqs = [list(range(first_seq[i], first_seq[i + 1])) for i in batch]
-        flat = [s for row in seqs for s in row]
-        rows = torch.tensor([r for r, row in enumerate(seqs) for _ in row], device=lm.device)
+        prompt_batch, last_hidden = prompt_pass(lm, prompts)
+        scores.counts.add(prompts, prompt_batch.mask)
+        prompt_batch.seqs = [list(range(first_seq[i], first_seq[i + 1])) for i in batch]
+        flat = [s for row in prompt_batch.seqs for s in row]
+        rows = torch.tensor([r for r, row in enumerate(prompt_batch.seqs) for _ in row], device=lm.device)
         first_targets = torch.tensor([completions[s][0] for s in flat], device=lm.device)
         first = ops.logprobs_from_hidden(last_hidden[rows], lm.weight, first_targets, **lm.head_kwargs)
         scores.add(flat, first[:, None], [1] * len(flat))
-        held.append(_PromptBatch(seqs, [(layer.keys, layer.values) for layer in cache.layers], mask))
+        held.append(prompt_batch)
         # Score what the held caches serve, then free them: when they use their memory budget, or
         # when the next prompts are much longer, since every continuation attends over the
         # longest held prompt (shorter ones are padded).
-        held_bytes += held[-1].nbytes
-        if held_bytes >= cache_bytes or mask.shape[1] > BAND * held[0].mask.shape[1] + 16:
+        held_bytes += prompt_batch.nbytes
+        if held_bytes >= cache_bytes or prompt_batch.mask.shape[1] > BAND * held[0].mask.shape[1] + 16:
             _score_continuations(lm, held, completions, scores, budget)
             held, held_bytes = [], 0
     if held:
