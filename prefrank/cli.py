@@ -401,6 +401,26 @@ def run_train(args) -> int:
     return 0
 
 
+def add_demo_parser(sub):
+    from prefrank.demo import run
+    p = sub.add_parser("demo", help="the paper's findings in a minute on a CPU, on the built-in task",
+                       description=run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="prefrank-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="DPO steps (default: %(default)s)")
+    p.add_argument("--eval-every", type=_positive_int, default=30, help="(default: %(default)s)")
+    p.add_argument("--train-pairs", type=_positive_int, default=2048, help="(default: %(default)s)")
+    p.add_argument("--val-pairs", type=_positive_int, default=512, help="(default: %(default)s)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from prefrank.demo.run import run_demo as demo
+    demo(args.out, seed=args.seed, steps=args.steps, eval_every=args.eval_every, train_pairs=args.train_pairs,
+         val_pairs=args.val_pairs, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def add_merge_parser(sub):
     p = sub.add_parser("merge", help="assemble a score table from the parts an interrupted or distributed run left",
                        description="Write OUT from OUT.parts/ (in input order, with its sidecar), e.g. after a "
@@ -419,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pairs_parser(sub)
     add_merge_parser(sub)
     add_train_parsers(sub)
+    add_demo_parser(sub)
     return parser
 
 

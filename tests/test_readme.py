@@ -15,7 +15,7 @@ def test_readme_opens_with_two_commands():
     assert text.split("\n", 2)[2].startswith("```bash\n"), "the commands come first"
     commands = readme_commands()
     assert len(commands) == 2
-    assert commands[0].endswith("prefrank score") and "pytest" in commands[1]
+    assert commands[0].endswith("prefrank demo") and "pytest" in commands[1]
 
 
 def test_ci_runs_the_readme_test_command():

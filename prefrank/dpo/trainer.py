@@ -230,8 +230,10 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
 
 # ---------------------------------------------------------------- the loop
 
-def train(opts: TrainOptions, log=print) -> dict:
-    """Train, evaluating and checkpointing as configured; returns the last evaluation."""
+def train(opts: TrainOptions, log=print, judge=None) -> dict:
+    """Train, evaluating and checkpointing as configured; returns the last evaluation.
+    `judge(model, tokenizer) -> float`, if given, is called at every evaluation (e.g. a win rate
+    against the reference from a reward model or a ground truth) and logged as "judge"."""
     if opts.mode == "dpo" and opts.loss_type not in LOSS_TYPES:
         raise InputError(f"--loss-type {opts.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     out = Path(opts.out)
@@ -285,6 +287,10 @@ def train(opts: TrainOptions, log=print) -> dict:
                   "param_sq_distance": _squared_distance(model, ref_params),
                   "train": evaluate(lm, eval_train, ref_eval_train if ref_lm else None, opts.beta),
                   "val": evaluate(lm, val_items, ref_val if ref_lm else None, opts.beta) if val_items else None}
+        if judge is not None:
+            model.eval()
+            record["judge"] = judge(model, tokenizer)
+            model.train()
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         log(f"step {step}: train ranking accuracy {record['train']['ranking_accuracy']:.3f}"

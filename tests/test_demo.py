@@ -1,0 +1,29 @@
+"""A reduced `prefrank demo`: its structure, the Theorem 4.1 check, and numbers that agree with
+the files it wrote."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from prefrank.cli import main
+
+
+def test_reduced_demo(default_cache, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "6", "--eval-every", "3", "--train-pairs", "256",
+                 "--val-pairs", "128"]) == 0
+    report = out / "report"
+    for name in ("report.md", "summary.json", "demo.json", "accuracy.png", "loss_vs_c.png", "groups.png",
+                 "difficulty.png", "trajectory.png"):
+        assert (report / name).stat().st_size > 0, name
+    demo = json.loads((report / "demo.json").read_text())
+    s = demo["summary"]
+    assert [line["step"] for line in demo["trajectory"]] == [0, 3, 6]
+    assert all(0 <= line["judge"] <= 1 for line in demo["trajectory"])
+    assert demo["trajectory"][0]["judge"] == 0.5  # the policy starts as the reference: every answer ties
+    assert s["theorem41_violations"] == 0 and s["n_pairs"] == 128
+    table = pq.read_table(out / "val_scores.parquet").to_pylist()
+    rows = [json.loads(line) for line in open(out / "val.jsonl")]
+    assert s["ranking_accuracy"]["value"] == pytest.approx(sum(t["logp_chosen"] >= t["logp_rejected"] for t in table) / 128)
+    assert [t["alpha"] for t in table] == [r["alpha"] for r in rows]  # the known preference shares
+    assert "alignment gap" in (report / "report.md").read_text() and "Theorem 4.1" in demo["text"]
