@@ -365,6 +365,7 @@ def add_train_parsers(sub):
             p.add_argument("--gamma", type=float, default=1.0, help="DPO^gamma's reference scale (default: %(default)s)")
         p.add_argument("--lr", type=_positive_float, default=5e-6 if name == "train" else 1e-5,
                        help="(default: %(default)s)")
+        p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: %(default)s)")
         p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: %(default)s)")
         p.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
         p.add_argument("--epochs", type=_positive_int, default=1, help="(default: %(default)s)")
@@ -390,7 +391,8 @@ def run_train(args) -> int:
     dpo = dict(ref_model=args.ref_model, beta=args.beta, loss_type=args.loss_type,
                label_smoothing=args.label_smoothing, gamma=args.gamma) if args.mode == "dpo" else {}
     opts = TrainOptions(model=args.model, data=args.data, out=args.out, mode=args.mode, val_data=args.val_data,
-                        val_fraction=args.val_fraction, lr=args.lr, optimizer=args.optimizer,
+                        val_fraction=args.val_fraction, lr=args.lr, warmup_steps=args.warmup_steps,
+                        optimizer=args.optimizer,
                         weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
                         batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
                         eval_pairs=args.eval_pairs, seed=args.seed, max_length=args.max_length, truncate=args.truncate,

@@ -1,8 +1,8 @@
 """The embedded default: the built-in addition task and a tiny causal LM trained on it here, on
 first use, on the CPU (no download), then cached.
 
-The model is a 2-layer Llama with a character-level tokenizer, fine-tuned on the chosen answers
-of freshly generated pairs (the paper's recipe for a reference model: SFT on chosen).
+The model is a 2-layer Llama with a character-level tokenizer, fine-tuned with `prefrank sft` on
+the chosen answers of freshly generated pairs (the paper's recipe for a reference model).
 """
 import json
 import os
@@ -15,7 +15,7 @@ import torch
 
 from prefrank.demo.task import ALPHABET, make_pairs
 
-VERSION = 1  # bump when the task, tokenizer, model or training changes: invalidates caches
+VERSION = 2  # bump when the task, tokenizer, model or training changes: invalidates caches
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
@@ -45,50 +45,33 @@ def build_model(vocab_size: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-def sft_on_chosen(model, tokenizer, *, steps: int, batch_size: int, lr: float, seed: int, log=None):
-    """Fine-tune on prompt + chosen of freshly generated pairs; loss on the answer tokens only."""
-    from prefrank.batching import pad
-    from prefrank.reference import IGNORE_INDEX
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        rows = make_pairs(batch_size, seed=1_000_000 * (seed + 1) + step)  # never an eval seed
-        prompts = [tokenizer(r["prompt"])["input_ids"] for r in rows]
-        answers = [tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] for r in rows]
-        ids, mask = pad([p + a for p, a in zip(prompts, answers)], 0)
-        labels, _ = pad([[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)], IGNORE_INDEX)
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"  step {step:4d}  loss {loss.item():.3f}")
-    model.eval()
-    return model
-
-
 def ensure_default(seed: int = 0, n_pairs: int = 1000, log=print) -> tuple[str, str]:
-    """(data path, model path) of the embedded default, built and cached on first use."""
+    """(data path, model path) of the embedded default, built and cached on first use: a random
+    2-layer Llama fine-tuned by `prefrank sft` on the chosen answers of 38,400 fresh pairs."""
+    from prefrank.dpo.trainer import TrainOptions, train
     target = cache_root() / f"default-v{VERSION}-seed{seed}-n{n_pairs}"
     if (target / "model.safetensors").exists():
         return str(target / "pairs.jsonl"), str(target)
     log(f"prefrank: training the embedded default model (first use; cached in {target})")
     start = time.perf_counter()
-    tokenizer = build_tokenizer()
-    model = sft_on_chosen(build_model(len(tokenizer), seed), tokenizer, steps=600, batch_size=64, lr=3e-3,
-                          seed=seed, log=log)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(tmp / "pairs.jsonl", "w") as f:
-        for row in make_pairs(n_pairs, seed=seed):
-            f.write(json.dumps(row) + "\n")
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer), seed).save_pretrained(tmp / "init")
+    tokenizer.save_pretrained(tmp / "init")
+    steps, batch_size = 600, 64
+    with open(tmp / "sft.jsonl", "w") as f:  # problems of other seeds than any evaluation set's
+        f.writelines(json.dumps(r) + "\n" for r in make_pairs(steps * batch_size, seed=1_000_000 * (seed + 1)))
+    train(TrainOptions(model=str(tmp / "init"), data=str(tmp / "sft.jsonl"), out=str(tmp / "sft"), mode="sft",
+                       lr=3e-3, warmup_steps=20, batch_size=batch_size, max_steps=steps, eval_every=steps, eval_pairs=256,
+                       val_fraction=0.0, seed=seed, device="cpu"), log=log)
+    final = tmp / "sft" / "final"
+    with open(final / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in make_pairs(n_pairs, seed=seed))
     try:
-        os.replace(tmp, target)
+        os.replace(final, target)
     except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
     log(f"prefrank: default model ready in {time.perf_counter() - start:.0f}s")
     return str(target / "pairs.jsonl"), str(target)

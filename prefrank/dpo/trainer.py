@@ -47,6 +47,7 @@ class TrainOptions:
     label_smoothing: float = 0.0
     gamma: float = 1.0
     lr: float = 5e-6
+    warmup_steps: int = 0  # linear warm-up of the learning rate (a function of the step: resumes exactly)
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     epochs: int = 1
@@ -307,6 +308,8 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
         order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
         start = in_epoch * opts.batch_size * opts.grad_accum
         optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:
+            group["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup_steps) if opts.warmup_steps else opts.lr
         for micro in range(opts.grad_accum):
             index = order[start + micro * opts.batch_size: start + (micro + 1) * opts.batch_size].tolist()
             batch = [train_items[i] for i in index]
