@@ -127,3 +127,31 @@ def test_train_cli_on_the_builtin_task(default_cache, tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
     assert main(["train", "--model", model, "--data", data, "--out", str(out)]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+@needs_shared
+def test_two_gloo_processes_train_like_one(hh_pairs, tmp_path):
+    """torchrun with 2 ranks and batch 4 each equals one process with batch 8, step for step."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    common = ["train", "--model", str(STORIES), "--data", hh_pairs, "--lr", "3e-3", "--max-steps", "3",
+              "--eval-every", "1", "--eval-pairs", "16", "--max-length", "512", "--truncate", "keep-end",
+              "--device", "cpu"]
+    from prefrank.cli import main
+    assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", str(port), "-m", "prefrank", *common,
+                             "--out", str(tmp_path / "two"), "--batch-size", "4"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = metrics_lines(tmp_path / "one"), metrics_lines(tmp_path / "two")
+    assert [line["step"] for line in two] == [0, 1, 2, 3]
+    for a, b in zip(one, two):
+        assert a["train"]["ranking_accuracy"] == b["train"]["ranking_accuracy"]
+        assert a["train"]["dpo_loss"] == pytest.approx(b["train"]["dpo_loss"], rel=1e-5, abs=1e-7)
+        assert a["param_sq_distance"] == pytest.approx(b["param_sq_distance"], rel=1e-4, abs=1e-9)

@@ -8,7 +8,9 @@ reference log-probs are computed once with the scorer and cached. Every `eval_ev
 at step 0) it scores a fixed training subsample and the validation pairs with the current policy
 and writes one JSON line: ranking accuracy, DPO loss, reward accuracy, the four reference × policy
 groups, and ‖θ − θref‖². Checkpoints are safetensors (model, optimizer state, RNG); `resume`
-continues exactly where a checkpoint left off.
+continues exactly where a checkpoint left off. Under torchrun (gloo on CPU, nccl on GPU) each
+process takes its share of every micro-batch and the gradients are averaged before each step, so
+N processes with batch B train like one process with batch N·B.
 """
 import copy
 import hashlib
@@ -26,6 +28,7 @@ from prefrank.analysis import metrics
 from prefrank.data import Columns, InputError, read_examples
 from prefrank.dpo.loss import LOSS_TYPES, fused_linear_dpo_loss
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device
+from prefrank.pipeline import _barrier, distributed
 from prefrank.reference import IGNORE_INDEX
 from prefrank.scoring import continuation_pass, prompt_pass, score
 from prefrank.tokenization import RowError, tokenize_example
@@ -237,12 +240,18 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
     against the reference from a reward model or a ground truth) and logged as "judge"."""
     if opts.mode == "dpo" and opts.loss_type not in LOSS_TYPES:
         raise InputError(f"--loss-type {opts.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    rank, world = distributed()
     out = Path(opts.out)
     if (out / "metrics.jsonl").exists() and not opts.resume:
         raise InputError(f"{out} holds an earlier run: pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     device = resolve_device(opts.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if rank != 0:
+        log = lambda message: None  # noqa: E731  rank 0 speaks for all
     model = load_model(opts.model, dtype=torch.float32, device=device, trust_remote_code=opts.trust_remote_code,
                        allow_pickle=opts.allow_pickle)
     tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
@@ -268,6 +277,9 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
             ref_params = [p.detach().clone() for p in ref_model.parameters()]
         key = _items_key(opts.ref_model or opts.model, opts.data, opts.val_data, opts.val_fraction, opts.seed,
                          asdict(opts.columns), max_length, opts.truncate)
+        if rank == 0:  # one process computes and caches them; the others read the cache
+            _reference_logps(ref_lm, train_items + val_items, out / "reference_logps.safetensors", key)
+        _barrier(world)
         ref_all = _reference_logps(ref_lm, train_items + val_items, out / "reference_logps.safetensors", key)
         ref_train, ref_val = ref_all[:len(train_items)], ref_all[len(train_items):]
         ref_eval_train = ref_train[eval_index]
@@ -280,10 +292,13 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
         state = load_checkpoint(out, model, optimizer)
         log(f"prefrank: resumed at step {state['step']}")
         _truncate_metrics(out / "metrics.jsonl", state["step"])
-    steps_per_epoch = max(1, len(train_items) // (opts.batch_size * opts.grad_accum))
+    # One optimizer step takes batch_size × grad_accum pairs on each of the `world` processes.
+    steps_per_epoch = max(1, len(train_items) // (opts.batch_size * opts.grad_accum * world))
     total_steps = min(opts.max_steps or 10**12, steps_per_epoch * opts.epochs)
 
     def eval_and_log(step):
+        if rank != 0:
+            return None
         record = {"step": step, "epoch": step / steps_per_epoch, "time": time.time(),
                   "param_sq_distance": _squared_distance(model, ref_params),
                   "train": evaluate(lm, eval_train, ref_eval_train if ref_lm else None, opts.beta),
@@ -301,34 +316,53 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
     record = eval_and_log(0) if state["step"] == 0 else None
     model.train()
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", disable=None)
+    bar = tqdm(total=total_steps, initial=state["step"], unit="step", disable=None if rank == 0 else True)
     while state["step"] < total_steps:
         step = state["step"]
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
-        start = in_epoch * opts.batch_size * opts.grad_accum
+        start = in_epoch * opts.batch_size * opts.grad_accum * world
         optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
             group["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup_steps) if opts.warmup_steps else opts.lr
         for micro in range(opts.grad_accum):
-            index = order[start + micro * opts.batch_size: start + (micro + 1) * opts.batch_size].tolist()
+            first = start + (micro * world + rank) * opts.batch_size  # the ranks split each micro-batch
+            index = order[first:first + opts.batch_size].tolist()
             batch = [train_items[i] for i in index]
             if opts.mode == "dpo":
                 loss, _ = dpo_step_loss(lm, batch, ref_train[index, 0], ref_train[index, 1], opts)
             else:
                 loss, _ = sft_step_loss(lm, batch)
             (loss / opts.grad_accum).backward()
+        if world > 1:
+            _average_gradients(model, world)
         optimizer.step()
         state["step"] = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if state["step"] % opts.eval_every == 0 or state["step"] == total_steps:
             record = eval_and_log(state["step"])
-            save_checkpoint(out, model, tokenizer, optimizer, {**state, "options": asdict(opts)})
+            if rank == 0:
+                save_checkpoint(out, model, tokenizer, optimizer, {**state, "options": asdict(opts)})
     bar.close()
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
+    if rank == 0:
+        model.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")
+    _barrier(world)
     return record
+
+
+def _average_gradients(model, world: int):
+    """Data parallelism: every process's gradients become their mean, in one all-reduce."""
+    import torch.distributed as dist
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _truncate_metrics(path: Path, step: int):
