@@ -44,6 +44,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # trl: the drop-in test of prefrank's fused loss inside TRL's DPOTrainer
+    extras_require={"test": ["pytest>=8", "trl>=1.16"]},
     entry_points={"console_scripts": ["prefrank=prefrank.cli:main"]},
 )

@@ -32,6 +32,8 @@ def head_logits(hidden, weight, bias=None, softcap=None, temperature=1.0):
     """The output head as causal LMs apply it: (hidden @ weight.T + bias) / temperature,
     then softcap * tanh(z / softcap) when the architecture soft-caps its logits. fp32 out
     (float64 for float64 inputs)."""
+    if hidden.dtype != weight.dtype:  # e.g. bf16 hidden states from an autocast forward, fp32 master weights
+        hidden = hidden.to(weight.dtype)
     logits = upcast(F.linear(hidden, weight, bias))
     if temperature != 1.0:
         logits = logits / temperature

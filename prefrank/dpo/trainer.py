@@ -12,6 +12,7 @@ continues exactly where a checkpoint left off. Under torchrun (gloo on CPU, nccl
 process takes its share of every micro-batch and the gradients are averaged before each step, so
 N processes with batch B train like one process with batch N·B.
 """
+import contextlib
 import copy
 import hashlib
 import json
@@ -314,6 +315,8 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
         return record
 
     record = eval_and_log(0) if state["step"] == 0 else None
+    # bf16 autocast on GPU (fp32 master weights and optimizer state); fp32 on CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", disable=None if rank == 0 else True)
@@ -329,10 +332,11 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
             first = start + (micro * world + rank) * opts.batch_size  # the ranks split each micro-batch
             index = order[first:first + opts.batch_size].tolist()
             batch = [train_items[i] for i in index]
-            if opts.mode == "dpo":
-                loss, _ = dpo_step_loss(lm, batch, ref_train[index, 0], ref_train[index, 1], opts)
-            else:
-                loss, _ = sft_step_loss(lm, batch)
+            with autocast:
+                if opts.mode == "dpo":
+                    loss, _ = dpo_step_loss(lm, batch, ref_train[index, 0], ref_train[index, 1], opts)
+                else:
+                    loss, _ = sft_step_loss(lm, batch)
             (loss / opts.grad_accum).backward()
         if world > 1:
             _average_gradients(model, world)
