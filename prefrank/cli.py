@@ -380,6 +380,10 @@ def add_train_parsers(sub):
         p.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none", help="(default: %(default)s)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+        p.add_argument("--judge-model", help="reward model (sequence classification, one output): at each evaluation "
+                       "the policy and the reference sample a completion per prompt and the win rate is logged")
+        p.add_argument("--judge-prompts", type=_positive_int, default=64, help="(default: %(default)s)")
+        p.add_argument("--judge-max-new-tokens", type=_positive_int, default=64, help="(default: %(default)s)")
         p.add_argument("--trust-remote-code", action="store_true")
         p.add_argument("--allow-pickle", action="store_true")
         add_column_args(p.add_argument_group("columns"))
@@ -397,6 +401,8 @@ def run_train(args) -> int:
                         batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
                         eval_pairs=args.eval_pairs, seed=args.seed, max_length=args.max_length, truncate=args.truncate,
                         columns=columns_from_args(args), device=args.device, resume=args.resume,
+                        judge_model=args.judge_model, judge_prompts=args.judge_prompts,
+                        judge_max_new_tokens=args.judge_max_new_tokens,
                         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **dpo)
     train(opts, log=lambda m: print(m, file=sys.stderr))
     print(f"{args.mode} -> {args.out}/final (metrics: {args.out}/metrics.jsonl)", file=sys.stderr)

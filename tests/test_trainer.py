@@ -155,3 +155,33 @@ def test_two_gloo_processes_train_like_one(hh_pairs, tmp_path):
         assert a["train"]["ranking_accuracy"] == b["train"]["ranking_accuracy"]
         assert a["train"]["dpo_loss"] == pytest.approx(b["train"]["dpo_loss"], rel=1e-5, abs=1e-7)
         assert a["param_sq_distance"] == pytest.approx(b["param_sq_distance"], rel=1e-4, abs=1e-9)
+
+
+def test_reward_model_judge(default_cache, tmp_path, capsys):
+    """A reward model's win rate: exactly one half for a policy equal to the reference (same
+    samples), and logged at every evaluation of a training run."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from prefrank.cli import main
+    from prefrank.demo.default import build_tokenizer
+    from prefrank.dpo.judge import reward_model_judge
+    from prefrank.models import load_model
+    data, model_path = default_cache
+    tokenizer = build_tokenizer()
+    rm = tmp_path / "rm"
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               num_labels=1, pad_token_id=0)).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    reference = load_model(model_path, dtype=torch.float32, device=torch.device("cpu"))
+    prompts = ["Q: 12+34=?\nA:", "Q: 56+78=?\nA:", "Q: 90+11=?\nA:"]
+    judge = reward_model_judge(str(rm), reference, prompts, max_new_tokens=4)
+    assert judge(reference, tokenizer) == 0.5
+    assert 0.0 <= judge(tiny_model("llama"), tokenizer) <= 1.0
+    out = tmp_path / "run"
+    assert main(["train", "--model", model_path, "--data", data, "--out", str(out), "--lr", "1e-3", "--max-steps", "1",
+                 "--eval-every", "1", "--eval-pairs", "8", "--judge-model", str(rm), "--judge-prompts", "4",
+                 "--judge-max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert lines[0]["judge"] == 0.5 and 0.0 <= lines[1]["judge"] <= 1.0

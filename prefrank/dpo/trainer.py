@@ -66,6 +66,9 @@ class TrainOptions:
     columns: Columns = field(default_factory=Columns)
     device: str = "auto"
     resume: bool = False
+    judge_model: str | None = None  # a reward model: win rate against the reference at each evaluation
+    judge_prompts: int = 64
+    judge_max_new_tokens: int = 64
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -287,6 +290,13 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
     else:
         ref_params = [p.detach().clone() for p in model.parameters()]
 
+    if opts.judge_model and judge is None:
+        from prefrank.dpo.judge import reward_model_judge
+        prompts = [tokenizer.decode(it.prompt_ids, skip_special_tokens=True)
+                   for it in (val_items or eval_train)[:opts.judge_prompts]]
+        judge = reward_model_judge(opts.judge_model, ref_lm.model if ref_lm else copy.deepcopy(model).eval(), prompts,
+                                   max_new_tokens=opts.judge_max_new_tokens, seed=opts.seed,
+                                   trust_remote_code=opts.trust_remote_code)
     optimizer = _optimizer(model, opts)
     state = {"step": 0}
     if opts.resume and ((out / "checkpoint").exists() or (out / "checkpoint.old").exists()):
