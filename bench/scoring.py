@@ -3,7 +3,9 @@ on real pairs (Anthropic HH test split) with the real tiny model stories260K (..
 
   python -m bench.scoring [--pairs 400] [--k 2] [--reps 3] [--budget 8192]
 
-Checks that both methods give the same log-probs before timing; reports prompts/s and tokens/s
+Three paths: prefrank's kv method; the naive method (full logits, same length bucketing); and the
+TRL-style path (pairs in input order, chosen and rejected concatenated in one padded batch, full
+logits, TRL's selective_log_softmax). Checks that all give the same log-probs before timing; reports prompts/s and tokens/s
 (real prompt + completion tokens as the naive layout counts them, i.e. the work a user asks for)
 and the ideal prefix-sharing ratio (K·P + ΣC) / (P + ΣC) of the same items. With --k 4 each HH
 prompt gets its own two completions and the next pair's two (same lengths as real data; the text
@@ -17,6 +19,7 @@ import time
 import torch
 
 from bench.common import SHARED, alternate, machine, write_result
+from prefrank.batching import pad
 from prefrank.data import Columns, RowError, to_example
 from prefrank.models import CausalLM, load_model, load_tokenizer
 from prefrank.scoring import score
@@ -52,6 +55,37 @@ def k_completions(items, k: int, max_length: int):
     return out
 
 
+def _selective_log_softmax():
+    """TRL's selective_log_softmax when trl is installed (what most users run), else log_softmax + gather."""
+    try:
+        from trl.trainer.utils import selective_log_softmax
+        return selective_log_softmax, "trl.trainer.utils.selective_log_softmax"
+    except ImportError:
+        return (lambda logits, index: torch.log_softmax(logits, -1).gather(-1, index[..., None]).squeeze(-1),
+                "log_softmax + gather (trl not installed)")
+
+
+@torch.inference_mode()
+def trl_style(lm, items, pairs_per_batch: int = 8):
+    """The common training-framework path: pairs in input order, each batch the chosen sequences
+    then the rejected ones, right-padded to the batch's longest; full logits; per-token log-probs
+    through TRL's selective_log_softmax; sums over the completion positions. Returns [n·K] sums."""
+    select, _ = _selective_log_softmax()
+    out = []
+    for start in range(0, len(items), pairs_per_batch):
+        batch = items[start:start + pairs_per_batch]
+        k = len(batch[0].completion_ids)
+        seqs = [it.prompt_ids + it.completion_ids[j] for j in range(k) for it in batch]
+        prompt_len = torch.tensor([len(it.prompt_ids) for _ in range(k) for it in batch])
+        ids, mask = pad(seqs, 0)
+        logps = select(lm.logits(ids, mask)[:, :-1], ids[:, 1:])
+        t = torch.arange(1, ids.shape[1])
+        scored = (t >= prompt_len[:, None]) & (mask[:, 1:] == 1)
+        sums = torch.where(scored, logps.double(), 0.0).sum(1).view(k, len(batch))
+        out.append(sums.T.reshape(-1))  # back to item order: item 0's completions first
+    return torch.cat(out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=400)
@@ -71,11 +105,12 @@ def main(argv=None):
 
     kv = score(lm, items, method="kv", budget=args.budget)
     naive = score(lm, items, method="naive", budget=args.budget)
-    max_diff = (kv.logps - naive.logps).abs().max().item()
-    assert max_diff < 1e-2, f"kv and naive disagree by {max_diff}"
+    max_diff = max((kv.logps - naive.logps).abs().max().item(), (trl_style(lm, items) - naive.logps).abs().max().item())
+    assert max_diff < 1e-2, f"the methods disagree by {max_diff}"
 
     seconds = alternate({"kv": lambda: score(lm, items, method="kv", budget=args.budget),
-                         "naive": lambda: score(lm, items, method="naive", budget=args.budget)}, args.reps)
+                         "naive": lambda: score(lm, items, method="naive", budget=args.budget),
+                         "trl_style": lambda: trl_style(lm, items)}, args.reps)
     result = {
         "benchmark": f"scoring kv vs naive (CPU), K = {args.k}", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "command": "python -m bench.scoring " + " ".join(argv or []),
@@ -89,6 +124,8 @@ def main(argv=None):
         "prompts_per_s": {m: len(items) / s for m, s in seconds.items()},
         "tokens_per_s": {m: naive_tokens / s for m, s in seconds.items()},
         "speedup_kv_over_naive": seconds["naive"] / seconds["kv"],
+        "speedup_kv_over_trl_style": seconds["trl_style"] / seconds["kv"],
+        "trl_style_log_softmax": _selective_log_softmax()[1],
     }
     path = write_result(f"scoring_cpu_k{args.k}", result, args.out_dir)
     print(json.dumps(result, indent=2))
