@@ -92,12 +92,23 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--k", type=int, default=2, choices=[2, 4, 6, 8], help="completions per prompt")
     parser.add_argument("--budget", type=int, default=8192, help="max padded tokens per forward call")
+    parser.add_argument("--model", choices=["stories260K", "llama-11m"], default="stories260K",
+                        help="the real tiny model, or a random-init 11M-parameter Llama (hidden 384, 6 layers, its "
+                             "vocabulary) where compute is dominated by the matmuls, as in real models")
     parser.add_argument("--out-dir", help="where the JSON result goes (default: bench/results)")
     args = parser.parse_args(argv)
 
     model_path = str(SHARED / "models" / "stories260K")
     tokenizer = load_tokenizer(model_path)
-    lm = CausalLM(load_model(model_path, dtype=torch.float32, device=torch.device("cpu")))
+    if args.model == "stories260K":
+        model = load_model(model_path, dtype=torch.float32, device=torch.device("cpu"))
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1024,
+                                             num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                                             max_position_embeddings=512)).eval()
+    lm = CausalLM(model)
     items = k_completions(load_pairs(args.pairs, tokenizer, lm.max_positions), args.k, lm.max_positions)
     prompt = sum(len(it.prompt_ids) for it in items)
     completions = sum(len(c) for it in items for c in it.completion_ids)
@@ -114,7 +125,7 @@ def main(argv=None):
     result = {
         "benchmark": f"scoring kv vs naive (CPU), K = {args.k}", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "command": "python -m bench.scoring " + " ".join(argv or []),
-        "model": "stories260K", "data": "hh-rlhf helpful-base test (first pairs that fit 512 tokens)",
+        "model": args.model, "data": "hh-rlhf helpful-base test (first pairs that fit 512 tokens)",
         "prompts": len(items), "k": args.k, "budget": args.budget, "reps": args.reps,
         "tokens": {"prompt": prompt, "completions": completions, "naive_real": naive.counts.real,
                    "naive_padded": naive.counts.padded, "kv_real": kv.counts.real, "kv_padded": kv.counts.padded},
@@ -127,7 +138,8 @@ def main(argv=None):
         "speedup_kv_over_trl_style": seconds["trl_style"] / seconds["kv"],
         "trl_style_log_softmax": _selective_log_softmax()[1],
     }
-    path = write_result(f"scoring_cpu_k{args.k}", result, args.out_dir)
+    path = write_result(f"scoring_cpu_k{args.k}" + ("" if args.model == "stories260K" else f"_{args.model}"), result,
+                        args.out_dir)
     print(json.dumps(result, indent=2))
     print(f"\n| {result['date']} | {len(items)} prompts, K={args.k} | kv {result['prompts_per_s']['kv']:.1f} prompts/s, "
           f"{result['tokens_per_s']['kv']:.0f} tok/s | naive {result['prompts_per_s']['naive']:.1f} prompts/s | "
