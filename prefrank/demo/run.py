@@ -99,9 +99,9 @@ def summary_text(s: dict, lines: list[dict], beta: float) -> str:
         f"reference ranked wrongly, DPO flipped {flipped} ({100 * flipped / max(wrong, 1):.0f}%): Theorem 4.1 says a "
         f"pair is ranked right only once its loss falls below -log σ(βc), which for hard pairs (large c) is a very "
         f"small loss ({s['theorem41_violations']} violations of the theorem among {s['n_pairs']} pairs). Meanwhile "
-        f"the win rate against the reference went from {first['judge']:.2f} to {last['judge']:.2f} as the policy "
-        f"moved ‖θ − θref‖² = {last['param_sq_distance']:.3g} away: ranking accuracy and win rate need not move "
-        f"together once the policy leaves the reference's neighbourhood.")
+        f"the win rate against the reference went from {first['judge']:.2f} to {last['judge']:.2f} (between "
+        f"{min(line['judge'] for line in lines):.2f} and {max(line['judge'] for line in lines):.2f} along the way) "
+        f"as the policy moved ‖θ − θref‖² = {last['param_sq_distance']:.3g} away from the reference.")
 
 
 def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 2048, val_pairs: int = 512,
