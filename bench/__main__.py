@@ -1,7 +1,8 @@
 """prefrank's benchmarks, one command per machine:
 
-  python -m bench --suite cpu    scoring (KV reuse vs naive, K = 2 and 4), C++ log-probs, fused DPO
-                                 loss vs naive and Liger, streaming memory (needs ../shared)
+  python -m bench --suite cpu    scoring (KV reuse vs naive vs TRL-style, K = 2 and 4, stories260K and
+                                 an 11M Llama), gain vs prompt share, C++ log-probs, fused DPO loss vs
+                                 naive and Liger, streaming memory (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings
 
 Each benchmark writes its JSON into bench/results/ (or --out-dir); bench/RESULTS.md records the
@@ -16,6 +17,8 @@ SUITES = {
             ("scoring", ["--pairs", "600", "--k", "4", "--reps", "5"]),
             ("logprobs", []),
             ("dpo_loss", []),
+            ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),
+            ("scaling", []),
             ("streaming", ["--sizes", "10000,100000"])],
     "gpu": [("ops_gpu", [])],
 }
