@@ -13,6 +13,7 @@ analysis doing the work, on the built-in addition task whose true preference sha
 """
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -128,16 +129,15 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
 
     log("prefrank demo: DPO from the reference (SFT on chosen)")
     run = folder / "dpo"
-    if run.exists():
-        import shutil
-        shutil.rmtree(run)
+    scores = folder / "val_scores.parquet"
+    for stale in (run, scores.with_name(scores.name + ".parts")):  # an earlier, possibly interrupted, demo
+        shutil.rmtree(stale, ignore_errors=True)
     train(TrainOptions(model=reference_path, data=str(folder / "train.jsonl"), val_data=str(folder / "val.jsonl"),
                        out=str(run), beta=beta, lr=lr, batch_size=batch_size, max_steps=steps, epochs=100,
                        eval_every=eval_every, eval_pairs=256, seed=seed, device="cpu"), log=log, judge=judge)
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
 
     log("prefrank demo: scoring the validation pairs under the final policy and the reference")
-    scores = folder / "val_scores.parquet"
     score_dataset(ScoreOptions(data=str(folder / "val.jsonl"), model=str(run / "final"), ref_model=reference_path,
                                out=str(scores), columns=Columns(), device="cpu"), progress=False)
     summary = write_report(str(scores), str(folder / "report"), beta=beta)
