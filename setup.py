@@ -45,6 +45,6 @@ setup(
         "matplotlib>=3.8",
     ],
     # trl: the drop-in test of prefrank's fused loss inside TRL's DPOTrainer
-    extras_require={"test": ["pytest>=8", "trl>=1.16"]},
+    extras_require={"test": ["pytest>=8", "trl>=1.16,<1.17"]},  # PrefrankDPOTrainer overrides a private TRL method
     entry_points={"console_scripts": ["prefrank=prefrank.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""prefrank's fused DPO loss inside TRL's DPOTrainer (requires `trl`).
+"""prefrank's fused DPO loss inside TRL's DPOTrainer (requires `trl`; written against TRL 1.16, whose
+private `_compute_loss` it overrides).
 
     from prefrank.dpo.trl_trainer import PrefrankDPOTrainer   # instead of trl.DPOTrainer
     trainer = PrefrankDPOTrainer(model=model, args=DPOConfig(...), train_dataset=ds, processing_class=tok)
