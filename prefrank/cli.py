@@ -209,7 +209,6 @@ def _analyze_kwise(args) -> dict:
 
 
 def run_analyze(args) -> int:
-    import json
     from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
     if kwise.is_kwise_table(args.scores):
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")

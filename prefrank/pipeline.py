@@ -17,11 +17,11 @@ from itertools import islice
 import torch
 
 from prefrank import __version__
-from prefrank.data import Columns, InputError, RowError, count_rows, read_examples
+from prefrank.data import Columns, InputError, count_rows, read_examples
 from prefrank.io import Parts, completion_fields, input_hash, table_schema
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
 from prefrank.scoring import score
-from prefrank.tokenization import tokenize_example
+from prefrank.tokenization import tokenize_examples
 
 
 @dataclass
@@ -102,16 +102,12 @@ def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
 
 def _tokenize_chunk(examples, tokenizer, opts, max_length):
     """Token ids for each valid example; errors recorded on the example itself."""
-    tokenized = {}
-    for ex in examples:
-        if ex.error is None:
-            try:
-                tokenized[ex.index] = tokenize_example(ex, tokenizer, max_length=max_length, truncate=opts.truncate,
-                                                       append_eos=opts.append_eos)
-            except RowError as e:
-                ex.error = str(e)
-        if ex.error is not None and opts.strict:
-            raise InputError(f"row {ex.index} (id {ex.id}): {ex.error} (--strict)")
+    tokenized = tokenize_examples(examples, tokenizer, max_length=max_length, truncate=opts.truncate,
+                                  append_eos=opts.append_eos)
+    if opts.strict:
+        bad = next((ex for ex in examples if ex.error is not None), None)
+        if bad is not None:
+            raise InputError(f"row {bad.index} (id {bad.id}): {bad.error} (--strict)")
     return tokenized
 
 

@@ -78,3 +78,16 @@ def tokenize_example(example: Example, tokenizer, *, max_length: int | None = No
         prompt_ids, completion_ids = _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head)
         truncated = True
     return Tokenized(prompt_ids, completion_ids, truncated)
+
+
+def tokenize_examples(examples, tokenizer, **options) -> dict[int, Tokenized]:
+    """Token ids of every valid example, keyed by its input index; a row that cannot be tokenized
+    gets its reason in `error` (options as for tokenize_example)."""
+    tokenized = {}
+    for ex in examples:
+        if ex.error is None:
+            try:
+                tokenized[ex.index] = tokenize_example(ex, tokenizer, **options)
+            except RowError as e:
+                ex.error = str(e)
+    return tokenized

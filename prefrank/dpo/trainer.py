@@ -32,7 +32,7 @@ from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device
 from prefrank.pipeline import _barrier, distributed
 from prefrank.reference import IGNORE_INDEX
 from prefrank.scoring import continuation_pass, prompt_pass, score
-from prefrank.tokenization import RowError, tokenize_example
+from prefrank.tokenization import tokenize_examples
 
 OPTIMIZERS = ("adamw", "rmsprop")
 
@@ -116,18 +116,12 @@ def sft_step_loss(lm: CausalLM, items):
 # ---------------------------------------------------------------- data and reference
 
 def _load_items(path: str, tokenizer, opts, max_length, log):
-    items, errors, first = [], 0, None
-    for ex in read_examples(path, opts.columns):
-        if ex.error is None:
-            try:
-                items.append(tokenize_example(ex, tokenizer, max_length=max_length, truncate=opts.truncate))
-                continue
-            except RowError as e:
-                ex.error = str(e)
-        errors += 1
-        first = first or f"row {ex.index} (id {ex.id}): {ex.error}"
-    if errors:
-        log(f"prefrank: {errors} rows of {path} cannot be used and are left out (first: {first})")
+    examples = list(read_examples(path, opts.columns))
+    items = list(tokenize_examples(examples, tokenizer, max_length=max_length, truncate=opts.truncate).values())
+    bad = [ex for ex in examples if ex.error is not None]
+    if bad:
+        log(f"prefrank: {len(bad)} rows of {path} cannot be used and are left out "
+            f"(first: row {bad[0].index} (id {bad[0].id}): {bad[0].error})")
     if not items:
         raise InputError(f"{path}: no usable pairs")
     return items
