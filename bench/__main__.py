@@ -3,7 +3,9 @@
   python -m bench --suite cpu    scoring (KV reuse vs naive vs TRL-style, K = 2 and 4, stories260K and
                                  an 11M Llama), gain vs prompt share, C++ log-probs, fused DPO loss vs
                                  naive and Liger, streaming memory (needs ../shared)
-  python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings
+  python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
+                                 to end (random-init Llama 3.2 1B and 3.1 8B shapes, bf16, HH lengths:
+                                 as is, prompt-heavy, completion-heavy) against naive, TRL-style, Liger, CCE
 
 Each benchmark writes its JSON into bench/results/ (or --out-dir); bench/RESULTS.md records the
 figures with their command, machine and date. Every module also runs alone: python -m bench.NAME.
@@ -20,7 +22,11 @@ SUITES = {
             ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),
             ("scaling", []),
             ("streaming", ["--sizes", "10000,100000"])],
-    "gpu": [("ops_gpu", [])],
+    "gpu": [("ops_gpu", []),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512"]),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "512"]),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "512"]),
+            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "256", "--reps", "2"])],
 }
 
 

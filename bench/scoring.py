@@ -76,10 +76,10 @@ def trl_style(lm, items, pairs_per_batch: int = 8):
         batch = items[start:start + pairs_per_batch]
         k = len(batch[0].completion_ids)
         seqs = [it.prompt_ids + it.completion_ids[j] for j in range(k) for it in batch]
-        prompt_len = torch.tensor([len(it.prompt_ids) for _ in range(k) for it in batch])
-        ids, mask = pad(seqs, 0)
+        prompt_len = torch.tensor([len(it.prompt_ids) for _ in range(k) for it in batch], device=lm.device)
+        ids, mask = pad(seqs, 0, device=lm.device)
         logps = select(lm.logits(ids, mask)[:, :-1], ids[:, 1:])
-        t = torch.arange(1, ids.shape[1])
+        t = torch.arange(1, ids.shape[1], device=lm.device)
         scored = (t >= prompt_len[:, None]) & (mask[:, 1:] == 1)
         sums = torch.where(scored, logps.double(), 0.0).sum(1).view(k, len(batch))
         out.append(sums.T.reshape(-1))  # back to item order: item 0's completions first

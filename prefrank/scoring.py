@@ -167,22 +167,34 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
     return scores.finish()
 
 
+def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The naive step: [B, T - 1] fp32 log-probs of ids[:, 1:] from the model's full logits,
+    log_softmax and gather (every position; `targets`, ids[:, 1:] with IGNORE_INDEX outside the
+    completions, is for steps that can skip the rest)."""
+    logits = lm.logits(ids, mask).float()
+    return torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+
+
 @torch.inference_mode()
-def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
+def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False,
+                token_logprobs=full_logits_logprobs) -> Scores:
+    """`token_logprobs(lm, ids, mask, targets) -> [B, T - 1]` computes each batch's per-token
+    log-probs (bench/ plugs in peer libraries' log-prob paths here)."""
     owner, completions = _flatten(items)
     scores = Scores(len(completions), per_token, lm.device)
     sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
     for batch in length_batches([len(s) for s in sequences], budget):
         ids, mask = pad([sequences[s] for s in batch], PAD_ID, device=lm.device)
         scores.counts.add([sequences[s] for s in batch], ids)
-        logits = lm.logits(ids, mask).float()
-        token_lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)  # predicts ids[:, 1:]
         # Position t predicts token t + 1, a completion token when prompt_len <= t + 1 < seq_len;
         # shifting each row left by its prompt length lines the completion up at column 0.
-        prompt_len = [len(items[owner[s]].prompt_ids) for s in batch]
+        prompt_len = torch.tensor([len(items[owner[s]].prompt_ids) for s in batch], device=lm.device)[:, None]
+        t = torch.arange(1, ids.shape[1], device=lm.device)
+        targets = torch.where((t >= prompt_len) & (mask[:, 1:] == 1), ids[:, 1:], IGNORE_INDEX)
+        token_lp = token_logprobs(lm, ids, mask, targets)
         lengths = [len(completions[s]) for s in batch]
         width = max(lengths)
-        cols = torch.tensor(prompt_len, device=lm.device)[:, None] - 1 + torch.arange(width, device=lm.device)
+        cols = prompt_len - 1 + torch.arange(width, device=lm.device)
         valid = torch.arange(width, device=lm.device) < torch.tensor(lengths, device=lm.device)[:, None]
         completion_lp = token_lp.gather(1, cols.clamp(max=token_lp.shape[1] - 1))
         scores.add(batch, torch.where(valid, completion_lp, 0.0), lengths)
