@@ -24,9 +24,9 @@ SUITES = {
             ("streaming", ["--sizes", "10000,100000"])],
     "gpu": [("ops_gpu", []),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512"]),
-            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "512"]),
-            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "512"]),
-            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "256", "--reps", "2"])],
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "256"]),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256"]),
+            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2"])],
 }
 
 

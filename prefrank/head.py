@@ -2,64 +2,98 @@
 to gradients of hidden states, weight and bias, without ever holding the full [N, V] logits.
 
 For a chunk of rows: scores = softcap·tanh(z / softcap) with z = (hidden @ weight.T + bias) / T
-(no softcap: scores = z), fp32. Then
+(no softcap: scores = z). Without softcap and temperature the scores stay in the weight's dtype,
+exactly the logits the model itself would output; otherwise they are fp32. Then, in fp32,
     logp = scores[target] - lse(scores)
     d scores = g · (onehot(target) - exp(scores - lse))        g = d loss / d logp, per row
     d z = d scores · (1 - (scores / softcap)²);  d logits = d z / T
     d hidden = d logits @ weight,  d weight += d logitsᵀ @ hidden,  d bias += Σ d logits
 The per-chunk log-softmax steps go to the fastest backend (Triton on CUDA, the C++ extension on
-CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL). `LogprobsFromHidden` is the
-autograd Function: its forward keeps one logsumexp per row, its backward recomputes each chunk.
+CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL), in the weight's dtype (tensor
+cores for half-precision weights; d logits is rounded to that dtype, as the model's own backward
+would). Chunks hold a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs
+nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
+row, its backward recomputes each chunk.
 """
 import torch
+import torch.nn.functional as F
 
-from prefrank.reference import head_logits, rows_per_chunk, upcast
+from prefrank.reference import upcast
+
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # scores per chunk: GEMMs big enough for a GPU; cache-sized on CPU
 
 
 class Head:
-    """The head's parameters and chunk size; `backend` is ops' choice for the log-softmax steps."""
+    """The head's parameters and chunk size; `backend` is ops' choice for the log-softmax steps.
+    `chunk_bytes`: memory for one chunk's scores (None: by device, CHUNK_BYTES)."""
 
-    def __init__(self, weight, bias=None, softcap=None, temperature=1.0, backend="torch", chunk_bytes=64 << 20):
+    def __init__(self, weight, bias=None, softcap=None, temperature=1.0, backend="torch", chunk_bytes=None):
         self.weight, self.bias, self.softcap, self.temperature = weight, bias, softcap, temperature
         self.backend = backend
-        self.rows = rows_per_chunk(weight.shape[0], chunk_bytes)
+        self.fp32_scores = softcap is not None or temperature != 1.0
+        score_bytes = 4 if self.fp32_scores else weight.element_size()
+        if chunk_bytes is None:
+            chunk_bytes = CHUNK_BYTES["cuda" if weight.is_cuda else "cpu"]
+        rows = max(1, chunk_bytes // (score_bytes * max(weight.shape[0], 1)))
+        self.rows = rows - rows % 128 if rows >= 128 else rows
 
     def scores(self, hidden_rows):
-        """[n, V] fp32 (float64 for float64 inputs) scores of a chunk of rows."""
-        return head_logits(hidden_rows, self.weight, self.bias, self.softcap, self.temperature)
+        """[n, V] scores of a chunk of rows: the weight's dtype, or fp32 under softcap / temperature."""
+        z = F.linear(hidden_rows.to(self.weight.dtype), self.weight, self.bias)
+        if not self.fp32_scores:
+            return z
+        z = upcast(z)
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
 
     def logprobs(self, scores, targets):
-        """(logp, lse) of a chunk; `scores` is left intact."""
+        """(logp, lse) of a chunk, fp32 (float64 for float64 scores); `scores` is left intact."""
         from prefrank import ops
         if self.backend == "triton":
             return ops._triton_kernels().logprobs_from_logits_forward(scores, targets)
         if self.backend == "cpp":
             logp = ops._cpp_logprobs_from_logits(scores, targets)
-            return logp, scores.gather(1, targets[:, None]).squeeze(1) - logp
+            return logp, upcast(scores.gather(1, targets[:, None]).squeeze(1)) - logp
+        scores = upcast(scores)
         lse = torch.logsumexp(scores, -1)
         return scores.gather(1, targets[:, None]).squeeze(1) - lse, lse
 
+    def new_grads(self, hidden, need_h: bool, need_w: bool, need_b: bool) -> list:
+        """Zeroed [d hidden, d weight, d bias] accumulators (None where not needed): d weight in the
+        GEMMs' dtype (the weight's), d bias in fp32 (float64 for float64)."""
+        acc = upcast(hidden[:0]).dtype
+        w = self.weight
+        return [torch.zeros_like(hidden) if need_h else None,
+                torch.zeros_like(w) if need_w else None,
+                torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None]
+
     def backward_(self, scores, targets, lse, g, hidden_rows, grads, row_index):
-        """Turn a chunk's scores, in place, into d scores for per-row gradients `g`, and add the
-        chunk's contributions to grads = [d hidden (full, rows written at row_index), d weight
-        (fp32 or float64), d bias or None]."""
+        """Turn a chunk's scores (in place where they allow it) into d logits for per-row
+        gradients `g`, and add the chunk's contributions to grads (see new_grads; d hidden's rows
+        are written at row_index)."""
         from prefrank import ops
-        tanh_sq = (scores / self.softcap) ** 2 if self.softcap else None
-        if self.backend == "triton":
-            d_scores = ops._triton_kernels().logprobs_from_logits_backward(scores, targets, lse, g, inplace=True)
+        if self.backend == "triton" and not self.fp32_scores:
+            # d logits straight in the scores' dtype, over the scores: no fp32 copy of the chunk
+            d_logits = ops._triton_kernels().logprobs_from_logits_backward(scores, targets, lse, g, inplace=True)
         else:
-            d_scores = scores.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-            d_scores[torch.arange(len(targets), device=targets.device), targets] += g
-        if self.softcap:
-            d_scores.mul_(1 - tanh_sq)
-        d_logits = d_scores.div_(self.temperature) if self.temperature != 1.0 else d_scores
+            s = upcast(scores)  # a copy for half scores; fp32 scores are updated in place
+            tanh_sq = (s / self.softcap) ** 2 if self.softcap else None
+            if self.backend == "triton":
+                d_scores = ops._triton_kernels().logprobs_from_logits_backward(s, targets, lse, g, inplace=True)
+            else:
+                d_scores = s.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+                d_scores[torch.arange(len(targets), device=targets.device), targets] += g
+            if self.softcap:
+                d_scores.mul_(1 - tanh_sq)
+            d_logits = (d_scores.div_(self.temperature) if self.temperature != 1.0 else d_scores).to(self.weight.dtype)
         grad_h, grad_w, grad_b = grads
         if grad_h is not None:
-            grad_h[row_index] = (d_logits.to(self.weight.dtype) @ self.weight).to(grad_h.dtype)
+            grad_h[row_index] = (d_logits @ self.weight).to(grad_h.dtype)
         if grad_w is not None:
             grad_w.addmm_(d_logits.T, hidden_rows.to(grad_w.dtype))  # in place: no [V, d] temporary
         if grad_b is not None:
-            grad_b += d_logits.sum(0)
+            grad_b += upcast(d_logits).sum(0)
 
 
 class LogprobsFromHidden(torch.autograd.Function):
@@ -80,15 +114,11 @@ class LogprobsFromHidden(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, rows, lse = ctx.saved_tensors
         head = ctx.head
-        acc = upcast(hidden[:0]).dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = [torch.zeros_like(hidden) if need_h else None,
-                 torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None,
-                 torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None]
+        grads = head.new_grads(hidden, *ctx.needs_input_grad[:3])
         for start in range(0, rows.numel(), head.rows):
             idx = rows[start:start + head.rows]
             h = hidden[idx]
-            head.backward_(head.scores(h), targets[idx], lse[start:start + head.rows], grad_out[idx].to(acc), h,
+            head.backward_(head.scores(h), targets[idx], lse[start:start + head.rows], grad_out[idx].to(lse.dtype), h,
                            grads, idx)
         grad_h, grad_w, grad_b = grads
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),

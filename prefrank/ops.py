@@ -87,13 +87,14 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, temperature=1.0,
-                         ignore_index=IGNORE_INDEX, chunk_bytes: int = 64 << 20):
+                         ignore_index=IGNORE_INDEX, chunk_bytes: int | None = None):
     """Log-probs of `targets` under the output head applied to `hidden`, without the full logits;
     differentiable w.r.t. hidden, weight and bias (the backward recomputes chunk by chunk).
 
     hidden: [N, d]; weight: [V, d]; bias: [V] or None; targets: [N] int64 (ignore_index rows give 0
     and cost nothing). Head: z = (hidden @ weight.T + bias) / temperature, then
     softcap * tanh(z / softcap) if softcap. Returns [N] float32 (float64 for float64 inputs).
+    chunk_bytes: memory for one chunk of scores (None: 256 MiB on GPU, 64 MiB on CPU).
     """
     backend = _backend(hidden, chunked=True)
     head = Head(weight, bias, softcap, temperature, backend, chunk_bytes)

@@ -42,11 +42,6 @@ def head_logits(hidden, weight, bias=None, softcap=None, temperature=1.0):
     return logits
 
 
-def rows_per_chunk(vocab_size: int, budget_bytes: int = 256 << 20) -> int:
-    """How many rows of fp32 logits fit in `budget_bytes` (at least 1)."""
-    return max(1, budget_bytes // (4 * max(vocab_size, 1)))
-
-
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     """[num_segments] sums of `values` [N] by `segment_ids` [N] (int64 in [0, num_segments)), in values' dtype."""
     return torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add_(0, segment_ids, values)

@@ -20,7 +20,7 @@ from prefrank.batching import length_batches, pad
 from prefrank.reference import IGNORE_INDEX
 from prefrank.tokenization import Tokenized
 
-METHODS = ("kv", "naive")
+METHODS = ("kv", "packed", "naive")
 PAD_ID = 0  # padded positions are masked out of attention and scoring; any valid id will do
 CACHE_BYTES = 2 << 30  # prompt KV caches held at once before their continuations are scored
 BAND = 1.5  # ... or before a prompt this many times longer than the shortest held one
@@ -167,12 +167,81 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
     return scores.finish()
 
 
+def packed_rows(items: list[Tokenized]) -> list[list[int]]:
+    """Each item as one row: its prompt, then each completion but its last token (a completion's
+    tokens 0..n-2 go in; its token 0 is predicted from the prompt's last position)."""
+    return [it.prompt_ids + [t for c in it.completion_ids for t in c[:-1]] for it in items]
+
+
+def packed_layout(lm, items: list[Tokenized], batch: list[int]):
+    """The model inputs of a batch of packed rows, and where each target token's hidden state is.
+
+    Returns ids [B, T]; positions [B, T] (each completion restarts at its prompt's length);
+    mask [B, 1, T, T], additive in the model's dtype: a token sees the prompt up to itself and
+    its own completion up to itself, never another completion (a padding query sees only itself,
+    so no row is empty); and per target token of the batch's completions, in completion order:
+    its flat index in [B·T] (whose hidden state predicts it), its id, its completion (0-based
+    within the batch)."""
+    rows = packed_rows([items[i] for i in batch])
+    ids, _ = pad(rows, PAD_ID, device=lm.device)
+    width = ids.shape[1]
+    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 pad, 0 prompt, k + 1 completion k
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    source, targets, owner = [], [], []
+    seq = 0  # the batch's completions, counted
+    for r, i in enumerate(batch):
+        p = len(items[i].prompt_ids)
+        segment[r, :p] = 0
+        positions[r, :p] = torch.arange(p)
+        col = p
+        for c in items[i].completion_ids:
+            n = len(c) - 1
+            segment[r, col:col + n] = seq + 1
+            positions[r, col:col + n] = torch.arange(p, p + n)
+            source += [r * width + p - 1] + list(range(r * width + col, r * width + col + n))
+            targets += c
+            owner += [seq] * len(c)
+            seq += 1
+            col += n
+    segment = segment.to(lm.device)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=lm.device).tril_()
+    allowed = ((key == 0) | (key == query)) & (key >= 0) & causal
+    allowed |= (query < 0) & torch.eye(width, dtype=torch.bool, device=lm.device)
+    dtype = lm.weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=lm.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return (ids, positions.to(lm.device), mask[:, None], torch.tensor(source, device=lm.device),
+            torch.tensor(targets, device=lm.device), torch.tensor(owner, device=lm.device))
+
+
 def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The naive step: [B, T - 1] fp32 log-probs of ids[:, 1:] from the model's full logits,
     log_softmax and gather (every position; `targets`, ids[:, 1:] with IGNORE_INDEX outside the
     completions, is for steps that can skip the rest)."""
     logits = lm.logits(ids, mask).float()
     return torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+
+
+@torch.inference_mode()
+def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
+    _, completions = _flatten(items)
+    scores = Scores(len(completions), per_token, lm.device)
+    first_seq = torch.tensor([0] + [len(it.completion_ids) for it in items]).cumsum(0).tolist()
+    rows = packed_rows(items)
+    for batch in length_batches([len(r) for r in rows], budget):
+        ids, positions, mask, source, targets, owner = packed_layout(lm, items, batch)
+        scores.counts.add([rows[i] for i in batch], ids)
+        hidden = lm.hidden(ids, mask, positions).flatten(0, 1)
+        token_lp = ops.logprobs_from_hidden(hidden[source], lm.weight, targets, **lm.head_kwargs)
+        seqs = [s for i in batch for s in range(first_seq[i], first_seq[i + 1])]
+        lengths = [len(completions[s]) for s in seqs]
+        # per completion, its tokens in order: row owner, column = rank within the completion
+        column = torch.arange(len(owner), device=lm.device) - torch.tensor(
+            [0] + lengths, device=lm.device).cumsum(0)[owner]
+        table = torch.zeros(len(seqs), max(lengths), dtype=token_lp.dtype, device=lm.device)
+        table[owner, column] = token_lp
+        scores.add(seqs, table, lengths)
+    return scores.finish()
 
 
 @torch.inference_mode()
@@ -205,4 +274,4 @@ def score(lm, items: list[Tokenized], *, method: str = "kv", budget: int = 8192,
     """Σ log π(completion | prompt) for every completion of `items`, by `method` ("kv" or "naive")."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
-    return (score_kv if method == "kv" else score_naive)(lm, items, budget, per_token)
+    return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)

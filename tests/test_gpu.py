@@ -93,7 +93,7 @@ def test_scoring_fp32_equals_float64(arch):
     ref, _ = float64_reference(model, items)
     n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
     lm = CausalLM(model.to(CUDA))
-    for method in ("kv", "naive"):
+    for method in ("kv", "packed", "naive"):
         err = (score(lm, items, method=method, budget=96).logps - ref).abs()
         print(f"{arch} {method} on CUDA: max abs error {err.max().item():.3g}")
         assert (err <= 2e-5 * (ref.abs() + n) + 1e-5).all()
@@ -105,6 +105,7 @@ def test_scoring_bf16_within_naive_error():
     ref, _ = float64_reference(model, items)
     lm = CausalLM(model.to(CUDA))
     naive_err = (score(lm, items, method="naive", budget=128).logps - ref).abs()
-    kv_err = (score(lm, items, method="kv", budget=128).logps - ref).abs()
-    print(f"bf16 on CUDA: naive max error {naive_err.max():.3g}, kv max error {kv_err.max():.3g}")
-    assert (kv_err <= 2 * naive_err.max() + 1e-3).all()
+    for method in ("kv", "packed"):
+        err = (score(lm, items, method=method, budget=128).logps - ref).abs()
+        print(f"bf16 on CUDA: naive max error {naive_err.max():.3g}, {method} max error {err.max():.3g}")
+        assert (err <= 2 * naive_err.max() + 1e-3).all()

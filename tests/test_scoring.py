@@ -59,7 +59,7 @@ def test_kv_and_naive_equal_float64(arch, budget):
     items = random_items(9)
     ref_sums, ref_tokens = float64_reference(model, items)
     n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
-    for method in ("kv", "naive"):
+    for method in ("kv", "packed", "naive"):
         s = score(lm, items, method=method, budget=budget, per_token=True)
         assert_close(f"{arch} {method} budget={budget}", s.logps, ref_sums, n)
         for got, ref in zip(s.token_logps, ref_tokens):
@@ -129,7 +129,7 @@ def test_stories260k_on_real_pairs(source):
     n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
     lm = CausalLM(model)
     lm.check_head()
-    for method in ("kv", "naive"):
+    for method in ("kv", "packed", "naive"):
         assert_close(f"stories260K {source} {method}", score(lm, items, method=method, budget=2048).logps, ref_sums, n)
 
 
@@ -142,9 +142,10 @@ def test_half_precision_models(dtype):
     ref_sums, _ = float64_reference(model, items)
     lm = CausalLM(model)
     naive_err = (score(lm, items, method="naive", budget=128).logps - ref_sums).abs()
-    kv_err = (score(lm, items, method="kv", budget=128).logps - ref_sums).abs()
-    print(f"{dtype}: naive max error {naive_err.max():.3g}, kv max error {kv_err.max():.3g}")
-    assert (kv_err <= 2 * naive_err.max() + 1e-3).all()
+    for method in ("kv", "packed"):
+        err = (score(lm, items, method=method, budget=128).logps - ref_sums).abs()
+        print(f"{dtype}: naive max error {naive_err.max():.3g}, {method} max error {err.max():.3g}")
+        assert (err <= 2 * naive_err.max() + 1e-3).all()
 
 
 def test_cache_argument_name_follows_transformers():

@@ -136,7 +136,7 @@ def test_two_gloo_processes_train_like_one(hh_pairs, tmp_path):
     import socket
     import subprocess
     import sys
-    common = ["train", "--model", str(STORIES), "--data", hh_pairs, "--lr", "3e-3", "--max-steps", "3",
+    common = ["train", "--model", str(STORIES), "--data", hh_pairs, "--lr", "1e-3", "--max-steps", "3",
               "--eval-every", "1", "--eval-pairs", "16", "--max-length", "512", "--truncate", "keep-end",
               "--device", "cpu"]
     from prefrank.cli import main

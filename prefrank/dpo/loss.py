@@ -79,7 +79,7 @@ class _Config:
     softcap: float | None
     temperature: float
     ignore_index: int
-    chunk_bytes: int
+    chunk_bytes: int | None
 
 
 def _pair_chunks(pair_of_row: torch.Tensor, budget: int) -> list[slice]:
@@ -108,10 +108,8 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
     acc = upcast(hidden[:0]).dtype  # fp32 math for half inputs, float64 stays float64
     policy = torch.zeros(n_seq, dtype=acc, device=hidden.device)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
-    grad_h = torch.zeros_like(hidden) if need_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grads else None
-    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grads and bias is not None else None
     head = Head(weight, bias, cfg.softcap, cfg.temperature, ops._backend(hidden, chunked=True), cfg.chunk_bytes)
+    grad_h, grad_w, grad_b = head.new_grads(hidden, need_grads, need_grads, need_grads and bias is not None)
     for chunk in _pair_chunks(seq // 2, head.rows):
         r, s, t = rows[chunk], seq[chunk], targets[rows[chunk]]
         h = hidden[r]
@@ -188,7 +186,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                           ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta: float = 0.1,
                           loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
                           softcap: float | None = None, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                          chunk_bytes: int = 64 << 20, return_metrics: bool = True):
+                          chunk_bytes: int | None = None, return_metrics: bool = True):
     """DPO-family loss from the policy's final hidden states, differentiable w.r.t. hidden, weight and bias.
 
     hidden: [N, d] with sequence_ids [N] (2i: chosen of pair i, 2i + 1: rejected; prompt and padding
@@ -230,7 +228,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  gamma: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
-                 ignore_index: int = IGNORE_INDEX, chunk_bytes: int = 64 << 20):
+                 ignore_index: int = IGNORE_INDEX, chunk_bytes: int | None = None):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
