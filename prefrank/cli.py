@@ -86,9 +86,14 @@ def add_score_parser(sub):
                           "(default: %(default)s)")
 
     run = p.add_argument_group("execution")
-    run.add_argument("--method", choices=METHODS, default="kv",
-                     help="kv: prompt forward once, its KV cache reused by both completions, log-probs from "
-                          "hidden states without full logits; naive: the plain full-logits oracle (default: %(default)s)")
+    run.add_argument("--method", choices=METHODS, default="auto",
+                     help="packed: each prompt and its completions in one row under a block mask (the prompt "
+                          "computed once, one forward per batch); kv: the prompt's forward once, its KV cache "
+                          "reused by every completion (any model with a cache); both take log-probs from hidden "
+                          "states without full logits; naive: the plain full-logits oracle; auto: the first of "
+                          "packed, kv, naive that is exact for the model (packed needs sdpa or eager attention "
+                          "and, under a sliding window, sequences that fit it; kv needs no sliding window) "
+                          "(default: %(default)s)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="model dtype; log-probs accumulate in fp32 regardless (default: auto = bf16 on CUDA, "
                           "else fp32)")

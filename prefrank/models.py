@@ -94,6 +94,12 @@ class CausalLM:
         self.vocab_size = self.weight.shape[0]
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self._cache_arg = cache_argument(self.decoder.forward)
+        # What the packed and kv methods need to know of the attention (see scoring.resolve_method)
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        self.layer_kinds = set(getattr(config, "layer_types", None) or
+                               ["sliding_attention" if sliding else "full_attention"])
+        self.sliding_window = config.sliding_window if "sliding_attention" in self.layer_kinds else None
 
     @property
     def device(self) -> torch.device:

@@ -20,7 +20,7 @@ from prefrank import __version__
 from prefrank.data import Columns, InputError, count_rows, read_examples
 from prefrank.io import Parts, completion_fields, input_hash, table_schema
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
-from prefrank.scoring import score
+from prefrank.scoring import resolve_method, score
 from prefrank.tokenization import tokenize_examples
 
 
@@ -31,7 +31,7 @@ class ScoreOptions:
     out: str = "scores.parquet"
     ref_model: str | None = None
     tokenizer: str | None = None  # default: the policy model's
-    method: str = "kv"
+    method: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
     max_tokens_per_batch: int = 8192
@@ -95,7 +95,7 @@ def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
     if vocab_size is not None and lm.vocab_size != vocab_size:
         raise InputError(f"reference model {path!r} has vocabulary {lm.vocab_size}, the policy {vocab_size}: "
                          f"both are scored on the same token ids and must share a vocabulary")
-    if opts.method == "kv":
+    if resolve_method(lm, opts.method) != "naive":
         lm.check_head()
     return lm
 
@@ -227,11 +227,12 @@ def _manifest(sidecar: dict) -> dict:
             "max_length": sidecar["max_length"], "table": sidecar["table"]}
 
 
-def _model_info(lm: CausalLM | None, path: str | None):
+def _model_info(lm: CausalLM | None, path: str | None, method: str):
     if lm is None:
         return None
     return {"path": path, "class": type(lm.model).__name__, "vocab_size": lm.vocab_size,
-            "parameters": sum(p.numel() for p in lm.model.parameters()), "max_positions": lm.max_positions}
+            "parameters": sum(p.numel() for p in lm.model.parameters()), "max_positions": lm.max_positions,
+            "method": resolve_method(lm, method)}
 
 
 def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world) -> dict:
@@ -243,8 +244,8 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "prefrank_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
-        "model": _model_info(policy_lm, opts.model),
-        "ref_model": _model_info(ref_lm, opts.ref_model),
+        "model": _model_info(policy_lm, opts.model, opts.method),
+        "ref_model": _model_info(ref_lm, opts.ref_model, opts.method),
         "tokenizer": {"path": opts.tokenizer or opts.model, "class": type(tokenizer).__name__,
                       "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
         "dtype": str(dtype).removeprefix("torch."),

@@ -1,15 +1,22 @@
 """Scoring: token ids → Σ log π(completion | prompt) for every completion of every item.
 
-Two methods, same answers:
+Three methods, same answers:
+  packed every item is one row: the prompt, then each completion (but its last token), under a
+         block mask: a token sees the prompt and its own completion, never another completion;
+         positions restart at the prompt's length for each completion. One forward pass per
+         batch of rows, the prompt computed once, no cache to copy. Needs a model that takes a
+         custom 4D mask (sdpa or eager attention); with sliding-window layers, sequences that fit
+         the window.
   kv     the prompt's forward pass runs once; its KV cache serves every completion. Prompts are
          batched by prompt length (right-padded: attention stays purely causal), then the
          continuations of the prompts held in memory are regrouped by their own length, each
-         continuation batch taking its rows of the prompt caches. Log-probs come from the final
-         hidden states through the chunked head op, only at completion positions: the full logits
-         never exist.
+         continuation batch taking its rows of the prompt caches. Any attention implementation; no
+         sliding windows.
   naive  the oracle: prompt + completion concatenated per completion, the model's full logits,
          log_softmax, gather, sum over the completion positions.
-Token log-probs are fp32 whatever the model's dtype; sums are float64.
+"auto" picks the first of packed, kv, naive that is exact for the model and items (resolve_method). packed and kv take log-probs from the
+final hidden states through the chunked head op, only at completion positions: the full logits
+never exist. Token log-probs are fp32 whatever the model's dtype; sums are float64.
 """
 from dataclasses import dataclass
 
@@ -17,10 +24,11 @@ import torch
 
 from prefrank import ops
 from prefrank.batching import length_batches, pad
+from prefrank.data import InputError
 from prefrank.reference import IGNORE_INDEX
 from prefrank.tokenization import Tokenized
 
-METHODS = ("kv", "packed", "naive")
+METHODS = ("auto", "packed", "kv", "naive")
 PAD_ID = 0  # padded positions are masked out of attention and scoring; any valid id will do
 CACHE_BYTES = 2 << 30  # prompt KV caches held at once before their continuations are scored
 BAND = 1.5  # ... or before a prompt this many times longer than the shortest held one
@@ -270,8 +278,41 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
     return scores.finish()
 
 
-def score(lm, items: list[Tokenized], *, method: str = "kv", budget: int = 8192, per_token: bool = False) -> Scores:
-    """Σ log π(completion | prompt) for every completion of `items`, by `method` ("kv" or "naive")."""
+def unsupported(lm, method: str, items: list[Tokenized] | None = None) -> str | None:
+    """Why `method` cannot score `items` (None: any items) exactly with this model, or None."""
+    if method == "naive":
+        return None
+    other = lm.layer_kinds - {"full_attention", "sliding_attention"}
+    if other:
+        return f"it has {', '.join(sorted(other))} layers"
+    if method == "kv":
+        # right-padded prompt caches would shift a sliding window by the padding
+        return "sliding-window attention" if lm.sliding_window else None
+    if lm.attn_implementation not in ("sdpa", "eager"):
+        return f"attention implementation {lm.attn_implementation!r} takes no custom 4D mask (sdpa and eager do)"
+    if lm.sliding_window and items:
+        # the block mask is full attention: exact while every sequence fits the window
+        longest = max(len(it.prompt_ids) + max(map(len, it.completion_ids)) for it in items)
+        if longest > lm.sliding_window:
+            return f"a sequence of {longest} tokens exceeds its sliding window of {lm.sliding_window}"
+    return None
+
+
+def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str:
+    """The method that `method` means for this model and these items: "auto" → the first of
+    packed, kv, naive that scores them exactly. Refuses an explicit method that cannot."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if method == "auto":
+        return next(m for m in ("packed", "kv", "naive") if unsupported(lm, m, items) is None)
+    problem = unsupported(lm, method, items)
+    if problem:
+        raise InputError(f"--method {method} cannot score {type(lm.model).__name__} exactly: {problem} "
+                         f"(--method auto picks one that can)")
+    return method
+
+
+def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False) -> Scores:
+    """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS)."""
+    method = resolve_method(lm, method, items)
     return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)

@@ -7,3 +7,19 @@ def test_ops_gpu_smoke():
     assert result["op1_logprobs_from_logits"]["max_abs_diff_vs_torch"] < 1e-4
     op2 = result["op2_logprobs_from_hidden"]
     assert op2["prefrank"]["max_abs_diff_vs_torch"] < 1e-4 and op2["prefrank"]["fwd_bwd_seconds"] > 0
+
+
+def test_scoring_gpu_smoke():
+    """The end-to-end GPU benchmark on a tiny model: every installed path agrees with naive."""
+    from bench.scoring_gpu import main
+    result = main(["--smoke"])
+    assert {"kv", "packed", "naive", "trl_style"} <= set(result["seconds"])
+    assert all(diff < 1e-4 for diff in result["max_rel_diff_vs_naive"].values())
+
+
+def test_scaling_smoke(tmp_path):
+    from bench.scaling import main
+    result = main(["--pairs", "2", "--length", "16", "--reps", "1", "--vocabs", "512,1000", "--lengths", "16,32",
+                   "--out-dir", str(tmp_path)])
+    assert len(result["prompt_share"]) == 5 and len(result["vocab_sweep"]) == 2 and len(result["length_sweep"]) == 2
+    assert (tmp_path / "scaling.png").stat().st_size > 0

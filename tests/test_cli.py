@@ -55,7 +55,7 @@ def test_embedded_default(default_cache, tmp_path, capsys):
         assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], r["chosen"]), abs=1e-4)
         assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], r["rejected"]), abs=1e-4)
     meta = read_sidecar(out)
-    assert meta["method"] == "kv" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
+    assert meta["method"] == "auto" and meta["model"]["method"] == "packed" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
     assert meta["model"]["class"] == "LlamaForCausalLM" and "torch" in meta["versions"]
 
 
@@ -97,17 +97,18 @@ def test_reference_model_and_per_token(model_dirs, tmp_path, capsys):
         assert sum(r["ref_token_logps_chosen"]) == pytest.approx(r["ref_logp_chosen"], abs=1e-4)
 
 
-def test_naive_method_matches_kv(model_dirs, tmp_path, capsys):
+def test_methods_match_naive(model_dirs, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
     tables = {}
-    for method in ("kv", "naive"):
+    for method in ("kv", "packed", "naive"):
         out = tmp_path / f"{method}.parquet"
         assert run(["score", "--data", data, "--model", model_dirs[0], "--out", str(out), "--method", method],
                    capsys)[0] == 0
         tables[method] = pq.read_table(out).to_pylist()
-    for a, b in zip(tables["kv"], tables["naive"]):
-        assert a["logp_chosen"] == pytest.approx(b["logp_chosen"], abs=1e-4)
-        assert a["logp_rejected"] == pytest.approx(b["logp_rejected"], abs=1e-4)
+    for method in ("kv", "packed"):
+        for a, b in zip(tables[method], tables["naive"]):
+            assert a["logp_chosen"] == pytest.approx(b["logp_chosen"], abs=1e-4)
+            assert a["logp_rejected"] == pytest.approx(b["logp_rejected"], abs=1e-4)
 
 
 def test_parquet_input_column_mapping_and_limit(model_dirs, tmp_path, capsys):

@@ -159,3 +159,33 @@ def test_cache_argument_name_follows_transformers():
 
     assert cache_argument(new) == "cache" and cache_argument(old) == "past_key_values"
     assert cache_argument(tiny_model("llama").model.forward) in ("cache", "past_key_values")
+
+
+def test_auto_picks_an_exact_method_for_the_model():
+    """auto: packed for full-attention sdpa/eager models and for sliding windows the sequences fit;
+    naive where they do not; kv for other attention implementations. Explicit methods that would
+    be inexact are refused. Each choice matches float64."""
+    from prefrank.data import InputError
+    from prefrank.scoring import resolve_method
+    from transformers import MistralConfig, MistralForCausalLM
+    items = random_items(4, seed=5)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    assert resolve_method(CausalLM(tiny_model("llama")), "auto", items) == "packed"
+    for window, expected in ((4, "naive"), (200, "packed")):
+        torch.manual_seed(0)
+        mistral = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   sliding_window=window, initializer_range=0.3)).eval()
+        lm = CausalLM(mistral)
+        assert resolve_method(lm, "auto", items) == expected
+        with pytest.raises(InputError, match="sliding"):
+            resolve_method(lm, "kv", items)
+        ref, _ = float64_reference(mistral, items)
+        assert_close(f"mistral window {window}, auto", score(lm, items).logps, ref, n)
+    with pytest.raises(InputError, match="exceeds its sliding window of 4"):
+        resolve_method(CausalLM(MistralForCausalLM(MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=4))), "packed", items)
+    flash = tiny_model("llama")
+    flash.config._attn_implementation = "flash_attention_2"
+    assert resolve_method(CausalLM(flash), "auto", items) == "kv"

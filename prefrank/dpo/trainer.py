@@ -140,7 +140,7 @@ def _reference_logps(ref_lm, items, cache: Path, key: str) -> torch.Tensor:
         stored = load_file(cache)
         if bytes(stored["key"].tolist()).decode() == key:
             return stored["logps"]
-    logps = score(ref_lm, items, method="kv").logps.view(-1, 2)
+    logps = score(ref_lm, items).logps.view(-1, 2)
     save_file({"logps": logps.contiguous(), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, cache)
     return logps
 
@@ -159,7 +159,7 @@ def evaluate(lm: CausalLM, items, ref_logps: torch.Tensor | None, beta: float) -
     """Ranking accuracy, and with reference log-probs the DPO loss, reward accuracy and groups."""
     was_training = lm.model.training
     lm.model.eval()
-    logps = score(lm, items, method="kv").logps.view(-1, 2).numpy()
+    logps = score(lm, items).logps.view(-1, 2).numpy()
     lm.model.train(was_training)
     correct = metrics.ranking_correct(logps[:, 0], logps[:, 1])
     out = {"pairs": len(items), "ranking_accuracy": float(correct.mean())}
