@@ -1,8 +1,9 @@
 """prefrank's benchmarks, one command per machine:
 
-  python -m bench --suite cpu    scoring (KV reuse vs naive vs TRL-style, K = 2 and 4, stories260K and
-                                 an 11M Llama), gain vs prompt share, C++ log-probs, fused DPO loss vs
-                                 naive and Liger, streaming memory (needs ../shared)
+  python -m bench --suite cpu    scoring (packed and kv vs naive vs TRL-style, K = 2 and 4, stories260K
+                                 and an 11M Llama), scaling with prompt share, vocabulary and length,
+                                 C++ log-probs, fused DPO loss vs naive and Liger, streaming memory
+                                 (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
                                  to end (random-init Llama 3.2 1B and 3.1 8B shapes, bf16, HH lengths:
                                  as is, prompt-heavy, completion-heavy) against naive, TRL-style, Liger, CCE
@@ -20,7 +21,7 @@ SUITES = {
             ("logprobs", []),
             ("dpo_loss", []),
             ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),
-            ("scaling", []),
+            ("scaling", ["--pairs", "32"]),
             ("streaming", ["--sizes", "10000,100000"])],
     "gpu": [("ops_gpu", []),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512"]),

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import machine, peak_rss_since_reset, reset_peak_rss, write_result
+from bench.common import command, machine, peak_rss_since_reset, reset_peak_rss, write_result
 
 D, IGNORE = 1024, -100
 
@@ -125,7 +125,7 @@ def main(argv=None):
         losses = [r["loss"] for r in runs if r["vocab"] == vocab]
         assert max(losses) - min(losses) < 1e-3 * max(1.0, abs(losses[0])), f"losses disagree: {losses}"
     result = {"benchmark": "fused DPO loss fwd+bwd (CPU)", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "command": "python -m bench.dpo_loss " + " ".join(argv or sys.argv[1:]), "d": D, "runs": runs}
+              "command": command("dpo_loss", argv), "d": D, "runs": runs}
     write_result("dpo_loss_cpu", result, args.out_dir)
     print(json.dumps(result, indent=2))
 

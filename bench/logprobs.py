@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench.common import alternate, machine, write_result
+from bench.common import alternate, command, machine, write_result
 from prefrank import ops
 
 
@@ -42,7 +42,7 @@ def main(argv=None):
               f"{runs[n]['speedup']:.2f}x, cpp reads {runs[n]['cpp_GBps']:.1f} GB/s")
     torch.set_num_threads(threads)
     result = {"benchmark": "logprobs_from_logits CPU", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "command": "python -m bench.logprobs " + " ".join(argv or []), "rows": args.rows, "vocab": args.vocab,
+              "command": command("logprobs", argv), "rows": args.rows, "vocab": args.vocab,
               "dtype": "float32", "max_abs_diff": diff, "threads": runs}
     write_result("logprobs_cpu", result, args.out_dir)
     print(json.dumps(result, indent=2))

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import machine, write_result
+from bench.common import command, cuda_peak_mb, machine, write_result
 from prefrank import ops
 
 IGNORE = -100
@@ -43,17 +43,6 @@ def timed(fn, reps: int, device) -> float:
             fn()
             times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
-
-def peak_extra_mb(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def ceilings(device, reps, size_mb=2048, n=8192):
@@ -85,7 +74,7 @@ def op1(N, V, device, reps, ceiling):
     out = {"N": N, "V": V, "max_abs_diff_vs_torch": err}
     for name, fn in (("prefrank_fwd", lambda: ops.logprobs_from_logits(logits, targets)), ("torch_fwd", torch_fwd),
                      ("prefrank_fwd_bwd", ours_fwd_bwd), ("torch_fwd_bwd", torch_fwd_bwd)):
-        out[name] = {"seconds": timed(fn, reps, device), "extra_peak_mb": peak_extra_mb(fn, device)}
+        out[name] = {"seconds": timed(fn, reps, device), "extra_peak_mb": cuda_peak_mb(fn)}
     if ceiling:
         out["prefrank_fwd"]["pct_of_copy_bandwidth"] = (
             100 * logits.nbytes / out["prefrank_fwd"]["seconds"] / 1e9 / ceiling["copy_GBps"])
@@ -135,8 +124,8 @@ def op2(N, d, V, device, reps, ceiling):
         fwd = timed(lambda fn=fn: fn(hidden, weight), reps, device)
         both = timed(fwd_bwd, reps, device)
         out[name] = {"max_abs_diff_vs_torch": diff, "fwd_seconds": fwd, "fwd_bwd_seconds": both,
-                     "fwd_extra_peak_mb": peak_extra_mb(lambda fn=fn: fn(hidden, weight), device),
-                     "fwd_bwd_extra_peak_mb": peak_extra_mb(fwd_bwd, device)}
+                     "fwd_extra_peak_mb": cuda_peak_mb(lambda fn=fn: fn(hidden, weight)),
+                     "fwd_bwd_extra_peak_mb": cuda_peak_mb(fwd_bwd)}
         if ceiling:
             flops = 2 * kept * d * V
             out[name]["fwd_pct_of_matmul"] = 100 * flops / fwd / 1e12 / ceiling["bf16_matmul_TFLOPs"]
@@ -160,7 +149,7 @@ def main(argv=None):
         raise SystemExit("bench.ops_gpu needs a CUDA GPU (use --smoke to check the script elsewhere)")
     ceiling = ceilings(device, args.reps) if device.type == "cuda" else None
     result = {"benchmark": "log-prob ops on GPU", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "command": "python -m bench.ops_gpu " + " ".join(argv or []), "ceilings": ceiling,
+              "command": command("ops_gpu", argv), "ceilings": ceiling,
               "op1_logprobs_from_logits": op1(args.rows, args.vocab, device, args.reps, ceiling),
               "op2_logprobs_from_hidden": op2(args.rows, args.hidden, args.vocab, device, args.reps, ceiling)}
     print(json.dumps(result, indent=2))

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import alternate, machine, peak_rss_since_reset, reset_peak_rss, write_result
+from bench.common import alternate, command, machine, peak_rss_since_reset, reset_peak_rss, write_result
 from prefrank.models import CausalLM
 from prefrank.scoring import score
 from prefrank.tokenization import Tokenized
@@ -68,6 +68,8 @@ def plot(result: dict, path):
         for m in METHODS:
             ax.plot(xs, [r["seconds"][m] for r in rows], "o-", label=f"{m} time")
         ax.set(xlabel=xlabel, ylabel="seconds", xscale="log", title=key)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
         mem = ax.twinx()
         for m in METHODS:
             mem.plot(xs, [r["peak_mb"][m] for r in rows], ":", label=f"{m} peak MiB")
@@ -96,7 +98,7 @@ def main(argv=None):
     lengths = [measure(lm, max(1, args.pairs * args.length // n), n // 2, n // 2, args.reps, seed=3)
                for n in map(int, args.lengths.split(","))]
     result = {"benchmark": "scoring scaling: prompt share, vocabulary, length (CPU)", "date": time.strftime("%Y-%m-%d"),
-              "machine": machine(), "command": "python -m bench.scaling " + " ".join(argv or []),
+              "machine": machine(), "command": command("scaling", argv),
               "model": "random-init Llama, hidden 384, 6 layers", "pairs": args.pairs, "length": args.length,
               "prompt_share": shares, "vocab_sweep": vocabs, "length_sweep": lengths}
     path = write_result("scaling", result, args.out_dir)

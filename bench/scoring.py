@@ -1,10 +1,11 @@
-"""End-to-end scoring on the CPU: KV reuse vs the naive full-logits path, same batching budget,
-on real pairs (Anthropic HH test split) with the real tiny model stories260K (../shared).
+"""End-to-end scoring on the CPU: prefrank's packed and kv methods vs the naive full-logits path,
+same batching budget, on real pairs (Anthropic HH test split) with the real tiny model stories260K
+(../shared) or a random-init 11M-parameter Llama.
 
   python -m bench.scoring [--pairs 400] [--k 2] [--reps 3] [--budget 8192]
 
-Three paths: prefrank's kv method; the naive method (full logits, same length bucketing); and the
-TRL-style path (pairs in input order, chosen and rejected concatenated in one padded batch, full
+Four paths: prefrank's packed and kv methods; the naive method (full logits, same length
+bucketing); and the TRL-style path (pairs in input order, chosen and rejected concatenated in one padded batch, full
 logits, TRL's selective_log_softmax). Checks that all give the same log-probs before timing; reports prompts/s and tokens/s
 (real prompt + completion tokens as the naive layout counts them, i.e. the work a user asks for)
 and the ideal prefix-sharing ratio (K·P + ΣC) / (P + ΣC) of the same items. With --k 4 each HH
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from bench.common import SHARED, alternate, machine, write_result
+from bench.common import SHARED, alternate, command, machine, write_result
 from prefrank.batching import pad
 from prefrank.data import Columns, RowError, to_example
 from prefrank.models import CausalLM, load_model, load_tokenizer
@@ -127,7 +128,7 @@ def main(argv=None):
                          "trl_style": lambda: trl_style(lm, items)}, args.reps)
     result = {
         "benchmark": f"scoring kv vs naive (CPU), K = {args.k}", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "command": "python -m bench.scoring " + " ".join(argv or []),
+        "command": command("scoring", argv),
         "model": args.model, "data": "hh-rlhf helpful-base test (first pairs that fit 512 tokens)",
         "prompts": len(items), "k": args.k, "budget": args.budget, "reps": args.reps,
         "tokens": {"prompt": prompt, "completions": completions, "naive_real": naive.counts.real,

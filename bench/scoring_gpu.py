@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import alternate, machine, write_result
+from bench.common import alternate, command, cuda_peak_mb, machine, write_result
 from bench.scoring import trl_style
 from prefrank.models import CausalLM
 from prefrank.reference import IGNORE_INDEX
@@ -130,18 +130,6 @@ def profile(paths: dict, names: tuple, rows: int = 15) -> dict:
     return tables
 
 
-def peak_mb(fn) -> float | None:
-    """Peak memory (MiB) that `fn` allocates above what was allocated before it."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=[c for c in CONFIGS if c != "smoke"], default="llama-3.2-1b")
@@ -190,7 +178,7 @@ def main(argv=None):
         agreement[name] = ((got - reference).abs() / reference.abs().clamp(min=1)).max().item()
         assert agreement[name] < 2e-2, f"{name} disagrees with naive by {agreement[name]:.3g} (relative)"
     paths = {name: fn for name, fn in paths.items() if name not in skipped}
-    memory = {name: peak_mb(fn) for name, fn in paths.items()}
+    memory = {name: cuda_peak_mb(fn) for name, fn in paths.items()}
     if args.profile:
         profile(paths, ("kv", "packed", "naive"))
     seconds = alternate(paths, args.reps)
@@ -199,7 +187,7 @@ def main(argv=None):
     best_other = min(others, key=others.get)
     result = {
         "benchmark": f"scoring end to end on GPU, {config}, {args.mix} mix", "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(), "command": "python -m bench.scoring_gpu " + " ".join(argv or []),
+        "machine": machine(), "command": command("scoring_gpu", argv),
         "config": config, "dtype": str(dtype), "mix": args.mix, "pairs": len(items), "budget": args.budget,
         "reps": args.reps, "lengths": "HH helpful-base test, tokens = ceil(chars / 4), scaled by the mix",
         "tokens": {"prompt": prompt, "completions": completions, "naive_layout": naive_tokens},

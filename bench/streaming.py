@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, write_result
+from bench.common import command, machine, write_result
 
 
 def child(data: str, model: str, out: str):
@@ -50,7 +50,7 @@ def main(argv=None):
             runs.append({"pairs": n, **json.loads(result.stdout.strip().splitlines()[-1])})
             print(runs[-1], file=sys.stderr)
     result = {"benchmark": "streaming peak RSS", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "command": "python -m bench.streaming " + " ".join(argv or sys.argv[1:]), "runs": runs}
+              "command": command("streaming", argv), "runs": runs}
     print(json.dumps(result, indent=2))
     write_result("streaming", result, args.out_dir)
 

@@ -145,7 +145,7 @@ class Parts:
         if missing:
             raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
         totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "real_tokens": 0, "padded_tokens": 0,
-                  "first_error": None}
+                  "methods": {}, "first_error": None}
         tmp = self.out.with_name(self.out.name + ".partial")
         with pq.ParquetWriter(tmp, schema) as writer:
             for c in range(n_chunks):
@@ -154,6 +154,9 @@ class Parts:
                 for key in totals:
                     if key == "first_error":
                         totals[key] = totals[key] or stats[key]
+                    elif key == "methods":
+                        for method, n in stats[key].items():
+                            totals[key][method] = totals[key].get(method, 0) + n
                     else:
                         totals[key] += stats[key]
                 writer.write_table(part.replace_schema_metadata(None).cast(schema))

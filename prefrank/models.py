@@ -100,6 +100,14 @@ class CausalLM:
         self.layer_kinds = set(getattr(config, "layer_types", None) or
                                ["sliding_attention" if sliding else "full_attention"])
         self.sliding_window = config.sliding_window if "sliding_attention" in self.layer_kinds else None
+        # What a token costs: matmul parameters per layer (the embeddings and the head left out) and
+        # the width of its attention (scoring.packed_attention_overhead)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 1
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+        embeddings = {id(p) for m in (model.get_input_embeddings(), head) for p in m.parameters()}
+        body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+        self.matmul_params_per_layer = max(1, body // layers)
+        self.attention_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
     @property
     def device(self) -> torch.device:

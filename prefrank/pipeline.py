@@ -58,6 +58,7 @@ class Summary:
     truncated: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
+    methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
     seconds: float = 0.0
     first_error: str | None = None
 
@@ -216,6 +217,7 @@ def _chunk_stats(chunk, items, scores) -> dict:
     return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
             "truncated": sum(it.truncated for it in items),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
+            "methods": {m: sum(s.method == m for s in scores) for m in {s.method for s in scores}},
             "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
 
 
@@ -227,12 +229,11 @@ def _manifest(sidecar: dict) -> dict:
             "max_length": sidecar["max_length"], "table": sidecar["table"]}
 
 
-def _model_info(lm: CausalLM | None, path: str | None, method: str):
+def _model_info(lm: CausalLM | None, path: str | None):
     if lm is None:
         return None
     return {"path": path, "class": type(lm.model).__name__, "vocab_size": lm.vocab_size,
-            "parameters": sum(p.numel() for p in lm.model.parameters()), "max_positions": lm.max_positions,
-            "method": resolve_method(lm, method)}
+            "parameters": sum(p.numel() for p in lm.model.parameters()), "max_positions": lm.max_positions}
 
 
 def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world) -> dict:
@@ -244,8 +245,8 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "prefrank_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
-        "model": _model_info(policy_lm, opts.model, opts.method),
-        "ref_model": _model_info(ref_lm, opts.ref_model, opts.method),
+        "model": _model_info(policy_lm, opts.model),
+        "ref_model": _model_info(ref_lm, opts.ref_model),
         "tokenizer": {"path": opts.tokenizer or opts.model, "class": type(tokenizer).__name__,
                       "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
         "dtype": str(dtype).removeprefix("torch."),

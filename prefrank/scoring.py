@@ -14,7 +14,8 @@ Three methods, same answers:
          sliding windows.
   naive  the oracle: prompt + completion concatenated per completion, the model's full logits,
          log_softmax, gather, sum over the completion positions.
-"auto" picks the first of packed, kv, naive that is exact for the model and items (resolve_method). packed and kv take log-probs from the
+"auto" picks the first of packed, kv, naive that is exact for the model and items, and kv over
+packed where packed's block mask would waste much attention work (resolve_method). packed and kv take log-probs from the
 final hidden states through the chunked head op, only at completion positions: the full logits
 never exist. Token log-probs are fp32 whatever the model's dtype; sums are float64.
 """
@@ -32,6 +33,9 @@ METHODS = ("auto", "packed", "kv", "naive")
 PAD_ID = 0  # padded positions are masked out of attention and scoring; any valid id will do
 CACHE_BYTES = 2 << 30  # prompt KV caches held at once before their continuations are scored
 BAND = 1.5  # ... or before a prompt this many times longer than the shortest held one
+# auto prefers kv to packed above this share (bench/RESULTS.md: packed won at 0.08 on CPU and at
+# ≤ 0.02 on GPU; kv won at 0.5)
+PACKED_ATTENTION_LIMIT = 0.2
 
 
 @dataclass
@@ -48,10 +52,12 @@ class TokenCounts:
 
 class Scores:
     """Per completion, flattened in item order (item 0's completions first): float64 sums of the
-    token log-probs, optionally the fp32 per-token log-probs, and the token counts pushed through.
+    token log-probs, optionally the fp32 per-token log-probs, the token counts pushed through, and
+    the method that computed them.
     The sums stay on the model's device until finish() (one transfer, not one per batch)."""
 
     def __init__(self, n_sequences: int, per_token: bool, device):
+        self.method = None  # set by score()
         self.logps = torch.zeros(n_sequences, dtype=torch.float64, device=device)
         self.token_logps = [[] for _ in range(n_sequences)] if per_token else None
         self.counts = TokenCounts()
@@ -193,7 +199,7 @@ def packed_layout(lm, items: list[Tokenized], batch: list[int]):
     rows = packed_rows([items[i] for i in batch])
     ids, _ = pad(rows, PAD_ID, device=lm.device)
     width = ids.shape[1]
-    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 pad, 0 prompt, k + 1 completion k
+    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 pad, 0 prompt, s + 1 the batch's completion s
     positions = torch.zeros((len(batch), width), dtype=torch.long)
     source, targets, owner = [], [], []
     seq = 0  # the batch's completions, counted
@@ -298,13 +304,32 @@ def unsupported(lm, method: str, items: list[Tokenized] | None = None) -> str | 
     return None
 
 
+def packed_attention_overhead(lm, items: list[Tokenized]) -> float:
+    """The attention FLOPs packed spends beyond kv's, as a share of the model's matmul FLOPs, on
+    `items`. Under its block mask a packed row computes every (query, key) pair, where kv skips
+    the prompt's upper triangle and never pairs two completions: per layer and item, 2·P² + 4·P·ΣC
+    + 8·Σ_{i<j} C_i·C_j multiply-adds per attention width, against 2·(P + ΣC) per matmul parameter."""
+    extra = tokens = 0
+    for it in items:
+        p, lengths = len(it.prompt_ids), [len(c) for c in it.completion_ids]
+        total = sum(lengths)
+        extra += 2 * p * p + 4 * p * total + 4 * (total * total - sum(n * n for n in lengths))
+        tokens += p + total
+    return extra * lm.attention_width / (2 * tokens * lm.matmul_params_per_layer)
+
+
 def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str:
     """The method that `method` means for this model and these items: "auto" → the first of
-    packed, kv, naive that scores them exactly. Refuses an explicit method that cannot."""
+    packed, kv, naive that scores them exactly, except that kv goes first where packed's extra
+    attention would exceed PACKED_ATTENTION_LIMIT of the matmul work (small hidden sizes, long
+    rows). Refuses an explicit method that cannot score them exactly."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "auto":
-        return next(m for m in ("packed", "kv", "naive") if unsupported(lm, m, items) is None)
+        exact = [m for m in ("packed", "kv", "naive") if unsupported(lm, m, items) is None]
+        if exact[:2] == ["packed", "kv"] and items and packed_attention_overhead(lm, items) > PACKED_ATTENTION_LIMIT:
+            return "kv"
+        return exact[0]
     problem = unsupported(lm, method, items)
     if problem:
         raise InputError(f"--method {method} cannot score {type(lm.model).__name__} exactly: {problem} "
@@ -315,4 +340,6 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
 def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False) -> Scores:
     """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS)."""
     method = resolve_method(lm, method, items)
-    return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)
+    scores = {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)
+    scores.method = method
+    return scores

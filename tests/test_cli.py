@@ -55,7 +55,9 @@ def test_embedded_default(default_cache, tmp_path, capsys):
         assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], r["chosen"]), abs=1e-4)
         assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], r["rejected"]), abs=1e-4)
     meta = read_sidecar(out)
-    assert meta["method"] == "auto" and meta["model"]["method"] == "packed" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
+    assert meta["method"] == "auto" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
+    methods = meta["summary"]["methods"]  # the one chunk of 1000 rows: one scoring, by whichever method auto chose
+    assert sum(methods.values()) == 1 and set(methods) <= {"packed", "kv"}
     assert meta["model"]["class"] == "LlamaForCausalLM" and "torch" in meta["versions"]
 
 

@@ -189,3 +189,20 @@ def test_auto_picks_an_exact_method_for_the_model():
     flash = tiny_model("llama")
     flash.config._attn_implementation = "flash_attention_2"
     assert resolve_method(CausalLM(flash), "auto", items) == "kv"
+
+
+def test_auto_prefers_kv_where_packed_wastes_attention():
+    """The crossover measured in bench/RESULTS.md: on HH-sized pairs packed's block mask costs half
+    the matmul work again at hidden size 64 (kv was 1.2x faster) and 8% at 384 (packed was faster)."""
+    from prefrank.scoring import PACKED_ATTENTION_LIMIT, packed_attention_overhead, resolve_method
+    from transformers import LlamaConfig, LlamaForCausalLM
+    items = [Tokenized(list(range(148)), [list(range(99)), list(range(99))])]
+    overheads = {}
+    for hidden, ff, heads, expected in ((64, 172, 8, "kv"), (384, 1024, 6, "packed")):
+        lm = CausalLM(LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ff,
+                                                   num_hidden_layers=2, num_attention_heads=heads)).eval())
+        overheads[hidden] = packed_attention_overhead(lm, items)
+        assert resolve_method(lm, "auto", items) == expected
+    print(f"overheads {overheads}, limit {PACKED_ATTENTION_LIMIT}")
+    assert overheads[64] > 0.4 and overheads[384] < 0.1
+
