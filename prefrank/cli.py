@@ -92,8 +92,9 @@ def add_score_parser(sub):
                           "reused by every completion (any model with a cache); both take log-probs from hidden "
                           "states without full logits; naive: the plain full-logits oracle; auto: the first of "
                           "packed, kv, naive that is exact for the model (packed needs sdpa or eager attention "
-                          "and, under a sliding window, sequences that fit it; kv needs no sliding window) "
-                          "(default: %(default)s)")
+                          "and, under a sliding window, sequences that fit it; kv needs no sliding window), "
+                          "and kv over packed where packed's block mask would add over 20%% of the matmul work "
+                          "in attention (tiny hidden sizes, very long rows) (default: %(default)s)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="model dtype; log-probs accumulate in fp32 regardless (default: auto = bf16 on CUDA, "
                           "else fp32)")
