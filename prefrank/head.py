@@ -11,7 +11,7 @@ exactly the logits the model itself would output; otherwise they are fp32. Then,
 The per-chunk log-softmax steps go to the fastest backend (Triton on CUDA, the C++ extension on
 CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL), in the weight's dtype (tensor
 cores for half-precision weights; d logits is rounded to that dtype, as the model's own backward
-would). Chunks hold a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs
+would, and d weight accumulates across chunks in it: one rounding per chunk). Chunks hold a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs
 nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
 row, its backward recomputes each chunk.
 """

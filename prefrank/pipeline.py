@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from itertools import islice
@@ -217,7 +218,7 @@ def _chunk_stats(chunk, items, scores) -> dict:
     return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
             "truncated": sum(it.truncated for it in items),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
-            "methods": {m: sum(s.method == m for s in scores) for m in {s.method for s in scores}},
+            "methods": dict(Counter(s.method for s in scores)),
             "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
 
 

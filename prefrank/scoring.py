@@ -20,6 +20,7 @@ final hidden states through the chunked head op, only at completion positions: t
 never exist. Token log-probs are fp32 whatever the model's dtype; sums are float64.
 """
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -72,6 +73,11 @@ class Scores:
     def finish(self) -> "Scores":
         self.logps = self.logps.cpu()
         return self
+
+
+def _first_completion(items: list[Tokenized]) -> list[int]:
+    """[n + 1] offsets: item i's completions are flat indices first[i] .. first[i + 1] - 1."""
+    return list(accumulate((len(it.completion_ids) for it in items), initial=0))
 
 
 def _flatten(items: list[Tokenized]) -> tuple[list[int], list[list[int]]]:
@@ -154,9 +160,7 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
              cache_bytes: int = CACHE_BYTES) -> Scores:
     _, completions = _flatten(items)
     scores = Scores(len(completions), per_token, lm.device)
-    first_seq = [0]
-    for it in items:
-        first_seq.append(first_seq[-1] + len(it.completion_ids))
+    first_seq = _first_completion(items)
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
         prompts = [items[i].prompt_ids for i in batch]
@@ -187,45 +191,44 @@ def packed_rows(items: list[Tokenized]) -> list[list[int]]:
     return [it.prompt_ids + [t for c in it.completion_ids for t in c[:-1]] for it in items]
 
 
-def packed_layout(lm, items: list[Tokenized], batch: list[int]):
-    """The model inputs of a batch of packed rows, and where each target token's hidden state is.
+def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[int]]):
+    """The model inputs of a batch of packed rows (`rows[i]` is item i's, from packed_rows), and
+    where each target token's hidden state is.
 
     Returns ids [B, T]; positions [B, T] (each completion restarts at its prompt's length);
     mask [B, 1, T, T], additive in the model's dtype: a token sees the prompt up to itself and
-    its own completion up to itself, never another completion (a padding query sees only itself,
-    so no row is empty); and per target token of the batch's completions, in completion order:
-    its flat index in [B·T] (whose hidden state predicts it), its id, its completion (0-based
-    within the batch)."""
-    rows = packed_rows([items[i] for i in batch])
-    ids, _ = pad(rows, PAD_ID, device=lm.device)
+    its own completion up to itself, never another completion (padding sees earlier padding, so
+    no row is empty); and per target token of the batch's completions, in completion order: its
+    flat index in [B·T] (whose hidden state predicts it), its id, its completion (0-based within
+    the batch) and its rank within that completion."""
+    ids, _ = pad([rows[i] for i in batch], PAD_ID, device=lm.device)
     width = ids.shape[1]
-    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 pad, 0 prompt, s + 1 the batch's completion s
-    positions = torch.zeros((len(batch), width), dtype=torch.long)
-    source, targets, owner = [], [], []
+    segments, positions = [], []  # per row: 0 prompt, s + 1 the batch's completion s; position ids
+    source, targets, owner, rank = [], [], [], []
     seq = 0  # the batch's completions, counted
     for r, i in enumerate(batch):
         p = len(items[i].prompt_ids)
-        segment[r, :p] = 0
-        positions[r, :p] = torch.arange(p)
-        col = p
+        segment, position = [0] * p, list(range(p))
         for c in items[i].completion_ids:
-            n = len(c) - 1
-            segment[r, col:col + n] = seq + 1
-            positions[r, col:col + n] = torch.arange(p, p + n)
-            source += [r * width + p - 1] + list(range(r * width + col, r * width + col + n))
+            col, n = r * width + len(segment), len(c) - 1
+            source += [r * width + p - 1] + list(range(col, col + n))
             targets += c
             owner += [seq] * len(c)
+            rank += range(len(c))
+            segment += [seq + 1] * n
+            position += range(p, p + n)
             seq += 1
-            col += n
-    segment = segment.to(lm.device)
+        segments.append(segment)
+        positions.append(position)
+    segment = pad(segments, -1, device=lm.device)[0]
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool, device=lm.device).tril_()
-    allowed = ((key == 0) | (key == query)) & (key >= 0) & causal
-    allowed |= (query < 0) & torch.eye(width, dtype=torch.bool, device=lm.device)
+    allowed = ((key == 0) | (key == query)) & causal
     dtype = lm.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=lm.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return (ids, positions.to(lm.device), mask[:, None], torch.tensor(source, device=lm.device),
-            torch.tensor(targets, device=lm.device), torch.tensor(owner, device=lm.device))
+    as_tensor = lambda values: torch.tensor(values, device=lm.device)  # noqa: E731
+    return (ids, pad(positions, 0, device=lm.device)[0], mask[:, None], as_tensor(source), as_tensor(targets),
+            as_tensor(owner), as_tensor(rank))
 
 
 def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -240,20 +243,17 @@ def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: tor
 def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
     _, completions = _flatten(items)
     scores = Scores(len(completions), per_token, lm.device)
-    first_seq = torch.tensor([0] + [len(it.completion_ids) for it in items]).cumsum(0).tolist()
+    first_seq = _first_completion(items)
     rows = packed_rows(items)
     for batch in length_batches([len(r) for r in rows], budget):
-        ids, positions, mask, source, targets, owner = packed_layout(lm, items, batch)
+        ids, positions, mask, source, targets, owner, rank = packed_layout(lm, items, batch, rows)
         scores.counts.add([rows[i] for i in batch], ids)
         hidden = lm.hidden(ids, mask, positions).flatten(0, 1)
         token_lp = ops.logprobs_from_hidden(hidden[source], lm.weight, targets, **lm.head_kwargs)
         seqs = [s for i in batch for s in range(first_seq[i], first_seq[i + 1])]
         lengths = [len(completions[s]) for s in seqs]
-        # per completion, its tokens in order: row owner, column = rank within the completion
-        column = torch.arange(len(owner), device=lm.device) - torch.tensor(
-            [0] + lengths, device=lm.device).cumsum(0)[owner]
         table = torch.zeros(len(seqs), max(lengths), dtype=token_lp.dtype, device=lm.device)
-        table[owner, column] = token_lp
+        table[owner, rank] = token_lp
         scores.add(seqs, table, lengths)
     return scores.finish()
 
