@@ -99,6 +99,11 @@ def add_score_parser(sub):
                      help="model dtype; log-probs accumulate in fp32 regardless (default: auto = bf16 on CUDA, "
                           "else fp32)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the models' transformer blocks (one graph shared by all layers, dynamic "
+                          "shapes): fuses the norms, rotary embeddings and activations that eager runs as separate "
+                          "kernels; the first batches wait for the compile (seconds to a minute), so it pays on "
+                          "long runs, mostly on GPUs; the packed and naive methods only")
     run.add_argument("--max-tokens-per-batch", type=_positive_int, default=8192,
                      help="padded tokens per forward call (default: %(default)s)")
     run.add_argument("--chunk-rows", type=_positive_int, default=2048,
@@ -132,7 +137,7 @@ def run_score(args) -> int:
         chunk_rows=args.chunk_rows, limit=args.limit, split=args.split, subset=args.subset, columns=columns,
         max_length=args.max_length, truncate=args.truncate, append_eos=args.append_eos, per_token=args.per_token,
         strict=args.strict, resume=args.resume, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle)
+        allow_pickle=args.allow_pickle, compile=args.compile)
     summary = score_dataset(opts)
     if summary is not None:  # rank 0 (or a single process)
         print(summary.line(args.out), file=sys.stderr)

@@ -108,6 +108,7 @@ class CausalLM:
         body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
         self.matmul_params_per_layer = max(1, body // layers)
         self.attention_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.compiled = False  # compile_blocks()
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +131,25 @@ class CausalLM:
 
     def logits(self, input_ids, attention_mask) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def compile_blocks(self, enabled: bool = True) -> "CausalLM":
+        """torch.compile each repeated block of the decoder (its transformer layers), with dynamic
+        shapes; `enabled=False` restores the eager blocks. Compiling the block rather than the whole
+        model compiles one graph that all layers share (seconds instead of minutes) and survives the
+        batch and length changing from call to call; it fuses what eager runs as separate
+        memory-bound kernels (norms, rotary embeddings, activations, residual adds). Matmuls and
+        attention stay the same kernels. The kv method cannot use it (unsupported() says why)."""
+        lists = [m for m in self.decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+                 and len({type(b) for b in m}) == 1]
+        if not lists:
+            raise InputError(f"{type(self.model).__name__}: no repeated blocks found to compile")
+        for block in max(lists, key=len):
+            if enabled:
+                block.forward = torch.compile(block.forward, dynamic=True)
+            else:
+                vars(block).pop("forward", None)
+        self.compiled = enabled
+        return self
 
     @torch.inference_mode()
     def check_head(self, length: int = 8):

@@ -49,6 +49,7 @@ class ScoreOptions:
     resume: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    compile: bool = False  # torch.compile the models' blocks (CausalLM.compile_blocks)
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
                          f"both are scored on the same token ids and must share a vocabulary")
     if resolve_method(lm, opts.method) != "naive":
         lm.check_head()
+    if opts.compile:
+        resolve_method(lm.compile_blocks(), opts.method)  # kv cannot run compiled: say so now
     return lm
 
 
@@ -225,7 +228,7 @@ def _chunk_stats(chunk, items, scores) -> dict:
 def _manifest(sidecar: dict) -> dict:
     """What must match for --resume to continue a run: everything that decides the rows."""
     options = {k: v for k, v in sidecar["options"].items()
-               if k not in ("out", "resume", "device", "max_tokens_per_batch")}
+               if k not in ("out", "resume", "device", "max_tokens_per_batch", "compile")}
     return {"input": sidecar["input"], "options": options, "dtype": sidecar["dtype"],
             "max_length": sidecar["max_length"], "table": sidecar["table"]}
 

@@ -285,13 +285,15 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
 
 
 def unsupported(lm, method: str, items: list[Tokenized] | None = None) -> str | None:
-    """Why `method` cannot score `items` (None: any items) exactly with this model, or None."""
+    """Why `method` cannot score `items` (None: any items) exactly with this model as it is, or None."""
     if method == "naive":
         return None
     other = lm.layer_kinds - {"full_attention", "sliding_attention"}
     if other:
         return f"it has {', '.join(sorted(other))} layers"
     if method == "kv":
+        if lm.compiled:  # a cache update reads the layer's index: one graph per layer, past dynamo's limit
+            return "its blocks are compiled (torch.compile would specialize on each layer's cache index)"
         # right-padded prompt caches would shift a sliding window by the padding
         return "sliding-window attention" if lm.sliding_window else None
     if lm.attn_implementation not in ("sdpa", "eager"):
@@ -322,7 +324,7 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
     """The method that `method` means for this model and these items: "auto" → the first of
     packed, kv, naive that scores them exactly, except that kv goes first where packed's extra
     attention would exceed PACKED_ATTENTION_LIMIT of the matmul work (small hidden sizes, long
-    rows). Refuses an explicit method that cannot score them exactly."""
+    rows). Refuses an explicit method that cannot score them."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "auto":
@@ -332,8 +334,8 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
         return exact[0]
     problem = unsupported(lm, method, items)
     if problem:
-        raise InputError(f"--method {method} cannot score {type(lm.model).__name__} exactly: {problem} "
-                         f"(--method auto picks one that can)")
+        raise InputError(f"--method {method} cannot score with {type(lm.model).__name__}: {problem} "
+                         f"(--method auto picks a method that can)")
     return method
 
 

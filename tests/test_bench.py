@@ -12,8 +12,8 @@ def test_ops_gpu_smoke():
 def test_scoring_gpu_smoke():
     """The end-to-end GPU benchmark on a tiny model: every installed path agrees with naive."""
     from bench.scoring_gpu import main
-    result = main(["--smoke"])
-    assert {"kv", "packed", "naive", "trl_style"} <= set(result["seconds"])
+    result = main(["--smoke", "--compile"])
+    assert {"kv", "packed", "naive", "trl_style", "packed_compiled", "naive_compiled"} <= set(result["seconds"])
     assert all(diff < 1e-4 for diff in result["max_rel_diff_vs_naive"].values())
 
 

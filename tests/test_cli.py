@@ -102,12 +102,15 @@ def test_reference_model_and_per_token(model_dirs, tmp_path, capsys):
 def test_methods_match_naive(model_dirs, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
     tables = {}
-    for method in ("kv", "packed", "naive"):
-        out = tmp_path / f"{method}.parquet"
-        assert run(["score", "--data", data, "--model", model_dirs[0], "--out", str(out), "--method", method],
-                   capsys)[0] == 0
-        tables[method] = pq.read_table(out).to_pylist()
-    for method in ("kv", "packed"):
+    runs = {"kv": ["--method", "kv"], "packed": ["--method", "packed"], "naive": ["--method", "naive"],
+            "compiled": ["--compile"]}
+    for name, args in runs.items():
+        out = tmp_path / f"{name}.parquet"
+        assert run(["score", "--data", data, "--model", model_dirs[0], "--out", str(out), *args], capsys)[0] == 0
+        tables[name] = pq.read_table(out).to_pylist()
+    sidecar = read_sidecar(tmp_path / "compiled.parquet")
+    assert sidecar["options"]["compile"] and set(sidecar["summary"]["methods"]) == {"packed"}
+    for method in ("kv", "packed", "compiled"):
         for a, b in zip(tables[method], tables["naive"]):
             assert a["logp_chosen"] == pytest.approx(b["logp_chosen"], abs=1e-4)
             assert a["logp_rejected"] == pytest.approx(b["logp_rejected"], abs=1e-4)
@@ -134,6 +137,7 @@ def test_parquet_input_column_mapping_and_limit(model_dirs, tmp_path, capsys):
     (["--data", "D"], "--data needs --model"),
     (["--data", "D", "--model", "M", "--chosen-col", "nope"], "unknown column(s) 'nope'"),
     (["--data", "D", "--model", "M", "--ref-model", "/no/ref"], "model not found: /no/ref"),
+    (["--data", "D", "--model", "M", "--method", "kv", "--compile"], "--method kv cannot score with"),
 ])
 def test_bad_invocations_exit_2_with_one_line(model_dirs, tmp_path, capsys, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)

@@ -206,3 +206,29 @@ def test_auto_prefers_kv_where_packed_wastes_attention():
     print(f"overheads {overheads}, limit {PACKED_ATTENTION_LIMIT}")
     assert overheads[64] > 0.4 and overheads[384] < 0.1
 
+
+
+def test_compiled_blocks_equal_float64():
+    """--compile: torch.compile'd transformer blocks (one graph for all layers, dynamic shapes) give
+    float64's answers with packed and naive over batches of changing shape; kv is refused and auto
+    avoids it; compile_blocks(False) restores the eager blocks."""
+    from prefrank.data import InputError
+    from prefrank.scoring import resolve_method
+    model = tiny_model("llama").double()
+    lm = CausalLM(model)
+    items = random_items(7, seed=3)
+    ref, _ = float64_reference(model, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    blocks = list(model.model.layers)
+    lm.compile_blocks()
+    try:
+        assert all("forward" in vars(b) for b in blocks)
+        for method, budget in (("packed", 96), ("naive", 96), ("packed", 100_000)):
+            assert_close(f"compiled {method} budget={budget}", score(lm, items, method=method, budget=budget).logps,
+                         ref.to(torch.float64), n)
+        with pytest.raises(InputError, match="compiled"):
+            resolve_method(lm, "kv", items)
+        assert resolve_method(lm, "auto", items) == "packed"
+    finally:
+        lm.compile_blocks(False)
+    assert not any("forward" in vars(b) for b in blocks) and resolve_method(lm, "kv", items) == "kv"
