@@ -6,7 +6,8 @@
                                  (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
                                  to end (random-init Llama 3.2 1B and 3.1 8B shapes, bf16, HH lengths:
-                                 as is, prompt-heavy, completion-heavy) against naive, TRL-style, Liger, CCE
+                                 as is, prompt-heavy, completion-heavy) against naive (eager and with
+                                 compiled blocks), TRL-style, Liger, CCE
 
 Each benchmark writes its JSON into bench/results/ (or --out-dir); bench/RESULTS.md records the
 figures with their command, machine and date. Every module also runs alone: python -m bench.NAME.
@@ -24,10 +25,10 @@ SUITES = {
             ("scaling", ["--pairs", "32"]),
             ("streaming", ["--sizes", "10000,100000"])],
     "gpu": [("ops_gpu", []),
-            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512"]),
-            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "256"]),
-            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256"]),
-            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2"])],
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512", "--compile"]),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "256", "--compile"]),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256", "--compile"]),
+            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2", "--compile"])],
 }
 
 
