@@ -26,7 +26,7 @@ SUITES = {
             ("streaming", ["--sizes", "10000,100000"])],
     "gpu": [("ops_gpu", []),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512", "--compile"]),
-            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "256", "--compile"]),
+            ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "128", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2", "--compile"])],
 }
