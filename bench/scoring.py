@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.common import SHARED, alternate, command, machine, write_result
+from bench.common import SHARED, alternate, command, flop_ideal, machine, write_result
 from prefrank.batching import pad
 from prefrank.data import Columns, RowError, to_example
 from prefrank.models import CausalLM, load_model, load_tokenizer
@@ -135,6 +135,7 @@ def main(argv=None):
                    "naive_padded": naive.counts.padded, "kv_real": kv.counts.real, "kv_padded": kv.counts.padded,
                    "packed_real": packed.counts.real, "packed_padded": packed.counts.padded},
         "ideal_ratio": naive_tokens / (prompt + completions),
+        "flop_ideal_ratio": flop_ideal(lm, items),
         "max_abs_diff": max_diff,
         "seconds": seconds,
         "prompts_per_s": {m: len(items) / s for m, s in seconds.items()},

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import alternate, command, cuda_peak_mb, machine, write_result
+from bench.common import alternate, command, cuda_peak_mb, flop_ideal, machine, write_result
 from bench.scoring import trl_style
 from prefrank.models import CausalLM
 from prefrank.reference import IGNORE_INDEX
@@ -87,26 +87,6 @@ def make_items(pairs: int, mix: str, vocab: int, max_length: int, seed: int = 0)
         if len(items) == pairs:
             break
     return items
-
-
-def flop_ideal(config: str, items: list[Tokenized], vocab: int) -> float:
-    """Naive's FLOPs over the least any method needs, counting the matmuls and the attention's
-    (query, key) products: naive runs prompt + completion per completion, causal attention and
-    the head at every position; the least is the prompt once, each completion but its last token
-    attending to the prompt and itself, and the head at the completion tokens only."""
-    c = CONFIGS[config]
-    d, layers = c["hidden_size"], c["num_hidden_layers"]
-    kv_width = c["num_key_value_heads"] * d // c["num_attention_heads"]
-    linear = 2 * (2 * d * d + 2 * d * kv_width + 3 * d * c["intermediate_size"])  # per token and layer
-    naive = least = 0
-    for it in items:
-        p = len(it.prompt_ids)
-        least += layers * (linear * p + 2 * d * p * p)
-        for completion in it.completion_ids:
-            t, n = p + len(completion), len(completion) - 1
-            naive += layers * (linear * t + 2 * d * t * t) + 2 * vocab * d * t
-            least += layers * (linear * n + 4 * d * n * p + 2 * d * n * n) + 2 * vocab * d * len(completion)
-    return naive / least
 
 
 def hidden_head_logprobs(name: str):
@@ -225,7 +205,7 @@ def main(argv=None):
         "reps": args.reps, "lengths": "HH helpful-base test, tokens = ceil(chars / 4), scaled by the mix",
         "tokens": {"prompt": prompt, "completions": completions, "naive_layout": naive_tokens},
         "ideal_ratio": naive_tokens / (prompt + completions),
-        "flop_ideal_ratio": flop_ideal(config, items, vocab),
+        "flop_ideal_ratio": flop_ideal(lm, items),
         "max_rel_diff_vs_naive": agreement, "skipped": skipped,
         "seconds": seconds, "peak_mb_above_weights": memory,
         "pairs_per_s": {m: len(items) / s for m, s in seconds.items()},

@@ -232,3 +232,16 @@ def test_compiled_blocks_equal_float64():
     finally:
         lm.compile_blocks(False)
     assert not any("forward" in vars(b) for b in blocks) and resolve_method(lm, "kv", items) == "kv"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compile_blocks_finds_the_transformer_layers(arch):
+    """The compiled blocks are exactly the decoder's layers (GPT-2 keeps them in `h`, the others in
+    `layers`), and compile_blocks(False) leaves no compiled forward behind."""
+    model = tiny_model(arch)
+    layers = model.base_model.h if arch == "gpt2" else model.base_model.layers
+    lm = CausalLM(model).compile_blocks()
+    assert [m for m in model.modules() if "forward" in vars(m)] == list(layers)
+    assert len(layers) == model.config.num_hidden_layers
+    lm.compile_blocks(False)
+    assert not any("forward" in vars(m) for m in model.modules())
