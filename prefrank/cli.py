@@ -102,8 +102,9 @@ def add_score_parser(sub):
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the models' transformer blocks (one graph shared by all layers, dynamic "
                           "shapes): fuses the norms, rotary embeddings and activations that eager runs as separate "
-                          "kernels; the first batches wait for the compile (seconds to a minute), so it pays on "
-                          "long runs, mostly on GPUs; the packed and naive methods only")
+                          "kernels (packed scoring on an H100: 14%% faster at 8B, 17-28%% at 1B); the first batches "
+                          "wait for the compile (seconds to a minute), so it pays on long runs, mostly on GPUs; the "
+                          "packed and naive methods only")
     run.add_argument("--max-tokens-per-batch", type=_positive_int, default=8192,
                      help="padded tokens per forward call (default: %(default)s)")
     run.add_argument("--chunk-rows", type=_positive_int, default=2048,
