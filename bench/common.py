@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,6 @@ def alternate(fns: dict, reps: int) -> dict:
 
 def command(module: str, argv) -> str:
     """The command line that ran a benchmark: its arguments, or the process's when run as a module."""
-    import sys
     return f"python -m bench.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 

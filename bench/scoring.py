@@ -5,8 +5,9 @@ same batching budget, on real pairs (Anthropic HH test split) with the real tiny
   python -m bench.scoring [--pairs 400] [--k 2] [--reps 3] [--budget 8192]
 
 Four paths: prefrank's packed and kv methods; the naive method (full logits, same length
-bucketing); and the TRL-style path (pairs in input order, chosen and rejected concatenated in one padded batch, full
-logits, TRL's selective_log_softmax). Checks that all give the same log-probs before timing; reports prompts/s and tokens/s
+bucketing); and the TRL-style path (pairs in input order, chosen and rejected concatenated in one
+padded batch, full logits, TRL's selective_log_softmax). Checks that all give the same log-probs
+before timing; reports prompts/s and tokens/s
 (real prompt + completion tokens as the naive layout counts them, i.e. the work a user asks for)
 and the ideal prefix-sharing ratio (K·P + ΣC) / (P + ΣC) of the same items. With --k 4 each HH
 prompt gets its own two completions and the next pair's two (same lengths as real data; the text
@@ -127,7 +128,7 @@ def main(argv=None):
                          "naive": lambda: score(lm, items, method="naive", budget=args.budget),
                          "trl_style": lambda: trl_style(lm, items)}, args.reps)
     result = {
-        "benchmark": f"scoring kv vs naive (CPU), K = {args.k}", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "benchmark": f"scoring packed and kv vs naive (CPU), K = {args.k}", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "command": command("scoring", argv),
         "model": args.model, "data": "hh-rlhf helpful-base test (first pairs that fit 512 tokens)",
         "prompts": len(items), "k": args.k, "budget": args.budget, "reps": args.reps,

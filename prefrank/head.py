@@ -11,14 +11,14 @@ exactly the logits the model itself would output; otherwise they are fp32. Then,
 The per-chunk log-softmax steps go to the fastest backend (Triton on CUDA, the C++ extension on
 CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL), in the weight's dtype (tensor
 cores for half-precision weights; d logits is rounded to that dtype, as the model's own backward
-would, and d weight accumulates across chunks in it: one rounding per chunk). Chunks hold a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs
-nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
+would, and d weight accumulates across chunks in it: one rounding per chunk). Chunks hold a
+multiple of 128 rows where they can: a GEMM tile's height, so no tile runs nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
 row, its backward recomputes each chunk.
 """
 import torch
 import torch.nn.functional as F
 
-from prefrank.reference import upcast
+from prefrank.reference import head_logits, upcast
 
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # scores per chunk: GEMMs big enough for a GPU; cache-sized on CPU
 
@@ -39,13 +39,9 @@ class Head:
 
     def scores(self, hidden_rows):
         """[n, V] scores of a chunk of rows: the weight's dtype, or fp32 under softcap / temperature."""
-        z = F.linear(hidden_rows.to(self.weight.dtype), self.weight, self.bias)
-        if not self.fp32_scores:
-            return z
-        z = upcast(z)
-        if self.temperature != 1.0:
-            z = z / self.temperature
-        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+        if self.fp32_scores:
+            return head_logits(hidden_rows, self.weight, self.bias, self.softcap, self.temperature)
+        return F.linear(hidden_rows.to(self.weight.dtype), self.weight, self.bias)
 
     def logprobs(self, scores, targets):
         """(logp, lse) of a chunk, fp32 (float64 for float64 scores); `scores` is left intact."""

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -145,7 +146,7 @@ class Parts:
         if missing:
             raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
         totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "real_tokens": 0, "padded_tokens": 0,
-                  "methods": {}, "first_error": None}
+                  "methods": Counter(), "first_error": None}
         tmp = self.out.with_name(self.out.name + ".partial")
         with pq.ParquetWriter(tmp, schema) as writer:
             for c in range(n_chunks):
@@ -155,8 +156,7 @@ class Parts:
                     if key == "first_error":
                         totals[key] = totals[key] or stats[key]
                     elif key == "methods":
-                        for method, n in stats[key].items():
-                            totals[key][method] = totals[key].get(method, 0) + n
+                        totals[key].update(stats[key])
                     else:
                         totals[key] += stats[key]
                 writer.write_table(part.replace_schema_metadata(None).cast(schema))

@@ -15,9 +15,9 @@ Three methods, same answers:
   naive  the oracle: prompt + completion concatenated per completion, the model's full logits,
          log_softmax, gather, sum over the completion positions.
 "auto" picks the first of packed, kv, naive that is exact for the model and items, and kv over
-packed where packed's block mask would waste much attention work (resolve_method). packed and kv take log-probs from the
-final hidden states through the chunked head op, only at completion positions: the full logits
-never exist. Token log-probs are fp32 whatever the model's dtype; sums are float64.
+packed where packed's block mask would waste much attention work (resolve_method). packed and kv
+take log-probs from the final hidden states through the chunked head op, only at completion
+positions: the full logits never exist. Token log-probs are fp32 whatever the model's dtype; sums are float64.
 """
 from dataclasses import dataclass
 from itertools import accumulate
