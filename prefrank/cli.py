@@ -4,7 +4,7 @@ import sys
 
 from prefrank.data import Columns, InputError
 from prefrank.scoring import METHODS
-from prefrank.tokenization import TRUNCATION_POLICIES
+from prefrank.tokenization import TOKENIZATION_MODES, TRUNCATION_POLICIES
 
 SCORE_HELP = """\
 Score a preference dataset: for every row, Σ log π(y|x) and the token count of the chosen and the
@@ -54,6 +54,32 @@ def add_column_args(cols):
                       "completion, higher is better (UltraFeedback: completions.overall_score; default: %(default)s)")
 
 
+def add_tokenization_args(tok):
+    tok.add_argument("--tokenization", choices=TOKENIZATION_MODES, default="joint",
+                     help="joint: the ids of each prompt + completion as one text, the prompt being the ids the "
+                          "prompt alone shares with every one of them (the scored ids are the data's own text); "
+                          "trl: TRL 1.16's DPOTrainer ids (joint, with the EOS text appended to text completions "
+                          "and TRL's prompt extraction for full transcripts); separate: prompt and completions "
+                          "tokenized apart (earlier prefrank tables; SentencePiece tokenizers then start every "
+                          "completion with a spurious '▁') (default: %(default)s)")
+    tok.add_argument("--append-eos", action="store_true", help="score an EOS token after each completion "
+                     "(joint, separate; trl appends the EOS text itself)")
+    tok.add_argument("--max-length", type=_positive_int,
+                     help="longest prompt + completion in tokens (default: the model's maximum positions)")
+    tok.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none",
+                     help="over-length rows: 'none' makes them errors; 'keep-end' cuts the prompt from the left "
+                          "(keeping BOS), then the completions from the right, and marks them truncated "
+                          "(default: %(default)s)")
+
+
+def tokenization_from_args(args) -> dict:
+    """The tokenization options (add_tokenization_args) as ScoreOptions / TrainOptions fields."""
+    if args.append_eos and args.tokenization == "trl":
+        raise InputError("--append-eos with --tokenization trl: that mode appends the EOS text itself")
+    return dict(tokenization=args.tokenization, append_eos=args.append_eos, max_length=args.max_length,
+                truncate=args.truncate)
+
+
 def columns_from_args(args) -> Columns:
     return Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
                    votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt,
@@ -76,14 +102,7 @@ def add_score_parser(sub):
 
     add_column_args(p.add_argument_group("columns"))
 
-    tok = p.add_argument_group("tokenization")
-    tok.add_argument("--append-eos", action="store_true", help="score an EOS token after each completion")
-    tok.add_argument("--max-length", type=_positive_int,
-                     help="longest prompt + completion in tokens (default: the model's maximum positions)")
-    tok.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none",
-                     help="over-length rows: 'none' makes them errors; 'keep-end' cuts the prompt from the left "
-                          "(keeping BOS), then the completions from the right, and marks them truncated "
-                          "(default: %(default)s)")
+    add_tokenization_args(p.add_argument_group("tokenization"))
 
     run = p.add_argument_group("execution")
     run.add_argument("--method", choices=METHODS, default="auto",
@@ -136,9 +155,8 @@ def run_score(args) -> int:
         data=data, model=model, out=args.out, ref_model=args.ref_model, tokenizer=args.tokenizer, method=args.method,
         dtype=args.dtype, device=args.device, max_tokens_per_batch=args.max_tokens_per_batch,
         chunk_rows=args.chunk_rows, limit=args.limit, split=args.split, subset=args.subset, columns=columns,
-        max_length=args.max_length, truncate=args.truncate, append_eos=args.append_eos, per_token=args.per_token,
-        strict=args.strict, resume=args.resume, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle, compile=args.compile)
+        **tokenization_from_args(args), per_token=args.per_token, strict=args.strict, resume=args.resume,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, compile=args.compile)
     summary = score_dataset(opts)
     if summary is not None:  # rank 0 (or a single process)
         print(summary.line(args.out), file=sys.stderr)
@@ -387,8 +405,6 @@ def add_train_parsers(sub):
         p.add_argument("--eval-pairs", type=_positive_int, default=256,
                        help="size of the fixed training subsample evaluated (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-        p.add_argument("--max-length", type=_positive_int, help="(default: the model's maximum positions)")
-        p.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none", help="(default: %(default)s)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
         p.add_argument("--judge-model", help="reward model (sequence classification, one output): at each evaluation "
@@ -398,6 +414,7 @@ def add_train_parsers(sub):
         p.add_argument("--trust-remote-code", action="store_true")
         p.add_argument("--allow-pickle", action="store_true")
         add_column_args(p.add_argument_group("columns"))
+        add_tokenization_args(p.add_argument_group("tokenization"))
         p.set_defaults(func=run_train, mode="dpo" if name == "train" else "sft")
 
 
@@ -410,7 +427,7 @@ def run_train(args) -> int:
                         optimizer=args.optimizer,
                         weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
                         batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
-                        eval_pairs=args.eval_pairs, seed=args.seed, max_length=args.max_length, truncate=args.truncate,
+                        eval_pairs=args.eval_pairs, seed=args.seed, **tokenization_from_args(args),
                         columns=columns_from_args(args), device=args.device, resume=args.resume,
                         judge_model=args.judge_model, judge_prompts=args.judge_prompts,
                         judge_max_new_tokens=args.judge_max_new_tokens,

@@ -55,6 +55,7 @@ class Example:
     completions: list = field(default_factory=list)  # [chosen, rejected], or K: texts or message lists
     alpha: float | None = None  # pairs: share of raters preferring chosen
     scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
+    implicit: bool = False  # the prompt was split off full transcripts (no prompt in the row)
     error: str | None = None
 
 
@@ -218,6 +219,7 @@ def _prompt(row: dict, cols: Columns):
 
 
 def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
+    """(prompt, completions, whether the prompt was implicit)."""
     completions, names = _completions(row, cols)
     prompt = _prompt(row, cols)
     prompt_name = (cols.prompt or ["prompt"])[0]
@@ -230,15 +232,15 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
             shared = 0
             while all(len(c) > shared and c[shared] == completions[0][shared] for c in completions):
                 shared += 1
-            return completions[0][:shared], [c[shared:] for c in completions]
+            return completions[0][:shared], [c[shared:] for c in completions], True
         if not _is_messages(prompt):
             raise RowError(f"{prompt_name!r} must be a message list when the completions are")
-        return _check_messages(prompt, prompt_name), completions
+        return _check_messages(prompt, prompt_name), completions, False
     for c, name in zip(completions, names):
         if not isinstance(c, str):
             raise RowError(f"field {name!r} must be a string, got {type(c).__name__}")
     if prompt is None:
-        return split_implicit_prompt(*completions)
+        return *split_implicit_prompt(*completions), True
     if not isinstance(prompt, str):
         raise RowError(f"field {prompt_name!r} must be a string, got {type(prompt).__name__}")
     if cols.completions_include_prompt:
@@ -246,7 +248,7 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
             if not c.startswith(prompt):
                 raise RowError(f"the prompt is not a prefix of {name!r}")
         completions = [c[len(prompt):] for c in completions]
-    return prompt, completions
+    return prompt, completions, False
 
 
 def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
@@ -286,7 +288,7 @@ def to_example(index: int, row, cols: Columns) -> Example:
     row_id = row.get(cols.id)
     example = Example(index, str(index) if row_id is None else str(row_id))
     try:
-        example.prompt, example.completions = _prompt_and_completions(row, cols)
+        example.prompt, example.completions, example.implicit = _prompt_and_completions(row, cols)
         if any(not c for c in example.completions):
             raise RowError("empty completion")
         for i, j in itertools.combinations(range(len(example.completions)), 2):

@@ -145,8 +145,8 @@ class Parts:
         missing = [c for c in range(n_chunks) if not self.part(c).exists()]
         if missing:
             raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
-        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "real_tokens": 0, "padded_tokens": 0,
-                  "methods": Counter(), "first_error": None}
+        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "real_tokens": 0,
+                  "padded_tokens": 0, "methods": Counter(), "first_error": None}
         tmp = self.out.with_name(self.out.name + ".partial")
         with pq.ParquetWriter(tmp, schema) as writer:
             for c in range(n_chunks):

@@ -41,6 +41,7 @@ class ScoreOptions:
     split: str = "train"
     subset: str | None = None
     columns: Columns = field(default_factory=Columns)
+    tokenization: str = "joint"  # TOKENIZATION_MODES
     max_length: int | None = None  # default: the model's maximum positions
     truncate: str = "none"
     append_eos: bool = False
@@ -58,6 +59,7 @@ class Summary:
     ok: int = 0
     errors: int = 0
     truncated: int = 0
+    boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
     real_tokens: int = 0
     padded_tokens: int = 0
     methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
@@ -69,6 +71,9 @@ class Summary:
         text = (f"scored {self.rows} rows in {self.seconds:.1f}s ({self.rows / max(self.seconds, 1e-9):.1f} rows/s, "
                 f"{self.real_tokens / max(self.seconds, 1e-9):.0f} tokens/s, {waste:.0%} padding): "
                 f"{self.ok} ok, {self.errors} errors, {self.truncated} truncated -> {out}")
+        if self.boundary_moved:
+            text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
+                     f"those ids are scored as the completions'")
         if self.first_error:
             text += f"\nfirst error: {self.first_error}"
         return text
@@ -107,8 +112,8 @@ def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
 
 def _tokenize_chunk(examples, tokenizer, opts, max_length):
     """Token ids for each valid example; errors recorded on the example itself."""
-    tokenized = tokenize_examples(examples, tokenizer, max_length=max_length, truncate=opts.truncate,
-                                  append_eos=opts.append_eos)
+    tokenized = tokenize_examples(examples, tokenizer, mode=opts.tokenization, max_length=max_length,
+                                  truncate=opts.truncate, append_eos=opts.append_eos)
     if opts.strict:
         bad = next((ex for ex in examples if ex.error is not None), None)
         if bad is not None:
@@ -219,7 +224,7 @@ def merge_parts(out: str) -> Summary:
 
 def _chunk_stats(chunk, items, scores) -> dict:
     return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
-            "truncated": sum(it.truncated for it in items),
+            "truncated": sum(it.truncated for it in items), "boundary_moved": sum(it.boundary_moved for it in items),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
             "methods": dict(Counter(s.method for s in scores)),
             "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
@@ -256,6 +261,7 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "method": opts.method,
+        "tokenization": opts.tokenization,
         "max_length": max_length,
         "options": asdict(opts),
         "input": {"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},

@@ -1,19 +1,33 @@
-"""The one tokenization convention: Examples → token ids, with an exact prompt/completion boundary.
+"""Examples → token ids: the scored ids are the data's own text, with a prompt shared by all K completions.
 
-  prompt ids      = tokenizer(prompt) with the tokenizer's own special tokens (BOS once)
-  completion ids  = tokenizer(completion, add_special_tokens=False) [+ EOS with append_eos]
-  scored sequence = prompt ids + completion ids; exactly the completion ids are scored.
+Three modes (`--tokenization`), one mechanism: tokenize the prompt alone and each prompt + completion
+as one text; the prompt ids are the longest prefix that the prompt alone and every prompt +
+completion share, and each completion's ids are the rest of its joint ids.
 
-Chat messages are rendered with the tokenizer's chat template (the prompt with the generation
-prompt; each completion as the rest of the rendered prompt + completion); rendered text already
-carries the template's special tokens, so it is tokenized with add_special_tokens=False.
-Tokenizing the two parts separately is what makes the boundary exact; with SentencePiece-style
-tokenizers a completion that starts with a space may then begin with a lone "▁" token.
+  joint     (default) exactly that. prompt ids + completion ids == tokenizer(prompt + completion)
+            for every completion: the scored ids decode to the data's text. Where the tokenizer merges
+            the prompt's last characters with a completion's first ones, the ids from the first
+            disagreement on belong to the completions (`Tokenized.boundary_moved`; the sidecar counts
+            such rows): every completion is still scored from one shared prompt.
+  trl       TRL 1.16's DPOTrainer ids (its `tokenize_fn`): joint, plus the EOS token's text appended
+            to each text completion that does not end with it, and for implicit text rows (full
+            transcripts without a prompt) the prompt TRL's `extract_prompt` takes: the transcripts up
+            to their first differing character, less a space just before it.
+  separate  the earlier convention, for reproducing older tables: prompt ids = tokenizer(prompt),
+            completion ids = tokenizer(completion, add_special_tokens=False). With SentencePiece-style
+            tokenizers (Llama 1/2, Mistral, Gemma, stories260K) every completion then starts with the
+            dummy-prefix "▁" the tokenizer puts before any text: " No" after "Assistant:" is scored as
+            "Assistant:  No", a sequence the model rarely saw.
+
+The prompt alone is tokenized with the tokenizer's own special tokens (BOS once). Chat messages go
+through the tokenizer's chat template (the prompt with the generation prompt), whose text carries
+its own special tokens. `append_eos` adds the EOS id to each completion (joint and separate).
 """
 from dataclasses import dataclass
 
 from prefrank.data import Example, RowError
 
+TOKENIZATION_MODES = ("joint", "trl", "separate")
 TRUNCATION_POLICIES = ("none", "keep-end")
 
 
@@ -22,10 +36,20 @@ class Tokenized:
     prompt_ids: list[int]
     completion_ids: list[list[int]]  # one list per completion, each non-empty
     truncated: bool = False
+    boundary_moved: bool = False  # the prompt's own last ids were joined to the completions (joint, trl)
+
+
+def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
+    """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RowError("conversational row, but the tokenizer has no chat template")
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              add_generation_prompt=generation_prompt)["input_ids"])
 
 
 def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
-    """Chat messages → (prompt text, completion texts) through the tokenizer's chat template."""
+    """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
+    (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
     if not getattr(tokenizer, "chat_template", None):
         raise RowError("conversational row, but the tokenizer has no chat template")
     prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
@@ -36,6 +60,58 @@ def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
             raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
         completions.append(full[len(prompt):])
     return prompt, completions
+
+
+def trl_extract_prompt(transcripts: list[str]) -> tuple[str, list[str]]:
+    """The prompt TRL's `extract_prompt` takes from full transcripts: everything before the first
+    character at which they differ, less a space just before it (which goes to the completions).
+    When no character differs within the shortest, TRL's loop ends one character before its end."""
+    shortest = min(map(len, transcripts))
+    cut = next((i for i in range(shortest) if len({t[i] for t in transcripts}) > 1), None)
+    if cut is None:
+        cut = max(shortest - 1, 0)
+    elif cut > 0 and transcripts[0][cut - 1] == " ":
+        cut -= 1
+    return transcripts[0][:cut], [t[cut:] for t in transcripts]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _joint_ids(example: Example, tokenizer, mode: str) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt ids, completion ids, boundary moved) by the joint mechanism (joint and trl modes)."""
+    if isinstance(example.prompt, list):
+        prompt_ids = _chat_ids(tokenizer, example.prompt, generation_prompt=True)
+        joint = [_chat_ids(tokenizer, example.prompt + messages) for messages in example.completions]
+    else:
+        prompt, completions = example.prompt, example.completions
+        if mode == "trl":
+            if example.implicit:
+                prompt, completions = trl_extract_prompt([prompt + c for c in completions])
+            eos = tokenizer.eos_token
+            if eos is None:
+                raise RowError("--tokenization trl appends the EOS token's text, but the tokenizer has no EOS token")
+            completions = [c if c.endswith(eos) else c + eos for c in completions]
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        joint = [tokenizer(prompt + c)["input_ids"] for c in completions]
+    n = min(_common_prefix(prompt_ids, ids) for ids in joint)
+    return prompt_ids[:n], [ids[n:] for ids in joint], n < len(prompt_ids)
+
+
+def _separate_ids(example: Example, tokenizer) -> tuple[list[int], list[list[int]]]:
+    if isinstance(example.prompt, list):
+        prompt, completions = render_chat(example, tokenizer)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt, completions = example.prompt, example.completions
+        prompt_ids = tokenizer(prompt)["input_ids"]
+    return prompt_ids, [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
 
 
 def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
@@ -49,17 +125,19 @@ def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
     return prompt_ids, [c[:completion_room] for c in completion_ids]
 
 
-def tokenize_example(example: Example, tokenizer, *, max_length: int | None = None, truncate: str = "none",
-                     append_eos: bool = False) -> Tokenized:
-    """Token ids for one valid Example; a RowError says why a row cannot be tokenized."""
-    if isinstance(example.prompt, list):
-        prompt, completions = render_chat(example, tokenizer)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def tokenize_example(example: Example, tokenizer, *, mode: str = "joint", max_length: int | None = None,
+                     truncate: str = "none", append_eos: bool = False) -> Tokenized:
+    """Token ids for one valid Example by `mode` (TOKENIZATION_MODES); a RowError says why a row
+    cannot be tokenized."""
+    if mode not in TOKENIZATION_MODES:
+        raise ValueError(f"tokenization mode {mode!r}: expected one of {TOKENIZATION_MODES}")
+    if mode == "separate":
+        (prompt_ids, completion_ids), moved = _separate_ids(example, tokenizer), False
     else:
-        prompt, completions = example.prompt, example.completions
-        prompt_ids = tokenizer(prompt)["input_ids"]
-    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        prompt_ids, completion_ids, moved = _joint_ids(example, tokenizer, mode)
     if append_eos:
+        if mode == "trl":
+            raise ValueError("append_eos with the trl tokenization: that mode appends the EOS text itself")
         if tokenizer.eos_token_id is None:
             raise RowError("--append-eos, but the tokenizer has no EOS token")
         completion_ids = [c + [tokenizer.eos_token_id] for c in completion_ids]
@@ -77,7 +155,7 @@ def tokenize_example(example: Example, tokenizer, *, max_length: int | None = No
         kept_head = 1 if prompt_ids[0] == tokenizer.bos_token_id else 0
         prompt_ids, completion_ids = _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head)
         truncated = True
-    return Tokenized(prompt_ids, completion_ids, truncated)
+    return Tokenized(prompt_ids, completion_ids, truncated, moved)
 
 
 def tokenize_examples(examples, tokenizer, **options) -> dict[int, Tokenized]:

@@ -9,7 +9,7 @@ import torch
 
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
-from prefrank.io import read_sidecar
+from prefrank.io import Parts, read_sidecar
 from tiny_models import float64_logp, tiny_model
 
 GOOD = [{"id": f"g{i}", "prompt": f"Q: {i}+{i}=?\nA:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
@@ -165,3 +165,85 @@ def test_pickled_weights_need_a_flag(tmp_path, capsys):
 def test_help_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "prefrank", "score", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--ref-model" in out.stdout and "embedded default" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def bpe_model_dir(tmp_path_factory):
+    """A tiny random-init Llama with a byte-level BPE whose merges cross prompt/completion boundaries."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import byte_level_bpe
+    tokenizer = byte_level_bpe()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, initializer_range=0.3))
+    path = tmp_path_factory.mktemp("bpe-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+MERGING = [{"id": "m0", "prompt": "Say: Hel", "chosen": "lo world!!", "rejected": "p me"},  # "Hel" + "lo" merge
+           {"id": "m1", "prompt": "Q: 1+2=?\nA:", "chosen": " 3.", "rejected": " 4."},
+           {"id": "m2", "prompt": "Wow!", "chosen": "? How are you?", "rejected": "! Well"},  # "!?" / "!!" merge
+           {"id": "m3", "prompt": "The cat sat", "chosen": "... on the mat", "rejected": " on it"}]
+
+
+def test_tokenization_modes_end_to_end(bpe_model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(bpe_model_dir)
+    moved = sum(any(tok(r["prompt"] + r[k])["input_ids"][:len(tok(r["prompt"])["input_ids"])]
+                    != tok(r["prompt"])["input_ids"] for k in ("chosen", "rejected")) for r in MERGING)
+    assert moved >= 2  # the rows this is about
+    data = write_jsonl(tmp_path / "m.jsonl", MERGING)
+    out = tmp_path / "joint.parquet"
+    code, err = run(["score", "--data", data, "--model", bpe_model_dir, "--out", str(out)], capsys)
+    assert code == 0, err
+    meta = read_sidecar(out)
+    assert meta["tokenization"] == "joint" and meta["options"]["tokenization"] == "joint"
+    assert meta["summary"]["boundary_moved"] == moved and f"{moved} rows had their prompt's last tokens" in err
+    table = pq.read_table(out).to_pylist()
+    for r, t in zip(MERGING, table):
+        own = tok(r["prompt"])["input_ids"]
+        full = {k: tok(r["prompt"] + r[k])["input_ids"] for k in ("chosen", "rejected")}
+        shared = min(next((i for i, (a, b) in enumerate(zip(own, ids)) if a != b), len(own)) for ids in full.values())
+        for k, other in (("chosen", "rejected"), ("rejected", "chosen")):
+            expected = float64_logp(bpe_model_dir, r["prompt"], r[k], siblings=[r[other]])
+            assert t[f"logp_{k}"] == pytest.approx(expected, abs=1e-4)
+            assert t[f"n_{k}"] == len(full[k]) - shared
+    # another mode is another run: --resume refuses to mix them
+    Parts(str(tmp_path / "sep.parquet")).dir.mkdir()
+    code, err = run(["score", "--data", data, "--model", bpe_model_dir, "--out", str(tmp_path / "sep.parquet"),
+                     "--tokenization", "separate"], capsys)
+    assert code == 2
+    import shutil
+    shutil.rmtree(Parts(str(tmp_path / "sep.parquet")).dir)
+    args = ["score", "--data", data, "--model", bpe_model_dir, "--out", str(tmp_path / "sep.parquet"),
+            "--chunk-rows", "2"]
+    assert run(args + ["--tokenization", "separate"], capsys)[0] == 0
+    separate = pq.read_table(tmp_path / "sep.parquet").to_pylist()
+    assert [t["n_chosen"] for t in separate] == [len(tok(r["chosen"], add_special_tokens=False)["input_ids"])
+                                                  for r in MERGING]
+    assert read_sidecar(tmp_path / "sep.parquet")["summary"]["boundary_moved"] == 0
+    code, err = run(["score", "--data", data, "--model", bpe_model_dir, "--out", str(tmp_path / "x.parquet"),
+                     "--tokenization", "trl", "--append-eos"], capsys)
+    assert code == 2 and "--append-eos with --tokenization trl" in err
+
+
+def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "m.jsonl", MERGING)
+    out = tmp_path / "s.parquet"
+    args = ["score", "--data", data, "--model", bpe_model_dir, "--out", str(out), "--chunk-rows", "2"]
+    real_write = Parts.write
+
+    def crash_after_one(self, chunk, *a, **k):
+        if chunk == 1:
+            raise KeyboardInterrupt
+        real_write(self, chunk, *a, **k)
+
+    monkeypatch.setattr(Parts, "write", crash_after_one)
+    assert main(args) == 130
+    monkeypatch.setattr(Parts, "write", real_write)
+    code, err = run(args + ["--resume", "--tokenization", "trl"], capsys)
+    assert code == 2 and "other options" in err
+    assert run(args + ["--resume"], capsys)[0] == 0

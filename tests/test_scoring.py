@@ -97,13 +97,13 @@ def test_counts_padding():
 
 # ---------------------------------------------------------------- real model, real data
 
-def _real_items(rows, columns, tokenizer, n):
+def _real_items(rows, columns, tokenizer, n, mode):
     items = []
     for i, row in enumerate(rows):
         ex = to_example(i, row, columns)
         if ex.error is None:
             try:
-                items.append(tokenize_example(ex, tokenizer, max_length=512))
+                items.append(tokenize_example(ex, tokenizer, mode=mode, max_length=512))
             except ValueError:
                 continue
         if len(items) == n:
@@ -112,8 +112,11 @@ def _real_items(rows, columns, tokenizer, n):
 
 
 @needs_shared
-@pytest.mark.parametrize("source", ["helpful-base", "helpful-online", "helpful-rejection-sampled", "pandalm"])
-def test_stories260k_on_real_pairs(source):
+@pytest.mark.parametrize("source, mode", [(s, "joint") for s in ("helpful-base", "helpful-online",
+                                                                  "helpful-rejection-sampled", "pandalm")]
+                         + [("helpful-base", "trl"), ("pandalm", "separate")])
+def test_stories260k_on_real_pairs(source, mode):
+    """Every method equals float64 on the ids of each tokenization mode."""
     from prefrank.models import load_model, load_tokenizer
     tokenizer = load_tokenizer(str(STORIES))
     model = load_model(str(STORIES), dtype=torch.float32, device=torch.device("cpu"))
@@ -123,14 +126,14 @@ def test_stories260k_on_real_pairs(source):
     else:
         rows = [json.loads(line) for line in gzip.open(HH / source / "test.jsonl.gz", "rt")]
         columns = Columns()
-    items = _real_items(rows, columns, tokenizer, 12)
+    items = _real_items(rows, columns, tokenizer, 12, mode)
     assert len(items) == 12
     ref_sums, _ = float64_reference(model, items)
     n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
     lm = CausalLM(model)
     lm.check_head()
     for method in ("kv", "packed", "naive"):
-        assert_close(f"stories260K {source} {method}", score(lm, items, method=method, budget=2048).logps, ref_sums, n)
+        assert_close(f"stories260K {source} {mode} {method}", score(lm, items, method=method, budget=2048).logps, ref_sums, n)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -187,3 +187,28 @@ def test_reward_model_judge(default_cache, tmp_path, capsys):
                  "--judge-max-new-tokens", "4"]) == 0
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert lines[0]["judge"] == 0.5 and 0.0 <= lines[1]["judge"] <= 1.0
+
+
+@needs_shared
+@pytest.mark.parametrize("mode", ["joint", "trl", "separate"])
+def test_trainer_tokenizes_as_the_scorer_does(mode, hh_pairs, tmp_path):
+    """The reference log-probs the trainer trains against are the ones `prefrank score` writes
+    with the same tokenization mode (and differ from another mode's)."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+    from prefrank.cli import main
+    data = str(hh_pairs)
+    out = tmp_path / "dpo"
+    train(TrainOptions(model=str(STORIES), data=data, val_data=data, out=str(out), max_steps=1, eval_every=1,
+                       eval_pairs=4, batch_size=2, tokenization=mode), log=lambda m: None)
+    cached = load_file(out / "reference_logps.safetensors")["logps"]
+    n = len(cached) // 2  # training rows then the same rows as validation, both in file order
+    for table_mode in ("joint", "trl", "separate"):
+        table_path = tmp_path / f"{table_mode}.parquet"
+        assert main(["score", "--data", data, "--model", str(STORIES), "--out", str(table_path),
+                     "--tokenization", table_mode]) == 0
+        table = pq.read_table(table_path).to_pydict()
+        scored = torch.tensor([table["logp_chosen"], table["logp_rejected"]], dtype=torch.float64).T
+        err = (scored - cached[:n]).abs().max().item()
+        print(f"trained with {mode}, scored with {table_mode}: max |Δ| {err:.2e}")
+        assert (err <= 1e-3) == (table_mode == mode)  # batch composition changes fp32 rounding

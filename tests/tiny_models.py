@@ -33,12 +33,36 @@ def tiny_model(arch: str, seed: int = 0):
 ARCHS = ("llama", "qwen2", "gpt2", "neox")
 
 
-def float64_logp(model_dir, prompt, completion):
-    """Independent: the convention applied by hand, one unpadded float64 forward."""
+def float64_logp(model_dir, prompt, completion, siblings=()):
+    """Independent: the joint tokenization applied by hand (the ids of prompt + completion; the
+    prompt is what the prompt's own ids share with those of prompt + each of completion and its
+    `siblings`), one unpadded float64 forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    p, c = tok(prompt)["input_ids"], tok(completion, add_special_tokens=False)["input_ids"]
+    own = tok(prompt)["input_ids"]
+    ids = tok(prompt + completion)["input_ids"]
+    n = min(next((i for i, (a, b) in enumerate(zip(own, full)) if a != b), min(len(own), len(full)))
+            for full in [ids] + [tok(prompt + s)["input_ids"] for s in siblings])
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0], -1)
-    return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    return sum(logp[j - 1, ids[j]].item() for j in range(n, len(ids)))
+
+
+SENTENCES = ["Hello world!! How are you?", "Q: 1+2=?\nA: 3.", "The cat sat... on the mat!?", "I'm sorry; I can't.",
+             "emoji 😀🎉 time", "Well,\n\nthat's   it -- done!!!", "Assistant: No. Assistant: Yes?!"]
+
+
+def byte_level_bpe():
+    """A byte-level BPE (GPT-2 style) trained here on a few sentences, BOS prepended: its merges
+    join letters with letters and punctuation with punctuation across a prompt/completion boundary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(SENTENCES * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   clean_up_tokenization_spaces=False)

@@ -61,8 +61,10 @@ class TrainOptions:
     eval_pairs: int = 256
     max_steps: int | None = None
     seed: int = 0
+    tokenization: str = "joint"  # TOKENIZATION_MODES, as for scoring
     max_length: int | None = None
     truncate: str = "none"
+    append_eos: bool = False
     columns: Columns = field(default_factory=Columns)
     device: str = "auto"
     resume: bool = False
@@ -117,7 +119,8 @@ def sft_step_loss(lm: CausalLM, items):
 
 def _load_items(path: str, tokenizer, opts, max_length, log):
     examples = list(read_examples(path, opts.columns))
-    items = list(tokenize_examples(examples, tokenizer, max_length=max_length, truncate=opts.truncate).values())
+    items = list(tokenize_examples(examples, tokenizer, mode=opts.tokenization, max_length=max_length,
+                                   truncate=opts.truncate, append_eos=opts.append_eos).values())
     bad = [ex for ex in examples if ex.error is not None]
     if bad:
         log(f"prefrank: {len(bad)} rows of {path} cannot be used and are left out "
@@ -274,7 +277,7 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
         if [p.shape for p in ref_model.parameters()] == [p.shape for p in model.parameters()]:
             ref_params = [p.detach().clone() for p in ref_model.parameters()]
         key = _items_key(opts.ref_model or opts.model, opts.data, opts.val_data, opts.val_fraction, opts.seed,
-                         asdict(opts.columns), max_length, opts.truncate)
+                         asdict(opts.columns), max_length, opts.truncate, opts.tokenization, opts.append_eos)
         if rank == 0:  # one process computes and caches them; the others read the cache
             _reference_logps(ref_lm, train_items + val_items, out / "reference_logps.safetensors", key)
         _barrier(world)
