@@ -10,6 +10,7 @@ ranking flips; how often each mode's ids equal those of TRL 1.16's own DPOTraine
 (when trl is installed); and each mode's tokenization speed.
 """
 import argparse
+import copy
 import gzip
 import json
 import tempfile
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 
 from bench.common import SHARED, command, machine, write_result
-from prefrank.data import Columns, RowError, to_example
+from prefrank.data import Columns, to_example
 from prefrank.models import CausalLM, load_model, load_tokenizer
 from prefrank.scoring import score
-from prefrank.tokenization import TOKENIZATION_MODES, tokenize_example
+from prefrank.tokenization import TOKENIZATION_MODES, tokenize_examples
 
 SOURCES = {
     "hh-helpful-base": (lambda: [json.loads(line) for line in
@@ -34,17 +35,15 @@ SOURCES = {
 
 
 def tokenize_all(examples, tokenizer, max_length):
-    """Per mode, the token ids of the examples every mode can score, and the seconds it took."""
+    """Per mode, the token ids of the examples every mode can score, and the seconds it took (the
+    scorer's path: one tokenize_examples call per chunk)."""
     items, seconds = {}, {}
     for mode in TOKENIZATION_MODES:
+        chunk = copy.deepcopy(examples)  # tokenize_examples records errors on the examples
         start = time.perf_counter()
-        items[mode] = []
-        for ex in examples:
-            try:
-                items[mode].append(tokenize_example(ex, tokenizer, mode=mode, max_length=max_length))
-            except RowError:
-                items[mode].append(None)
+        tokenized = tokenize_examples(chunk, tokenizer, mode=mode, max_length=max_length)
         seconds[mode] = time.perf_counter() - start
+        items[mode] = [tokenized.get(ex.index) for ex in chunk]
     keep = [i for i in range(len(examples)) if all(items[m][i] is not None for m in TOKENIZATION_MODES)]
     return {m: [items[m][i] for i in keep] for m in TOKENIZATION_MODES}, keep, seconds
 

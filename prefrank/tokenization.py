@@ -22,6 +22,7 @@ completion share, and each completion's ids are the rest of its joint ids.
 The prompt alone is tokenized with the tokenizer's own special tokens (BOS once). Chat messages go
 through the tokenizer's chat template (the prompt with the generation prompt), whose text carries
 its own special tokens. `append_eos` adds the EOS id to each completion (joint and separate).
+The text rows of a chunk are encoded in one batch call (fast tokenizers encode a batch in parallel).
 """
 from dataclasses import dataclass
 
@@ -39,28 +40,7 @@ class Tokenized:
     boundary_moved: bool = False  # the prompt's own last ids were joined to the completions (joint, trl)
 
 
-def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
-    """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise RowError("conversational row, but the tokenizer has no chat template")
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                              add_generation_prompt=generation_prompt)["input_ids"])
-
-
-def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
-    """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
-    (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise RowError("conversational row, but the tokenizer has no chat template")
-    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    completions = []
-    for messages in example.completions:
-        full = tokenizer.apply_chat_template(example.prompt + messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
-        completions.append(full[len(prompt):])
-    return prompt, completions
-
+# ---------------------------------------------------------------- texts to encode
 
 def trl_extract_prompt(transcripts: list[str]) -> tuple[str, list[str]]:
     """The prompt TRL's `extract_prompt` takes from full transcripts: everything before the first
@@ -75,6 +55,64 @@ def trl_extract_prompt(transcripts: list[str]) -> tuple[str, list[str]]:
     return transcripts[0][:cut], [t[cut:] for t in transcripts]
 
 
+def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
+    """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
+    (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
+    _check_chat_template(tokenizer)
+    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    completions = []
+    for messages in example.completions:
+        full = tokenizer.apply_chat_template(example.prompt + messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
+        completions.append(full[len(prompt):])
+    return prompt, completions
+
+
+def _check_chat_template(tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
+        raise RowError("conversational row, but the tokenizer has no chat template")
+
+
+def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
+    """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them."""
+    _check_chat_template(tokenizer)
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              add_generation_prompt=generation_prompt)["input_ids"])
+
+
+def _requests(example: Example, tokenizer, mode: str) -> list[tuple[str, bool]]:
+    """The texts whose ids make the example's ids, with whether the tokenizer adds its special
+    tokens: the prompt first, then one per completion (joint, trl: prompt + completion)."""
+    if isinstance(example.prompt, list):  # separate-mode chat rows: rendered text, special tokens included
+        prompt, completions = render_chat(example, tokenizer)
+        return [(prompt, False)] + [(c, False) for c in completions]
+    prompt, completions = example.prompt, example.completions
+    if mode == "separate":
+        return [(prompt, True)] + [(c, False) for c in completions]
+    if mode == "trl":
+        if example.implicit:
+            prompt, completions = trl_extract_prompt([prompt + c for c in completions])
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise RowError("--tokenization trl appends the EOS token's text, but the tokenizer has no EOS token")
+        completions = [c if c.endswith(eos) else c + eos for c in completions]
+    return [(prompt, True)] + [(prompt + c, True) for c in completions]
+
+
+def _encode_all(tokenizer, requests: list[list[tuple[str, bool]]]) -> list[list[list[int]]]:
+    """The ids of every request, in one batch call per special-tokens setting."""
+    ids = {}
+    for special in (True, False):
+        texts = list(dict.fromkeys(t for reqs in requests for t, s in reqs if s == special))
+        if texts:
+            ids.update(zip(((t, special) for t in texts),
+                           tokenizer(texts, add_special_tokens=special)["input_ids"]))
+    return [[ids[r] for r in reqs] for reqs in requests]
+
+
+# ---------------------------------------------------------------- ids to Tokenized
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -84,34 +122,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _joint_ids(example: Example, tokenizer, mode: str) -> tuple[list[int], list[list[int]], bool]:
-    """(prompt ids, completion ids, boundary moved) by the joint mechanism (joint and trl modes)."""
-    if isinstance(example.prompt, list):
-        prompt_ids = _chat_ids(tokenizer, example.prompt, generation_prompt=True)
-        joint = [_chat_ids(tokenizer, example.prompt + messages) for messages in example.completions]
-    else:
-        prompt, completions = example.prompt, example.completions
-        if mode == "trl":
-            if example.implicit:
-                prompt, completions = trl_extract_prompt([prompt + c for c in completions])
-            eos = tokenizer.eos_token
-            if eos is None:
-                raise RowError("--tokenization trl appends the EOS token's text, but the tokenizer has no EOS token")
-            completions = [c if c.endswith(eos) else c + eos for c in completions]
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        joint = [tokenizer(prompt + c)["input_ids"] for c in completions]
-    n = min(_common_prefix(prompt_ids, ids) for ids in joint)
-    return prompt_ids[:n], [ids[n:] for ids in joint], n < len(prompt_ids)
-
-
-def _separate_ids(example: Example, tokenizer) -> tuple[list[int], list[list[int]]]:
-    if isinstance(example.prompt, list):
-        prompt, completions = render_chat(example, tokenizer)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        prompt, completions = example.prompt, example.completions
-        prompt_ids = tokenizer(prompt)["input_ids"]
-    return prompt_ids, [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+def _split(ids: list[list[int]], mode: str) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt ids, completion ids, boundary moved) from the prompt's ids and one list per
+    completion (joint, trl: its prompt + completion ids)."""
+    prompt_ids, rest = ids[0], ids[1:]
+    if mode == "separate":
+        return prompt_ids, rest, False
+    n = min(_common_prefix(prompt_ids, r) for r in rest)
+    return prompt_ids[:n], [r[n:] for r in rest], n < len(prompt_ids)
 
 
 def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
@@ -125,19 +143,9 @@ def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
     return prompt_ids, [c[:completion_room] for c in completion_ids]
 
 
-def tokenize_example(example: Example, tokenizer, *, mode: str = "joint", max_length: int | None = None,
-                     truncate: str = "none", append_eos: bool = False) -> Tokenized:
-    """Token ids for one valid Example by `mode` (TOKENIZATION_MODES); a RowError says why a row
-    cannot be tokenized."""
-    if mode not in TOKENIZATION_MODES:
-        raise ValueError(f"tokenization mode {mode!r}: expected one of {TOKENIZATION_MODES}")
-    if mode == "separate":
-        (prompt_ids, completion_ids), moved = _separate_ids(example, tokenizer), False
-    else:
-        prompt_ids, completion_ids, moved = _joint_ids(example, tokenizer, mode)
+def _finish(ids: list[list[int]], tokenizer, mode, max_length, truncate, append_eos) -> Tokenized:
+    prompt_ids, completion_ids, moved = _split(ids, mode)
     if append_eos:
-        if mode == "trl":
-            raise ValueError("append_eos with the trl tokenization: that mode appends the EOS text itself")
         if tokenizer.eos_token_id is None:
             raise RowError("--append-eos, but the tokenizer has no EOS token")
         completion_ids = [c + [tokenizer.eos_token_id] for c in completion_ids]
@@ -158,14 +166,53 @@ def tokenize_example(example: Example, tokenizer, *, mode: str = "joint", max_le
     return Tokenized(prompt_ids, completion_ids, truncated, moved)
 
 
-def tokenize_examples(examples, tokenizer, **options) -> dict[int, Tokenized]:
-    """Token ids of every valid example, keyed by its input index; a row that cannot be tokenized
-    gets its reason in `error` (options as for tokenize_example)."""
+# ---------------------------------------------------------------- the API
+
+def _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos):
+    """({index: Tokenized}, {index: why not}) for the examples without an error."""
+    if mode not in TOKENIZATION_MODES:
+        raise ValueError(f"tokenization mode {mode!r}: expected one of {TOKENIZATION_MODES}")
+    if append_eos and mode == "trl":
+        raise ValueError("append_eos with the trl tokenization: that mode appends the EOS text itself")
+    ids, errors, text_rows, requests = {}, {}, [], []
+    for ex in examples:
+        if ex.error is not None:
+            continue
+        try:
+            if isinstance(ex.prompt, list) and mode != "separate":
+                ids[ex.index] = [_chat_ids(tokenizer, ex.prompt, generation_prompt=True)] + [
+                    _chat_ids(tokenizer, ex.prompt + messages) for messages in ex.completions]
+            else:
+                requests.append(_requests(ex, tokenizer, mode))
+                text_rows.append(ex.index)
+        except RowError as e:
+            errors[ex.index] = str(e)
+    ids.update(zip(text_rows, _encode_all(tokenizer, requests)))
     tokenized = {}
     for ex in examples:
-        if ex.error is None:
+        if ex.index in ids:
             try:
-                tokenized[ex.index] = tokenize_example(ex, tokenizer, **options)
+                tokenized[ex.index] = _finish(ids[ex.index], tokenizer, mode, max_length, truncate, append_eos)
             except RowError as e:
-                ex.error = str(e)
+                errors[ex.index] = str(e)
+    return tokenized, errors
+
+
+def tokenize_examples(examples, tokenizer, *, mode: str = "joint", max_length: int | None = None,
+                      truncate: str = "none", append_eos: bool = False) -> dict[int, Tokenized]:
+    """Token ids of every valid example by `mode` (TOKENIZATION_MODES), keyed by its input index;
+    a row that cannot be tokenized gets its reason in `error`."""
+    tokenized, errors = _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos)
+    for ex in examples:
+        ex.error = errors.get(ex.index, ex.error)
     return tokenized
+
+
+def tokenize_example(example: Example, tokenizer, *, mode: str = "joint", max_length: int | None = None,
+                     truncate: str = "none", append_eos: bool = False) -> Tokenized:
+    """Token ids for one valid Example (options as for tokenize_examples); a RowError says why it
+    cannot be tokenized."""
+    tokenized, errors = _tokenize([example], tokenizer, mode, max_length, truncate, append_eos)
+    if errors:
+        raise RowError(errors[example.index])
+    return tokenized[example.index]
