@@ -27,7 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["prefrank", "prefrank.analysis", "prefrank.demo", "prefrank.dpo", "prefrank.kernels"],
+    packages=["prefrank", "prefrank.analysis", "prefrank.demo", "prefrank.dpo", "prefrank.kernels", "prefrank.ops"],
     package_dir={"prefrank.kernels": "kernels"},
     ext_modules=[cpu_ops],
     cmdclass={"build_ext": build_ext},

@@ -30,7 +30,7 @@ import torch
 from bench.common import alternate, command, cuda_peak_mb, flop_ideal, machine, write_result
 from bench.scoring import trl_style
 from prefrank.models import CausalLM
-from prefrank.reference import IGNORE_INDEX
+from prefrank.ops import IGNORE_INDEX
 from prefrank.scoring import score, score_naive
 from prefrank.tokenization import Tokenized
 

@@ -208,7 +208,7 @@ PYBIND11_MODULE(_cpu_ops, m) {
         py::arg("logits_ptr"), py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("row_stride"),
         py::arg("targets_ptr"), py::arg("out_ptr"), py::arg("ignore_index"), py::arg("num_threads") = 0,
         "Per-row log-softmax of logits[N, V] gathered at targets[N] (int64) into out[N] (fp32; float64 for "
-        "float64 logits). dtype: 0 float32, 1 bfloat16, 2 float16, 3 float64. Returns the number of "
+        "float64 logits). dtype: a code from DTYPES. Returns the number of "
         "out-of-range targets.");
   m.def("sequence_logprobs", &sequence_logprobs, py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptr"),
         py::arg("dtype"), py::arg("V"), py::arg("row_stride"), py::arg("targets_ptr"), py::arg("cu_seqlens_ptr"),
@@ -216,4 +216,11 @@ PYBIND11_MODULE(_cpu_ops, m) {
         "Per-segment sums (float64) and counts (int64) of the log-probs of logits[N, V] at targets[N], segments "
         "given by cu_seqlens[S + 1] (int64). Returns the number of out-of-range targets.");
   m.def("max_threads", &omp_get_max_threads);
+  // the dtype codes above, by torch dtype name: Python reads them here, so they are written once
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(kFloat32);
+  dtypes["bfloat16"] = static_cast<int>(kBFloat16);
+  dtypes["float16"] = static_cast<int>(kFloat16);
+  dtypes["float64"] = static_cast<int>(kFloat64);
+  m.attr("DTYPES") = dtypes;
 }

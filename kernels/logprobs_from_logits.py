@@ -8,17 +8,15 @@ sum), in fp32 whatever the input dtype, and keeps the row's logsumexp for the ba
     d logits[i, j] = g[i] * (1[j == targets[i]] - exp(logits[i, j] - lse[i]))
 
 Shapes and dtypes: logits [N, V] float32 / bfloat16 / float16 with unit stride along V; targets [N]
-int64; logp [N] float32; d logits [N, V] in the logits' dtype. An out-of-range target gives NaN
-(checking it on the host would cost a device sync). Kernel arguments are grouped as pointers,
-shapes, strides, constants. `logprobs_from_logits_reference` (prefrank.reference) is the plain
-torch definition.
+int64 in [0, V) or ignore_index (prefrank.ops checks them before launching: an out-of-range
+target would give NaN here); logp [N] float32; d logits [N, V] in the logits' dtype. Kernel
+arguments are grouped as pointers, shapes, strides, constants. The plain torch definition is
+prefrank.ops.torch_backend.logprobs_from_logits; prefrank.ops.backends is the only caller.
 """
 import torch
 import triton
 import triton.language as tl
 
-from prefrank.reference import IGNORE_INDEX
-from prefrank.reference import logprobs_from_logits as logprobs_from_logits_reference  # noqa: F401  the definition
 
 
 @triton.jit
@@ -77,7 +75,7 @@ def _block(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
 
 
-def logprobs_from_logits_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+def logprobs_from_logits_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """(logp [N] fp32, lse [N] fp32)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -90,8 +88,7 @@ def logprobs_from_logits_forward(logits: torch.Tensor, targets: torch.Tensor, ig
     return logp, lse
 
 
-def logprobs_from_logits_backward(logits, targets, lse, grad_logp, ignore_index: int = IGNORE_INDEX,
-                                  inplace: bool = False):
+def logprobs_from_logits_backward(logits, targets, lse, grad_logp, ignore_index: int, inplace: bool = False):
     """d logits [N, V] for per-row gradients grad_logp [N]; with `inplace`, written over `logits`
     (each element is read before it is overwritten, by the same program)."""
     if logits.stride(-1) != 1:
@@ -119,6 +116,6 @@ class LogprobsFromLogits(torch.autograd.Function):
         return logprobs_from_logits_backward(logits, targets, lse, grad_logp, ctx.ignore_index), None, None
 
 
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """Triton log-probs of `targets` under `logits` [N, V]; differentiable w.r.t. logits."""
     return LogprobsFromLogits.apply(logits, targets, ignore_index)

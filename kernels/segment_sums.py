@@ -6,7 +6,7 @@ One program per sequence walks its rows in blocks: deterministic (no atomics). S
 values [N] float32 / float64, cu_seqlens [S + 1] int64 (non-decreasing, cu_seqlens[0] = 0,
 cu_seqlens[S] = N), sums [S] float64. For chosen/rejected pairs, sequence 2i is pair i's chosen
 completion and 2i + 1 its rejected one: sums.view(-1, 2). The torch definition is
-prefrank.reference.segment_sum (with segment ids instead of offsets).
+prefrank.ops.torch_backend.sum_by_sequence (with sequence ids instead of offsets).
 """
 import torch
 import triton

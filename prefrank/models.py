@@ -155,13 +155,12 @@ class CausalLM:
     def check_head(self, length: int = 8):
         """Refuse architectures whose logits are not the head this adapter knows: compare the
         model's own log-softmax with the head applied to the hidden states on a short input."""
-        from prefrank import reference
+        from prefrank.ops.torch_backend import head_logits
         ids = torch.arange(length, device=self.device)[None] % self.vocab_size
         mask = torch.ones_like(ids)
         expected = torch.log_softmax(self.logits(ids, mask).float(), -1)[0]
         hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
-        got = torch.log_softmax(reference.head_logits(hidden, self.weight, self.bias, self.softcap,
-                                                      self.temperature), -1)
+        got = torch.log_softmax(head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature), -1)
         tol = 1e-3 if self.weight.dtype == torch.float32 else 0.15
         err = (got - expected).abs().max().item()
         if not err <= tol:

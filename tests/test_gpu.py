@@ -9,7 +9,7 @@ import torch
 
 from prefrank import ops
 from prefrank.models import CausalLM
-from prefrank.reference import IGNORE_INDEX
+from prefrank.ops import IGNORE_INDEX
 from prefrank.scoring import score
 from test_dpo_loss import make_case, naive_loss
 from test_scoring import float64_reference, random_items

@@ -5,7 +5,7 @@ import torch
 triton = pytest.importorskip("triton")
 from prefrank.kernels.logprobs_from_logits import logprobs_from_logits  # noqa: E402
 
-IGNORE = -100
+IGNORE = -100  # the kernels take ignore_index explicitly; -100 is the convention prefrank.ops uses
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -36,7 +36,7 @@ def report(name, got, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward(n, v, dtype):
     logits, targets = case(n, v, dtype)
-    got = logprobs_from_logits(logits, targets)
+    got = logprobs_from_logits(logits, targets, IGNORE)
     assert got.dtype == torch.float32
     assert report(f"fwd {dtype} N={n} V={v}", got.cpu(), float64_logprobs(logits.cpu(), targets.cpu())) <= 1e-5
     assert (got[targets == IGNORE] == 0).all()
@@ -50,7 +50,7 @@ def test_online_logsumexp_across_blocks():
     logits[1, 5000] = 40.0  # in the second block
     logits[2, 10] = 40.0  # in the first
     targets[0], targets[1] = 8999, 17
-    got = logprobs_from_logits(logits, targets)
+    got = logprobs_from_logits(logits, targets, IGNORE)
     assert report("fwd multi-block", got.cpu(), float64_logprobs(logits.cpu(), targets.cpu())) <= 1e-5
 
 
@@ -61,10 +61,10 @@ def test_extreme_values_and_ignored_rows():
     logits[1, 9], targets[1] = float("-inf"), 9  # the target itself is -inf
     logits[2, 200:] = float("-inf")
     targets[5] = IGNORE
-    got = logprobs_from_logits(logits, targets)
+    got = logprobs_from_logits(logits, targets, IGNORE)
     assert report("fwd ±1e4/-inf", got.cpu(), float64_logprobs(logits.cpu(), targets.cpu())) <= 1e-5
     all_ignored = torch.full_like(targets, IGNORE)
-    assert (logprobs_from_logits(logits, all_ignored) == 0).all()
+    assert (logprobs_from_logits(logits, all_ignored, IGNORE) == 0).all()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -73,7 +73,7 @@ def test_backward_for_any_upstream_gradient(dtype, tol):
     g = torch.Generator().manual_seed(1)
     upstream = torch.randn(9, generator=g).to(DEVICE)  # a per-token gradient, not just a sum
     x = logits.clone().requires_grad_()
-    (logprobs_from_logits(x, targets) * upstream).sum().backward()
+    (logprobs_from_logits(x, targets, IGNORE) * upstream).sum().backward()
     x64 = logits.double().cpu().requires_grad_()
     (float64_logprobs(x64, targets.cpu()) * upstream.double().cpu()).sum().backward()
     err = (x.grad.double().cpu() - x64.grad).abs().max().item()
@@ -85,5 +85,5 @@ def test_backward_for_any_upstream_gradient(dtype, tol):
 def test_out_of_range_target_is_nan():
     logits, targets = case(3, 50, torch.float32, ignored=0.0)
     targets[1] = 50
-    got = logprobs_from_logits(logits, targets)
+    got = logprobs_from_logits(logits, targets, IGNORE)
     assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all()

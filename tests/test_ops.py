@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prefrank import ops
-from prefrank.reference import IGNORE_INDEX
+from prefrank.ops import IGNORE_INDEX
 
 BACKENDS = ["triton", "cpp", "torch"]  # triton on CPU tensors runs in TRITON_INTERPRET mode (conftest)
 
@@ -91,15 +91,63 @@ def test_all_rows_ignored_and_strided_rows(backend, monkeypatch):
     check(f"{backend} strided", ops.logprobs_from_logits(view, targets), float64_logprobs(view, targets), 1e-5)
 
 
-def test_cpp_threads_agree_and_bad_targets_raise(monkeypatch):
+def test_cpp_threads_agree(monkeypatch):
     monkeypatch.setenv("PREFRANK_BACKEND", "cpp")
     logits, targets = case(97, 3001, torch.float32)
     one = ops.logprobs_from_logits(logits, targets, num_threads=1)
     two = ops.logprobs_from_logits(logits, targets, num_threads=2)
     assert torch.equal(one, two)
-    targets[3] = 3001
-    with pytest.raises(IndexError, match="outside"):
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [1031, -1, -101])
+def test_out_of_range_targets_raise_on_every_backend(backend, bad, monkeypatch):
+    """One contract: a target outside [0, V) that is not ignore_index is an IndexError, on every op
+    and backend (no NaN, no dropped row)."""
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    logits, targets = case(9, 1031, torch.float32)
+    targets[4] = bad
+    hidden, weight = torch.randn(9, 8), torch.randn(1031, 8)
+    calls = {"logprobs_from_logits": lambda: ops.logprobs_from_logits(logits, targets),
+             "logprobs_from_hidden": lambda: ops.logprobs_from_hidden(hidden, weight, targets),
+             "sequence_logprobs": lambda: ops.sequence_logprobs(logits, targets, torch.tensor([0, 4, 9]))}
+    for name, call in calls.items():
+        with pytest.raises(IndexError, match=r"1 target ids outside \[0, 1031\)"):
+            call()
+    from prefrank.dpo import fused_linear_dpo_loss
+    with pytest.raises(IndexError, match=r"1 target ids outside \[0, 1031\)"):
+        fused_linear_dpo_loss(hidden, weight, targets, torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1]),
+                              ref_chosen_logps=torch.zeros(1), ref_rejected_logps=torch.zeros(1))
+
+
+def test_a_cpp_extension_that_does_not_import_is_reported(monkeypatch):
+    """The C++ extension missing or broken: one warning, then the torch backend; forcing cpp fails
+    loudly with the import error."""
+    import warnings
+    from prefrank.ops import backends
+    monkeypatch.setattr(backends, "_cpu_ops", None)
+    monkeypatch.setattr(backends, "_CPP_IMPORT_ERROR", ImportError("undefined symbol: _ZN3foo"))
+    monkeypatch.delenv("PREFRANK_BACKEND", raising=False)
+    backends._warn_no_cpp.cache_clear()
+    logits, targets = case(5, 100, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ops.logprobs_from_logits(logits, targets)
         ops.logprobs_from_logits(logits, targets)
+    messages = [str(w.message) for w in caught if "C++ extension" in str(w.message)]
+    assert len(messages) == 1 and "undefined symbol" in messages[0]
+    check("torch fallback", first, float64_logprobs(logits, targets), 1e-5)
+    monkeypatch.setenv("PREFRANK_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        ops.logprobs_from_logits(logits, targets)
+    backends._warn_no_cpp.cache_clear()
+
+
+def test_cpp_dtype_codes_come_from_the_extension():
+    from prefrank import _cpu_ops
+    from prefrank.ops import backends
+    assert {str(dtype).removeprefix("torch."): code for dtype, code in backends._CPP_DTYPES.items()} == _cpu_ops.DTYPES
+    assert len(set(_cpu_ops.DTYPES.values())) == 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

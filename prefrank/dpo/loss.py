@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from prefrank import ops
-from prefrank.head import Head
-from prefrank.reference import IGNORE_INDEX, segment_sum, upcast
+from prefrank.ops import IGNORE_INDEX, sum_by_sequence
+from prefrank.ops.torch_backend import upcast
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
 
@@ -108,7 +108,8 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
     acc = upcast(hidden[:0]).dtype  # fp32 math for half inputs, float64 stays float64
     policy = torch.zeros(n_seq, dtype=acc, device=hidden.device)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
-    head = Head(weight, bias, cfg.softcap, cfg.temperature, ops._backend(hidden, chunked=True), cfg.chunk_bytes)
+    head = ops.head_for(hidden, weight, bias, softcap=cfg.softcap, temperature=cfg.temperature,
+                        chunk_bytes=cfg.chunk_bytes)
     grad_h, grad_w, grad_b = head.new_grads(hidden, need_grads, need_grads, need_grads and bias is not None)
     for chunk in _pair_chunks(seq // 2, head.rows):
         r, s, t = rows[chunk], seq[chunk], targets[rows[chunk]]
@@ -117,7 +118,7 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
         token_logp, lse = head.logprobs(scores, t)
         # the loss of this chunk's pairs, and its gradient w.r.t. their sequence log-probs
         pairs = torch.unique(s // 2)
-        seq_logp = segment_sum(token_logp.to(acc), s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
+        seq_logp = sum_by_sequence(token_logp.to(acc), s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
         seq_logp.requires_grad_(need_grads)
         with torch.enable_grad():
             chunk_loss = dpo_loss(seq_logp[0], seq_logp[1], ref_logps[2 * pairs].to(acc), ref_logps[2 * pairs + 1].to(acc),
@@ -199,6 +200,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     flat_h, flat_t, seq = _flatten_layout(hidden, targets, sequence_ids)
+    ops.check_targets(flat_t, weight.shape[0], ignore_index)
     n_pairs = int(seq[flat_t != ignore_index].max()) // 2 + 1 if (flat_t != ignore_index).any() else 0
     if ref_hidden is not None:
         ref_h, _, _ = _flatten_layout(ref_hidden, targets, sequence_ids)
@@ -207,7 +209,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                                              ref_bias, softcap=softcap, temperature=temperature,
                                              ignore_index=ignore_index)
             keep = flat_t != ignore_index
-            ref_logps = segment_sum(token[keep].double(), seq[keep], 2 * n_pairs)
+            ref_logps = sum_by_sequence(token[keep].double(), seq[keep], 2 * n_pairs)
     elif ref_chosen_logps is not None and ref_rejected_logps is not None:
         ref_logps = torch.stack([ref_chosen_logps, ref_rejected_logps], 1).reshape(-1).detach()
         if ref_logps.shape[0] != 2 * n_pairs:

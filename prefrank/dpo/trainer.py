@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from prefrank import ops
+from prefrank.ops import IGNORE_INDEX
 from prefrank.analysis import metrics
 from prefrank.data import Columns, InputError, read_examples
 from prefrank.dpo.loss import LOSS_TYPES, fused_linear_dpo_loss
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device
 from prefrank.pipeline import _barrier, distributed
-from prefrank.reference import IGNORE_INDEX
 from prefrank.scoring import continuation_pass, prompt_pass, score
 from prefrank.tokenization import tokenize_examples
 

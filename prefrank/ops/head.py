@@ -8,23 +8,25 @@ exactly the logits the model itself would output; otherwise they are fp32. Then,
     d scores = g · (onehot(target) - exp(scores - lse))        g = d loss / d logp, per row
     d z = d scores · (1 - (scores / softcap)²);  d logits = d z / T
     d hidden = d logits @ weight,  d weight += d logitsᵀ @ hidden,  d bias += Σ d logits
-The per-chunk log-softmax steps go to the fastest backend (Triton on CUDA, the C++ extension on
-CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL), in the weight's dtype (tensor
-cores for half-precision weights; d logits is rounded to that dtype, as the model's own backward
-would, and d weight accumulates across chunks in it: one rounding per chunk). Chunks hold a
-multiple of 128 rows where they can: a GEMM tile's height, so no tile runs nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
+The per-chunk log-softmax steps go to the backend the public API chose (backends.py: Triton on
+CUDA, the C++ extension on CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL), in
+the weight's dtype (tensor cores for half-precision weights; d logits is rounded to that dtype, as
+the model's own backward would, and d weight accumulates across chunks in it: one rounding per
+chunk). Chunks hold a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs
+nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
 row, its backward recomputes each chunk.
 """
 import torch
 import torch.nn.functional as F
 
-from prefrank.reference import head_logits, upcast
+from prefrank.ops import backends
+from prefrank.ops.torch_backend import head_logits, upcast
 
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # scores per chunk: GEMMs big enough for a GPU; cache-sized on CPU
 
 
 class Head:
-    """The head's parameters and chunk size; `backend` is ops' choice for the log-softmax steps.
+    """The head's parameters and chunk size; `backend` runs the log-softmax steps (backends.BACKENDS).
     `chunk_bytes`: memory for one chunk's scores (None: by device, CHUNK_BYTES)."""
 
     def __init__(self, weight, bias=None, softcap=None, temperature=1.0, backend="torch", chunk_bytes=None):
@@ -45,15 +47,7 @@ class Head:
 
     def logprobs(self, scores, targets):
         """(logp, lse) of a chunk, fp32 (float64 for float64 scores); `scores` is left intact."""
-        from prefrank import ops
-        if self.backend == "triton":
-            return ops._triton_kernels().logprobs_from_logits_forward(scores, targets)
-        if self.backend == "cpp":
-            logp = ops._cpp_logprobs_from_logits(scores, targets)
-            return logp, upcast(scores.gather(1, targets[:, None]).squeeze(1)) - logp
-        scores = upcast(scores)
-        lse = torch.logsumexp(scores, -1)
-        return scores.gather(1, targets[:, None]).squeeze(1) - lse, lse
+        return backends.chunk_logprobs(self.backend, scores, targets)
 
     def new_grads(self, hidden, need_h: bool, need_w: bool, need_b: bool) -> list:
         """Zeroed [d hidden, d weight, d bias] accumulators (None where not needed): d weight in the
@@ -68,21 +62,15 @@ class Head:
         """Turn a chunk's scores (in place where they allow it) into d logits for per-row
         gradients `g`, and add the chunk's contributions to grads (see new_grads; d hidden's rows
         are written at row_index)."""
-        from prefrank import ops
-        if self.backend == "triton" and not self.fp32_scores:
-            # d logits straight in the scores' dtype, over the scores: no fp32 copy of the chunk
-            d_logits = ops._triton_kernels().logprobs_from_logits_backward(scores, targets, lse, g, inplace=True)
-        else:
-            s = upcast(scores)  # a copy for half scores; fp32 scores are updated in place
-            tanh_sq = (s / self.softcap) ** 2 if self.softcap else None
-            if self.backend == "triton":
-                d_scores = ops._triton_kernels().logprobs_from_logits_backward(s, targets, lse, g, inplace=True)
-            else:
-                d_scores = s.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-                d_scores[torch.arange(len(targets), device=targets.device), targets] += g
-            if self.softcap:
-                d_scores.mul_(1 - tanh_sq)
-            d_logits = (d_scores.div_(self.temperature) if self.temperature != 1.0 else d_scores).to(self.weight.dtype)
+        # fp32 math, except where the Triton kernel writes d logits straight over half scores
+        tanh_sq = None
+        if self.fp32_scores or self.backend != "triton":
+            scores = upcast(scores)  # a copy for half scores; fp32 scores are updated in place
+            tanh_sq = (scores / self.softcap) ** 2 if self.softcap else None
+        d_scores = backends.chunk_backward_(self.backend, scores, targets, lse, g)
+        if tanh_sq is not None:
+            d_scores.mul_(1 - tanh_sq)
+        d_logits = (d_scores.div_(self.temperature) if self.temperature != 1.0 else d_scores).to(self.weight.dtype)
         grad_h, grad_w, grad_b = grads
         if grad_h is not None:
             grad_h[row_index] = (d_logits @ self.weight).to(grad_h.dtype)

@@ -6,7 +6,7 @@ tests compare all of them against float64 torch written out in the tests themsel
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a target that is not scored: log-prob 0, no gradient
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -17,7 +17,7 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """log softmax(logits)[i, targets[i]] for each row; 0 where targets[i] == ignore_index.
 
-    logits: [N, V] float32/bfloat16/float16 (or float64); targets: [N] int64.
+    logits: [N, V] float32/bfloat16/float16 (or float64); targets: [N] int64 in [0, V) or ignore_index.
     Returns [N] float32 (float64 for float64 logits).
     """
     keep = targets != ignore_index
@@ -26,6 +26,14 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     picked = logits.gather(1, safe_targets[:, None]).squeeze(1)
     logp = picked - torch.logsumexp(logits, dim=-1)
     return torch.where(keep, logp, 0.0)
+
+
+def logprobs_backward_(scores: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d scores = g · (onehot(target) − softmax(scores)) for per-row gradients g [n], written over
+    `scores` [n, V] (rows whose targets are all in range) and returned."""
+    d = scores.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    d[torch.arange(len(targets), device=targets.device), targets] += g
+    return d
 
 
 def head_logits(hidden, weight, bias=None, softcap=None, temperature=1.0):
@@ -42,6 +50,7 @@ def head_logits(hidden, weight, bias=None, softcap=None, temperature=1.0):
     return logits
 
 
-def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """[num_segments] sums of `values` [N] by `segment_ids` [N] (int64 in [0, num_segments)), in values' dtype."""
-    return torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add_(0, segment_ids, values)
+def sum_by_sequence(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[num_sequences] sums of `values` [N] by `sequence_ids` [N] (int64 in [0, num_sequences)), in
+    values' dtype. The rows of a sequence need not be contiguous."""
+    return torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add_(0, sequence_ids, values)

@@ -1,0 +1,143 @@
+"""The backends of the log-prob ops and the choice among them: the only module that reaches the
+Triton kernels (`kernels/`, installed as prefrank.kernels) and the C++ extension (csrc/, built
+as prefrank._cpu_ops).
+
+  triton  CUDA tensors, differentiable (on CPU tensors only through TRITON_INTERPRET=1, for tests)
+  cpp     CPU tensors, forward only (OpenMP over rows)
+  torch   any device, differentiable (torch_backend.py, the definition)
+
+`PREFRANK_BACKEND=triton|cpp|torch` forces one; forcing one that cannot run is an error, and a
+C++ extension that fails to import is reported once before the torch backend takes its place.
+Every launcher here takes targets already checked to be in range (the public API checks them).
+"""
+import functools
+import os
+import types
+import warnings
+
+import torch
+
+from prefrank.ops.torch_backend import IGNORE_INDEX, logprobs_backward_, sum_by_sequence, upcast
+from prefrank.ops.torch_backend import logprobs_from_logits as torch_logprobs_from_logits
+
+BACKENDS = ("triton", "cpp", "torch")
+
+try:
+    from prefrank import _cpu_ops
+    _CPP_IMPORT_ERROR = None
+    # the extension's own dtype codes (csrc/cpu_ops.cpp), by torch dtype
+    _CPP_DTYPES = {getattr(torch, name): code for name, code in _cpu_ops.DTYPES.items()}
+except ImportError as e:  # a source checkout that was never built, or a broken build
+    _cpu_ops, _CPP_IMPORT_ERROR, _CPP_DTYPES = None, e, {}
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton kernel modules as one namespace, or None where Triton is missing."""
+    try:
+        from prefrank.kernels import logprobs_from_logits, segment_sums
+    except ImportError:
+        return None
+    return types.SimpleNamespace(**vars(logprobs_from_logits), **{"segment_sums": segment_sums.segment_sums})
+
+
+@functools.cache
+def _warn_no_cpp():
+    warnings.warn(f"prefrank's C++ extension (prefrank._cpu_ops) did not import ({_CPP_IMPORT_ERROR}): the CPU ops "
+                  f"run on the slower torch backend. Rebuild it with `pip install -e .`, or set PREFRANK_BACKEND=torch "
+                  f"to silence this.", RuntimeWarning, stacklevel=3)
+
+
+def choose(t: torch.Tensor, chunked: bool = False) -> str:
+    """The backend for `t`. `chunked`: the op runs on detached chunks of scores inside an autograd
+    Function (the head), so the C++ forward serves tensors that need gradients too."""
+    forced = os.environ.get("PREFRANK_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"PREFRANK_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
+        if forced == "cpp" and _cpu_ops is None:
+            raise RuntimeError(f"PREFRANK_BACKEND=cpp, but the C++ extension prefrank._cpu_ops did not import: "
+                               f"{_CPP_IMPORT_ERROR}")
+        if forced == "triton" and _triton_kernels() is None:
+            raise RuntimeError("PREFRANK_BACKEND=triton but triton is not installed")
+        return forced
+    if t.device.type == "cuda" and t.dtype != torch.float64 and _triton_kernels() is not None:
+        return "triton"
+    needs_grad = torch.is_grad_enabled() and t.requires_grad and not chunked
+    if t.device.type == "cpu" and not needs_grad:
+        if _cpu_ops is None:
+            _warn_no_cpp()
+        elif t.dtype in _CPP_DTYPES:
+            return "cpp"
+    return "torch"
+
+
+# ---------------------------------------------------------------- launchers
+
+def _cpp_logprobs(logits, targets, ignore_index, num_threads):
+    if logits.dtype not in _CPP_DTYPES or logits.device.type != "cpu":
+        raise TypeError(f"the cpp backend takes CPU floating-point logits, not {logits.dtype} on {logits.device}")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    targets = targets.to(torch.int64).contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    bad = _cpu_ops.logprobs_from_logits(
+        logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
+        targets.data_ptr(), out.data_ptr(), ignore_index, num_threads)
+    if bad:  # the extension skips such rows (no stray reads); the public API refuses them before
+        raise RuntimeError(f"internal error: {bad} out-of-range targets reached the C++ backend unchecked")
+    return out
+
+
+def logprobs_from_logits(backend: str, logits, targets, ignore_index: int, num_threads: int = 0):
+    """[N] log-probs (ops.logprobs_from_logits) on `backend`."""
+    if backend == "triton":
+        return _triton_kernels().logprobs_from_logits(logits, targets, ignore_index)
+    if backend == "cpp":
+        return _cpp_logprobs(logits, targets, ignore_index, num_threads)
+    return torch_logprobs_from_logits(logits, targets, ignore_index)
+
+
+def chunk_logprobs(backend: str, scores, targets):
+    """(logp, lse) of one of the head's chunks (no ignored rows), fp32 (float64 for float64
+    scores); `scores` is left intact."""
+    if backend == "triton":
+        return _triton_kernels().logprobs_from_logits_forward(scores, targets, IGNORE_INDEX)
+    if backend == "cpp":
+        logp = _cpp_logprobs(scores, targets, IGNORE_INDEX, 0)
+        return logp, upcast(scores.gather(1, targets[:, None]).squeeze(1)) - logp
+    scores = upcast(scores)
+    lse = torch.logsumexp(scores, -1)
+    return scores.gather(1, targets[:, None]).squeeze(1) - lse, lse
+
+
+def chunk_backward_(backend: str, scores, targets, lse, g):
+    """d scores for per-row gradients g of one chunk, written over `scores` (its dtype) and
+    returned. The C++ extension has no backward: the torch formula serves it."""
+    if backend == "triton":
+        return _triton_kernels().logprobs_from_logits_backward(scores, targets, lse, g, IGNORE_INDEX,
+                                                               inplace=True)
+    return logprobs_backward_(scores, targets, lse, g)
+
+
+def segment_sums(backend: str, values, cu_seqlens):
+    """[S] float64 sums of `values` over the sequences `cu_seqlens` delimits."""
+    if backend == "triton":
+        return _triton_kernels().segment_sums(values, cu_seqlens)
+    lengths = torch.diff(cu_seqlens)
+    ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    return sum_by_sequence(values.double(), ids, lengths.numel())
+
+
+def cpp_sequence_logprobs(logits, targets, cu_seqlens, ignore_index: int, num_threads: int):
+    """(sums [S] float64, counts [S] int64) in one fused C++ pass: no per-token array."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    sums = torch.empty(cu_seqlens.numel() - 1, dtype=torch.float64)
+    counts = torch.empty_like(sums, dtype=torch.int64)
+    targets, cu_seqlens = targets.to(torch.int64).contiguous(), cu_seqlens.contiguous()
+    bad = _cpu_ops.sequence_logprobs(logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[1], logits.stride(0),
+                                     targets.data_ptr(), cu_seqlens.data_ptr(), sums.numel(), sums.data_ptr(),
+                                     counts.data_ptr(), ignore_index, num_threads)
+    if bad:
+        raise RuntimeError(f"internal error: {bad} out-of-range targets reached the C++ backend unchecked")
+    return sums, counts
