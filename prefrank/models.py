@@ -100,6 +100,8 @@ class CausalLM:
         self.layer_kinds = set(getattr(config, "layer_types", None) or
                                ["sliding_attention" if sliding else "full_attention"])
         self.sliding_window = config.sliding_window if "sliding_attention" in self.layer_kinds else None
+        # ALiBi biases (Falcon with alibi, BLOOM, MPT) are built from a 2-D padding mask
+        self.alibi = bool(getattr(config, "alibi", False)) or config.model_type in ("bloom", "mpt")
         # What a token costs: matmul parameters per layer (the embeddings and the head left out) and
         # the width of its attention (scoring.packed_attention_overhead)
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 1

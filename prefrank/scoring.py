@@ -57,8 +57,8 @@ class Scores:
     the method that computed them.
     The sums stay on the model's device until finish() (one transfer, not one per batch)."""
 
-    def __init__(self, n_sequences: int, per_token: bool, device):
-        self.method = None  # set by score()
+    def __init__(self, n_sequences: int, per_token: bool, device, method: str):
+        self.method = method
         self.logps = torch.zeros(n_sequences, dtype=torch.float64, device=device)
         self.token_logps = [[] for _ in range(n_sequences)] if per_token else None
         self.counts = TokenCounts()
@@ -159,7 +159,7 @@ def _score_continuations(lm, batches: list[_PromptBatch], completions, scores: S
 def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
              cache_bytes: int = CACHE_BYTES) -> Scores:
     _, completions = _flatten(items)
-    scores = Scores(len(completions), per_token, lm.device)
+    scores = Scores(len(completions), per_token, lm.device, "kv")
     first_seq = _first_completion(items)
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
@@ -191,16 +191,25 @@ def packed_rows(items: list[Tokenized]) -> list[list[int]]:
     return [it.prompt_ids + [t for c in it.completion_ids for t in c[:-1]] for it in items]
 
 
-def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[int]]):
-    """The model inputs of a batch of packed rows (`rows[i]` is item i's, from packed_rows), and
-    where each target token's hidden state is.
+@dataclass
+class PackedBatch:
+    """The model inputs of a batch of packed rows, and where each target token's hidden state is.
+    Per target token of the batch's completions, in completion order: `source`, its flat index in
+    [B·T] (whose hidden state predicts it); `targets`, its id; `owner`, its completion (0-based
+    within the batch); `rank`, its position within that completion."""
+    ids: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]: each completion restarts at its prompt's length
+    # [B, 1, T, T], additive in the model's dtype: a token sees the prompt up to itself and its own
+    # completion up to itself, never another completion (padding sees earlier padding: no row is empty)
+    mask: torch.Tensor
+    source: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    rank: torch.Tensor
 
-    Returns ids [B, T]; positions [B, T] (each completion restarts at its prompt's length);
-    mask [B, 1, T, T], additive in the model's dtype: a token sees the prompt up to itself and
-    its own completion up to itself, never another completion (padding sees earlier padding, so
-    no row is empty); and per target token of the batch's completions, in completion order: its
-    flat index in [B·T] (whose hidden state predicts it), its id, its completion (0-based within
-    the batch) and its rank within that completion."""
+
+def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[int]]) -> PackedBatch:
+    """The PackedBatch of items `batch` (`rows[i]` is item i's, from packed_rows)."""
     ids, _ = pad([rows[i] for i in batch], PAD_ID, device=lm.device)
     width = ids.shape[1]
     segments, positions = [], []  # per row: 0 prompt, s + 1 the batch's completion s; position ids
@@ -227,8 +236,8 @@ def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[
     dtype = lm.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=lm.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     as_tensor = lambda values: torch.tensor(values, device=lm.device)  # noqa: E731
-    return (ids, pad(positions, 0, device=lm.device)[0], mask[:, None], as_tensor(source), as_tensor(targets),
-            as_tensor(owner), as_tensor(rank))
+    return PackedBatch(ids, pad(positions, 0, device=lm.device)[0], mask[:, None], as_tensor(source),
+                       as_tensor(targets), as_tensor(owner), as_tensor(rank))
 
 
 def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -242,18 +251,18 @@ def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: tor
 @torch.inference_mode()
 def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
     _, completions = _flatten(items)
-    scores = Scores(len(completions), per_token, lm.device)
+    scores = Scores(len(completions), per_token, lm.device, "packed")
     first_seq = _first_completion(items)
     rows = packed_rows(items)
     for batch in length_batches([len(r) for r in rows], budget):
-        ids, positions, mask, source, targets, owner, rank = packed_layout(lm, items, batch, rows)
-        scores.counts.add([rows[i] for i in batch], ids)
-        hidden = lm.hidden(ids, mask, positions).flatten(0, 1)
-        token_lp = ops.logprobs_from_hidden(hidden[source], lm.weight, targets, **lm.head_kwargs)
+        packed = packed_layout(lm, items, batch, rows)
+        scores.counts.add([rows[i] for i in batch], packed.ids)
+        hidden = lm.hidden(packed.ids, packed.mask, packed.positions).flatten(0, 1)
+        token_lp = ops.logprobs_from_hidden(hidden[packed.source], lm.weight, packed.targets, **lm.head_kwargs)
         seqs = [s for i in batch for s in range(first_seq[i], first_seq[i + 1])]
         lengths = [len(completions[s]) for s in seqs]
         table = torch.zeros(len(seqs), max(lengths), dtype=token_lp.dtype, device=lm.device)
-        table[owner, rank] = token_lp
+        table[packed.owner, packed.rank] = token_lp
         scores.add(seqs, table, lengths)
     return scores.finish()
 
@@ -264,7 +273,7 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
     """`token_logprobs(lm, ids, mask, targets) -> [B, T - 1]` computes each batch's per-token
     log-probs (bench/ plugs in peer libraries' log-prob paths here)."""
     owner, completions = _flatten(items)
-    scores = Scores(len(completions), per_token, lm.device)
+    scores = Scores(len(completions), per_token, lm.device, "naive")
     sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
     for batch in length_batches([len(s) for s in sequences], budget):
         ids, mask = pad([sequences[s] for s in batch], PAD_ID, device=lm.device)
@@ -298,6 +307,8 @@ def unsupported(lm, method: str, items: list[Tokenized] | None = None) -> str | 
         return "sliding-window attention" if lm.sliding_window else None
     if lm.attn_implementation not in ("sdpa", "eager"):
         return f"attention implementation {lm.attn_implementation!r} takes no custom 4D mask (sdpa and eager do)"
+    if lm.alibi:  # transformers builds the ALiBi biases from a 2-D padding mask: a block mask breaks them
+        return "its ALiBi position biases take no custom 4D mask"
     if lm.sliding_window and items:
         # the block mask is full attention: exact while every sequence fits the window
         longest = max(len(it.prompt_ids) + max(map(len, it.completion_ids)) for it in items)
@@ -342,6 +353,4 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
 def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False) -> Scores:
     """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS)."""
     method = resolve_method(lm, method, items)
-    scores = {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)
-    scores.method = method
-    return scores
+    return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)

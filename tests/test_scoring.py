@@ -194,6 +194,25 @@ def test_auto_picks_an_exact_method_for_the_model():
     assert resolve_method(CausalLM(flash), "auto", items) == "kv"
 
 
+def test_alibi_models_refuse_packed_and_auto_takes_kv():
+    """Falcon with ALiBi: transformers builds its biases from a 2-D mask, so packed's 4D block mask
+    died inside the model ("too many values to unpack"); it is refused, and auto's kv equals float64."""
+    from prefrank.data import InputError
+    from prefrank.scoring import resolve_method
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(0)
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, alibi=True, initializer_range=0.3)).eval()
+    lm, items = CausalLM(falcon), random_items(5, seed=6)
+    with pytest.raises(InputError, match="ALiBi"):
+        resolve_method(lm, "packed", items)
+    assert resolve_method(lm, "auto", items) == "kv"
+    ref, _ = float64_reference(falcon, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    for method in ("auto", "naive"):
+        assert_close(f"falcon alibi {method}", score(lm, items, method=method, budget=64).logps, ref, n)
+
+
 def test_auto_prefers_kv_where_packed_wastes_attention():
     """The crossover measured in bench/RESULTS.md: on HH-sized pairs packed's block mask costs half
     the matmul work again at hidden size 64 (kv was 1.2x faster) and 8% at 384 (packed was faster)."""

@@ -114,8 +114,8 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
     for chunk in _pair_chunks(seq // 2, head.rows):
         r, s, t = rows[chunk], seq[chunk], targets[rows[chunk]]
         h = hidden[r]
-        scores = head.scores(h)
-        token_logp, lse = head.logprobs(scores, t)
+        logits = head.logits(h)
+        token_logp, lse = head.logprobs(logits, t)
         # the loss of this chunk's pairs, and its gradient w.r.t. their sequence log-probs
         pairs = torch.unique(s // 2)
         seq_logp = sum_by_sequence(token_logp.to(acc), s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
@@ -131,7 +131,7 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
             (d_seq,) = torch.autograd.grad(chunk_loss, seq_logp)
             d_token = torch.zeros(n_seq, dtype=acc, device=hidden.device)
             d_token[2 * pairs], d_token[2 * pairs + 1] = d_seq[0], d_seq[1]
-            head.backward_(scores, t, lse, d_token[s], h, [grad_h, grad_w, grad_b], r)
+            head.backward_(logits, t, lse, d_token[s], h, [grad_h, grad_w, grad_b], r)
     return loss, policy, grad_h, grad_w, grad_b
 
 

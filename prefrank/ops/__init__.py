@@ -16,7 +16,8 @@ from prefrank.ops.backends import BACKENDS
 from prefrank.ops.head import Head, LogprobsFromHidden
 from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence
 
-__all__ = ["BACKENDS", "IGNORE_INDEX", "Head", "check_targets", "head_for", "logprobs_from_hidden", "logprobs_from_logits",
+__all__ = ["BACKENDS", "IGNORE_INDEX", "Head", "check_targets", "head_for", "logprobs_from_hidden",
+           "logprobs_from_logits",
            "segment_sums", "sequence_logprobs", "sum_by_sequence"]
 
 

@@ -49,7 +49,7 @@ def _warn_no_cpp():
 
 
 def choose(t: torch.Tensor, chunked: bool = False) -> str:
-    """The backend for `t`. `chunked`: the op runs on detached chunks of scores inside an autograd
+    """The backend for `t`. `chunked`: the op runs on detached chunks of logits inside an autograd
     Function (the head), so the C++ forward serves tensors that need gradients too."""
     forced = os.environ.get("PREFRANK_BACKEND")
     if forced:
@@ -98,26 +98,26 @@ def logprobs_from_logits(backend: str, logits, targets, ignore_index: int, num_t
     return torch_logprobs_from_logits(logits, targets, ignore_index)
 
 
-def chunk_logprobs(backend: str, scores, targets):
+def chunk_logprobs(backend: str, logits, targets):
     """(logp, lse) of one of the head's chunks (no ignored rows), fp32 (float64 for float64
-    scores); `scores` is left intact."""
+    logits); `logits` is left intact."""
     if backend == "triton":
-        return _triton_kernels().logprobs_from_logits_forward(scores, targets, IGNORE_INDEX)
+        return _triton_kernels().logprobs_from_logits_forward(logits, targets, IGNORE_INDEX)
     if backend == "cpp":
-        logp = _cpp_logprobs(scores, targets, IGNORE_INDEX, 0)
-        return logp, upcast(scores.gather(1, targets[:, None]).squeeze(1)) - logp
-    scores = upcast(scores)
-    lse = torch.logsumexp(scores, -1)
-    return scores.gather(1, targets[:, None]).squeeze(1) - lse, lse
+        logp = _cpp_logprobs(logits, targets, IGNORE_INDEX, 0)
+        return logp, upcast(logits.gather(1, targets[:, None]).squeeze(1)) - logp
+    logits = upcast(logits)
+    lse = torch.logsumexp(logits, -1)
+    return logits.gather(1, targets[:, None]).squeeze(1) - lse, lse
 
 
-def chunk_backward_(backend: str, scores, targets, lse, g):
-    """d scores for per-row gradients g of one chunk, written over `scores` (its dtype) and
+def chunk_backward_(backend: str, logits, targets, lse, g):
+    """d logits for per-row gradients g of one chunk, written over `logits` (its dtype) and
     returned. The C++ extension has no backward: the torch formula serves it."""
     if backend == "triton":
-        return _triton_kernels().logprobs_from_logits_backward(scores, targets, lse, g, IGNORE_INDEX,
+        return _triton_kernels().logprobs_from_logits_backward(logits, targets, lse, g, IGNORE_INDEX,
                                                                inplace=True)
-    return logprobs_backward_(scores, targets, lse, g)
+    return logprobs_backward_(logits, targets, lse, g)
 
 
 def segment_sums(backend: str, values, cu_seqlens):

@@ -28,10 +28,10 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     return torch.where(keep, logp, 0.0)
 
 
-def logprobs_backward_(scores: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """d scores = g · (onehot(target) − softmax(scores)) for per-row gradients g [n], written over
-    `scores` [n, V] (rows whose targets are all in range) and returned."""
-    d = scores.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+def logprobs_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d logits = g · (onehot(target) − softmax(logits)) for per-row gradients g [n], written over
+    `logits` [n, V] (rows whose targets are all in range) and returned."""
+    d = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
     d[torch.arange(len(targets), device=targets.device), targets] += g
     return d
 
