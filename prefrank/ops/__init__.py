@@ -17,8 +17,7 @@ from prefrank.ops.head import Head, LogprobsFromHidden
 from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence
 
 __all__ = ["BACKENDS", "IGNORE_INDEX", "Head", "check_targets", "head_for", "logprobs_from_hidden",
-           "logprobs_from_logits",
-           "segment_sums", "sequence_logprobs", "sum_by_sequence"]
+           "logprobs_from_logits", "segment_sums", "sequence_logprobs", "sum_by_sequence"]
 
 
 def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int = IGNORE_INDEX):
