@@ -22,6 +22,8 @@ import itertools
 import json
 import math
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -39,12 +41,18 @@ class Columns:
     prompt: list[str] | None = None  # None: "prompt" when present, else the implicit format
     chosen: str = "chosen"
     rejected: str = "rejected"
-    id: str = "id"
+    id: str | None = None  # None: "id" when present, else the row's index; a named column must exist
     votes: list[str] | None = None  # PandaLM-style vote columns
     completions: str | None = None  # K-wise rows: the list of completions (None: a chosen/rejected pair)
     scores: str = "scores"  # K-wise rows: human scores, one per completion, higher is better
     completions_include_prompt: bool = False  # chosen/rejected repeat the prompt: strip it
     prompt_separator: str = "\n\n"  # joins several prompt columns (empty ones skipped)
+
+
+# The command-line option of each Columns field (cli.columns_from_args reads them; refusals name them)
+COLUMN_FLAGS = {"prompt": "--prompt-cols", "chosen": "--chosen-col", "rejected": "--rejected-col", "id": "--id-col",
+                "votes": "--vote-cols", "completions": "--completions-col", "scores": "--scores-col",
+                "completions_include_prompt": "--completions-include-prompt"}
 
 
 @dataclass
@@ -67,47 +75,105 @@ class BadRow:
 
 # ---------------------------------------------------------------- reading rows
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write first: skipped
+_UNREADABLE = (OSError, EOFError, zlib.error)  # a truncated or damaged file (gzip raises all three)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
+    """One JSON line (None if blank); a line that cannot be decoded or parsed is a BadRow."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRow(f"line {line_no}: invalid UTF-8 (byte {e.start} of the line)")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return BadRow(f"line {line_no}: JSON nested too deeply")
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return BadRow(f"line {line_no}: invalid JSON ({e})")
 
 
 def _json_lines(path: Path) -> Iterator[dict | BadRow]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
+    """Rows of a JSON-lines file, each line decoded on its own: one bad line is one bad row."""
+    line_no = 0
+    with _open_binary(path) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                row = _json_line(raw.removeprefix(BOM) if line_no == 1 else raw, line_no)
+                if row is not None:
+                    yield row
+        except _UNREADABLE as e:
+            raise InputError(f"{path}: unreadable after {line_no} lines: {_one_line(e)}") from None
 
 
-def _first_char(path: Path) -> str:
-    with _open_text(path) as f:
-        while True:
-            c = f.read(1)
-            if not c or not c.isspace():
-                return c
+def _first_byte(path: Path) -> bytes:
+    """The first byte that is not whitespace (after a BOM)."""
+    try:
+        with _open_binary(path) as f:
+            head = f.read(4096).removeprefix(BOM)
+            while head and not head.lstrip():
+                head = f.read(4096)
+            return head.lstrip()[:1]
+    except _UNREADABLE as e:
+        raise InputError(f"{path}: unreadable: {_one_line(e)}") from None
 
 
 def _json_file(path: Path) -> Iterator[dict | BadRow]:
-    if _first_char(path) != "[":  # JSON lines saved as .json
-        yield from _json_lines(path)
-        return
-    with _open_text(path) as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    yield from rows
+    if _first_byte(path) != b"[":  # JSON lines saved as .json
+        return _json_lines(path)
+    try:
+        with _open_binary(path) as f:
+            rows = json.loads(f.read().removeprefix(BOM).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:
+        raise InputError(f"{path}: invalid JSON ({e})") from None
+    except _UNREADABLE as e:
+        raise InputError(f"{path}: unreadable: {_one_line(e)}") from None
+    return iter(rows)
 
 
 def _parquet_file(path: Path) -> Iterator[dict]:
+    """Rows of a Parquet file, opened now (a damaged footer fails here), read a row group at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
+
+    def rows():
+        start = 0
+        for group in range(file.num_row_groups):
+            batches = file.iter_batches(batch_size=1024, row_groups=[group])
+            while True:
+                try:
+                    batch = next(batches, None)
+                    batch = None if batch is None else batch.to_pylist()
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    raise InputError(f"{path}: row group {group} is unreadable after row {start}: "
+                                     f"{_one_line(e)}") from None
+                if batch is None:
+                    break
+                yield from batch
+                start += len(batch)
+    return rows()
 
 
 def _hf_dataset(name: str, subset: str | None, split: str):
@@ -121,7 +187,17 @@ def _hf_dataset(name: str, subset: str | None, split: str):
             ds = datasets.load_dataset(name, subset, split=split, streaming=True)
     except Exception as e:  # hub unreachable, unknown name, missing split: one clear line
         raise InputError(f"cannot load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}") from None
-    return iter(ds)
+
+    def rows():
+        n = 0
+        try:
+            for row in ds:
+                yield row
+                n += 1
+        except Exception as e:  # a damaged data file in the folder: one clear line
+            raise InputError(f"dataset {name!r}: unreadable after {n} rows: {type(e).__name__}: "
+                             f"{_one_line(e)}") from None
+    return rows()
 
 
 def read_rows(source: str, *, split: str = "train", subset: str | None = None) -> Iterator[dict | BadRow]:
@@ -175,6 +251,8 @@ def _field(row: dict, column: str):
     if head not in row:
         raise RowError(f"missing field {head!r}")
     value = row[head]
+    if value is None:  # present but null: never read as empty, absent or implicit
+        raise RowError(f"field {head!r} is null")
     if not rest:
         return value
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -208,7 +286,7 @@ def _completions(row: dict, cols: Columns) -> tuple[list, list[str]]:
 def _prompt(row: dict, cols: Columns):
     """The prompt's text or messages; None when it is implicit (shared by the completions)."""
     if cols.prompt is None:
-        return row.get("prompt")  # absent: implicit
+        return _field(row, "prompt") if "prompt" in row else None  # absent: implicit; null: an error
     parts = [_field(row, c) for c in cols.prompt]
     if len(parts) == 1:
         return parts[0]
@@ -279,16 +357,41 @@ def _alpha(row: dict, cols: Columns) -> float | None:
     return None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(value, what: str):
+    """JSON can escape a lone surrogate (\\ud800), which is no Unicode text: no tokenizer or Parquet
+    file takes it. Looks through nested messages without recursion (any depth)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if match := _SURROGATE.search(v):
+                raise RowError(f"{what} holds a lone surrogate (\\u{ord(match.group()):04x}): not valid Unicode")
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+
+
 def to_example(index: int, row, cols: Columns) -> Example:
     """Normalize one input row; every problem becomes `error`, never an exception."""
     if isinstance(row, BadRow):
         return Example(index, str(index), error=row.message)
     if not isinstance(row, dict):
         return Example(index, str(index), error=f"row is a JSON {type(row).__name__}, not an object")
-    row_id = row.get(cols.id)
+    row_id = row.get(cols.id or "id")
     example = Example(index, str(index) if row_id is None else str(row_id))
     try:
+        if cols.id is not None:
+            _field(row, cols.id)  # a named id column must be there, and not null
+        if _SURROGATE.search(example.id):
+            example.id = str(index)
+            raise RowError("the id holds a lone surrogate: not valid Unicode")
         example.prompt, example.completions, example.implicit = _prompt_and_completions(row, cols)
+        _check_unicode(example.prompt, "the prompt")
+        _check_unicode(example.completions, "a completion")
         if any(not c for c in example.completions):
             raise RowError("empty completion")
         for i, j in itertools.combinations(range(len(example.completions)), 2):
@@ -311,6 +414,7 @@ def check_columns(row: dict, cols: Columns):
         named = (cols.prompt or []) + [cols.chosen, cols.rejected] + (cols.votes or [])
     else:
         named = (cols.prompt or []) + [cols.completions, cols.scores]
+    named += [cols.id] if cols.id is not None else []
     missing = [c for c in named if c.partition(".")[0] not in row]
     if missing:
         hint = " (K completions per prompt? pass --completions-col)" if cols.completions is None and "completions" in row else ""

@@ -59,10 +59,10 @@ def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
     """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
     (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
     _check_chat_template(tokenizer)
-    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    prompt = _apply_chat_template(tokenizer, example.prompt, tokenize=False, add_generation_prompt=True)
     completions = []
     for messages in example.completions:
-        full = tokenizer.apply_chat_template(example.prompt + messages, tokenize=False)
+        full = _apply_chat_template(tokenizer, example.prompt + messages, tokenize=False)
         if not full.startswith(prompt):
             raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
         completions.append(full[len(prompt):])
@@ -74,11 +74,19 @@ def _check_chat_template(tokenizer):
         raise RowError("conversational row, but the tokenizer has no chat template")
 
 
+def _apply_chat_template(tokenizer, messages: list, **kwargs):
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as e:  # the template refuses the row (raise_exception, the sandbox's SecurityError, ...)
+        message = " ".join(str(e).split())
+        raise RowError(f"the chat template failed on this row: {type(e).__name__}: {message}") from None
+
+
 def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
     """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them."""
     _check_chat_template(tokenizer)
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                              add_generation_prompt=generation_prompt)["input_ids"])
+    return list(_apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True,
+                                     add_generation_prompt=generation_prompt)["input_ids"])
 
 
 def _requests(example: Example, tokenizer, mode: str) -> list[tuple[str, bool]]:
@@ -133,10 +141,13 @@ def _split(ids: list[list[int]], mode: str) -> tuple[list[int], list[list[int]],
 
 
 def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
-    """Cut the prompt from the left (keeping its first `kept_head` tokens, e.g. BOS), then, if a
-    completion still does not fit, the completions from the right."""
+    """Cut the prompt from the left (keeping its first `kept_head` tokens, e.g. BOS, and its last
+    token while the limit leaves room for it), then, if a completion still does not fit, the
+    completions from the right. Every sequence fits `max_length` and keeps a completion token."""
+    if max_length < max(kept_head, 1) + 1:
+        raise RowError(f"the maximum length {max_length} cannot hold a prompt token and a completion token")
     longest = max(len(c) for c in completion_ids)
-    room = max(max_length - longest, kept_head + 1)
+    room = min(max(max_length - longest, kept_head + 1), max_length - 1)
     if len(prompt_ids) > room:
         prompt_ids = prompt_ids[:kept_head] + prompt_ids[len(prompt_ids) - (room - kept_head):]
     completion_room = max_length - len(prompt_ids)
