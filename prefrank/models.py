@@ -5,12 +5,15 @@ pickled checkpoints are allowed explicitly. The adapter exposes what the KV-reus
 the decoder's final hidden states (post final norm) with an explicit cache, and the output head
 as (weight, bias, softcap, temperature) so log-probs never need the full logits.
 """
+import hashlib
 import inspect
 import os
+from pathlib import Path
 
 import torch
 
 from prefrank.data import InputError
+from prefrank.io import hash_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,9 +63,46 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     except Exception as e:
-        hint = " (only safetensors weights load unless --allow-pickle)" if not allow_pickle else ""
-        raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {e}") from None
+        message = " ".join(str(e).split())
+        if "trust_remote_code" in message:
+            hint = " (its own Python code runs only with --trust-remote-code)"
+        elif "safetensors" in message and not allow_pickle:
+            hint = " (only safetensors weights load unless --allow-pickle)"
+        else:
+            hint = ""
+        raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {message}") from None
     return model.to(device).eval()
+
+
+def fingerprint(path: str) -> dict[str, dict]:
+    """What identifies the files of a model or tokenizer (a local folder, or a hub id's snapshot in the
+    local cache) without reading its weights: for each file, its size, mtime and the sha256 of its
+    safetensors header (tensor names, dtypes, shapes, offsets), or of the whole file for any other
+    file (configs, tokenizers, templates, code; pickled weights). Other weights under the same path
+    change the mtime at least. Measured on the 2-core development CPU: a folder with a 105 MB
+    safetensors file takes 0.07 ms (stories260K's: 0.09 ms), where a full sha256 of that file takes
+    67 ms (1.6 GB/s: ~10 s for 8B bf16 weights, ~90 s at 70B, more from a cold disk)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not a cached hub id (a loaded model always is): nothing to fingerprint
+            return {}
+    files = {}
+    for file in sorted(folder.iterdir()):
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        stat = file.stat()
+        digest = hashlib.sha256()
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as f:
+                head = f.read(8)  # the header's length, little-endian, then the JSON header (at most 100 MB)
+                digest.update(head + f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+        else:
+            hash_file(digest, file)
+        files[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return files
 
 
 def cache_argument(forward) -> str:

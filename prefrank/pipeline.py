@@ -18,9 +18,10 @@ from itertools import islice
 import torch
 
 from prefrank import __version__
-from prefrank.data import Columns, InputError, count_rows, read_examples
-from prefrank.io import Parts, completion_fields, input_hash, table_schema
-from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
+from prefrank.data import COLUMN_FLAGS, Columns, InputError, count_rows, read_examples
+from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, WriteError, check_output, completion_fields, input_hash,
+                         table_schema)
+from prefrank.models import CausalLM, fingerprint, load_model, load_tokenizer, resolve_device, resolve_dtype
 from prefrank.scoring import resolve_method, score
 from prefrank.tokenization import tokenize_examples
 
@@ -97,6 +98,25 @@ def _barrier(world: int):
         dist.barrier()
 
 
+def _on_rank_0(step, rank: int, world: int, device: torch.device):
+    """Run `step` on rank 0 only; an InputError it raises then stops every rank (none waits for a
+    rank 0 that has stopped). Doubles as a barrier."""
+    error = None
+    if rank == 0:
+        try:
+            step()
+        except InputError as e:
+            error = e
+    if world > 1:
+        import torch.distributed as dist
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0, device=device if device.type == "cuda" else None)
+        if rank != 0 and message[0] is not None:
+            raise InputError(f"rank 0 stopped: {message[0]}")
+    if error is not None:
+        raise error
+
+
 def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
     lm = CausalLM(load_model(path, dtype=dtype, device=device, trust_remote_code=opts.trust_remote_code,
                              allow_pickle=opts.allow_pickle))
@@ -121,15 +141,39 @@ def _tokenize_chunk(examples, tokenizer, opts, max_length):
     return tokenized
 
 
+def _first_seqs(tokenized) -> dict[int, int]:
+    """Where each item's completions start in the flat score order."""
+    first_seq, n_seqs = {}, 0
+    for index, item in tokenized.items():
+        first_seq[index], n_seqs = n_seqs, n_seqs + len(item.completion_ids)
+    return first_seq
+
+
+def _mark_non_finite(examples, tokenized, scores: dict, kwise: bool):
+    """A row with a NaN or infinite log-prob sum under any model (float16 overflow, say) becomes an
+    error row naming the model and completion: such a number is never written as a score. The sums
+    cover every token: float64 sums of finite fp32 log-probs are finite."""
+    first_seq = _first_seqs(tokenized)
+    finite = {model: torch.isfinite(s.logps) for model, s in scores.items()}
+    for ex in examples:
+        item = tokenized.get(ex.index)
+        if item is None:
+            continue
+        seqs = range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
+        bad = [f"{model} {COMPLETION_NAMES[k] if not kwise else f'completion {k}'} {float(s.logps[seq])}"
+               for model, s in scores.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
+        if bad:
+            ex.error = (f"non-finite log-prob ({', '.join(bad)}): the model overflows in its dtype? "
+                        f"try --dtype bfloat16 or float32")
+
+
 def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[str, list]:
     """One table row per example, in input order; scores are flat over the valid examples."""
     models = {"": policy} if ref is None else {"": policy, "ref_": ref}
-    first_seq, n_seqs = {}, 0  # where each item's completions start in the flat score order
-    for index, item in tokenized.items():
-        first_seq[index], n_seqs = n_seqs, n_seqs + len(item.completion_ids)
+    first_seq = _first_seqs(tokenized)
     rows = []
     for ex in examples:
-        item = tokenized.get(ex.index)
+        item = tokenized.get(ex.index) if ex.error is None else None
         row = {"id": ex.id, "truncated": item is not None and item.truncated,
                "status": "ok" if item is not None else "error", "error": ex.error}
         row.update({"human_scores": ex.scores} if kwise else {"alpha": ex.alpha})
@@ -156,12 +200,28 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
     The input is read in chunks of `chunk_rows` rows; chunk c is scored by rank c mod world size
     and written as its own part, so any number of processes, and any resumed run, produce the
-    same table. Rank 0 assembles it when every rank has finished."""
+    same table. Rank 0 assembles it when every rank has finished, and holds the output's lock from
+    the start to the end (the ranks share the parts folder)."""
     rank, world = distributed()
-    examples = read_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset, limit=opts.limit)
     device = resolve_device(opts.device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    lock = OutputLock(opts.out)
+
+    def guard_output():  # before anything is loaded
+        check_output(opts.out, {"--data": opts.data, "--model": opts.model, "--ref-model": opts.ref_model,
+                                "--tokenizer": opts.tokenizer})
+        lock.acquire()
+
+    _on_rank_0(guard_output, rank, world, device)
+    try:
+        return _score(opts, rank, world, device, progress)
+    finally:
+        lock.release()
+
+
+def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, progress: bool) -> Summary | None:
+    examples = read_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset, limit=opts.limit)
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype)
     tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code)
@@ -173,10 +233,13 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
     parts = Parts(opts.out)
     created = False
-    if rank == 0:
+
+    def prepare():
+        nonlocal created
         sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
         created = parts.prepare(_manifest(sidecar), sidecar, opts.resume)
-    _barrier(world)
+
+    _on_rank_0(prepare, rank, world, device)
 
     total = [n for n in (opts.limit, count_rows(opts.data)) if n is not None]
     bar = _progress(min(total) if total else None) if progress and rank == 0 else None
@@ -187,19 +250,24 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
             c, n_chunks = n_chunks, n_chunks + 1
             if c % world != rank or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
                 continue
+            chunk_start = time.perf_counter()
             tokenized = _tokenize_chunk(chunk, tokenizer, opts, max_length)
             items = list(tokenized.values())
             policy = score(policy_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                            per_token=opts.per_token)
             ref = ref_lm and score(ref_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                    per_token=opts.per_token)
-            stats = _chunk_stats(chunk, items, [policy, ref] if ref else [policy])
-            parts.write(c, _chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise), schema, stats)
+            _mark_non_finite(chunk, tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
+            columns = _chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise)
+            stats = _chunk_stats(chunk, tokenized, [policy, ref] if ref else [policy], time.perf_counter() - chunk_start)
+            parts.write(c, columns, schema, stats)
             if bar is not None:
                 tokens += stats["real_tokens"]
                 bar.update(len(chunk) * world)
                 bar.set_postfix(tok_s=f"{tokens * world / (time.perf_counter() - start):.0f}")
-    except InputError:  # a bad invocation or --strict: nothing worth resuming from a new run
+    except WriteError:  # a full disk, say: the parts written so far stay for --resume
+        raise
+    except InputError:  # a bad invocation, unreadable input or --strict: nothing worth resuming from a new run
         if created:
             parts.discard()
         raise
@@ -210,32 +278,54 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
     _barrier(world)
     if rank != 0:
         return None
-    return Summary(**parts.merge(schema, seconds=time.perf_counter() - start))
+    return Summary(**parts.merge(schema))
 
 
 def merge_parts(out: str) -> Summary:
-    """Assemble OUT from OUT.parts/ (after a run whose rank 0 did not get to it)."""
+    """Assemble OUT from OUT.parts/ (after a run whose rank 0 did not get to it), holding OUT's lock."""
     parts = Parts(out)
     if not parts.dir.exists():
         raise InputError(f"no parts to merge: {parts.dir} does not exist")
-    options = parts.read_json("sidecar.json")["table"]
-    return Summary(**parts.merge(table_schema(**options), seconds=0.0))
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        options = parts.read_json("sidecar.json")["table"]
+        return Summary(**parts.merge(table_schema(**options)))
+    finally:
+        lock.release()
 
 
-def _chunk_stats(chunk, items, scores) -> dict:
-    return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
-            "truncated": sum(it.truncated for it in items), "boundary_moved": sum(it.boundary_moved for it in items),
+def _chunk_stats(chunk, tokenized, scores, seconds: float) -> dict:
+    """A part's statistics; `seconds` is its own scoring time."""
+    ok = [tokenized[ex.index] for ex in chunk if ex.error is None]  # not rows whose scores were not finite
+    return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
+            "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
-            "methods": dict(Counter(s.method for s in scores)),
+            "methods": dict(Counter(s.method for s in scores)), "seconds": seconds,
             "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
 
 
+_PATHS = ("data", "model", "ref_model", "tokenizer")  # options naming local files or hub ids
+
+
 def _manifest(sidecar: dict) -> dict:
-    """What must match for --resume to continue a run: everything that decides the rows."""
-    options = {k: v for k, v in sidecar["options"].items()
-               if k not in ("out", "resume", "device", "max_tokens_per_batch", "compile")}
-    return {"input": sidecar["input"], "options": options, "dtype": sidecar["dtype"],
-            "max_length": sidecar["max_length"], "table": sidecar["table"]}
+    """What must match for --resume to continue a run: everything that decides the rows, keyed by
+    what a refusal names (the option, or the file and its option). Local paths are compared
+    resolved (a relative path to the same file is the same input), models and tokenizers by their
+    files' fingerprints."""
+    manifest = {"--data contents": sidecar["input"]["hash"], "model dtype": sidecar["dtype"],
+                "maximum length": sidecar["max_length"]}
+    for name, value in sidecar["options"].items():
+        if name in ("out", "resume", "device", "max_tokens_per_batch", "compile"):
+            continue
+        if name == "columns":
+            manifest.update({COLUMN_FLAGS.get(k, f"column option {k}"): v for k, v in value.items()})
+        else:
+            resolved = value is not None and name in _PATHS and os.path.exists(value)
+            manifest["--" + name.replace("_", "-")] = os.path.realpath(value) if resolved else value
+    for name, files in sidecar["files"].items():
+        manifest.update({f"{file} of --{name.replace('_', '-')}": fp for file, fp in files.items()})
+    return manifest
 
 
 def _model_info(lm: CausalLM | None, path: str | None):
@@ -265,6 +355,9 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "max_length": max_length,
         "options": asdict(opts),
         "input": {"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},
+        # the tokenizer's files are the policy's unless --tokenizer names others
+        "files": {name: fingerprint(getattr(opts, name)) for name in ("model", "ref_model", "tokenizer")
+                  if getattr(opts, name)},
         "table": {"with_ref": ref_lm is not None, "per_token": opts.per_token, "kwise": opts.columns.completions is not None},
         "world_size": world,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
