@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from prefrank.data import Columns, InputError
+from prefrank.data import COLUMN_FLAGS, Columns, InputError
 from prefrank.scoring import METHODS
 from prefrank.tokenization import TOKENIZATION_MODES, TRUNCATION_POLICIES
 
@@ -41,7 +41,8 @@ def add_column_args(cols):
                       "(default: 'prompt' if present, else the implicit HH format)")
     cols.add_argument("--chosen-col", default="chosen", help="(default: %(default)s)")
     cols.add_argument("--rejected-col", default="rejected", help="(default: %(default)s)")
-    cols.add_argument("--id-col", default="id", help="row id column; the row index when absent (default: %(default)s)")
+    cols.add_argument("--id-col", help="row id column, which must exist (default: 'id' when present, else the row's "
+                      "index)")
     cols.add_argument("--vote-cols", type=_column_list, help="rater columns coded 0 tie, 1 chosen, 2 rejected "
                       "(PandaLM: annotator1,annotator2,annotator3); gives alpha. Without it, an 'alpha' column, or a "
                       "'votes' list of 1/0/0.5, is used when present")
@@ -65,7 +66,7 @@ def add_tokenization_args(tok):
     tok.add_argument("--append-eos", action="store_true", help="score an EOS token after each completion "
                      "(joint, separate; trl appends the EOS text itself)")
     tok.add_argument("--max-length", type=_positive_int,
-                     help="longest prompt + completion in tokens (default: the model's maximum positions)")
+                     help="longest prompt + completion in tokens, at least 2 (default: the model's maximum positions)")
     tok.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none",
                      help="over-length rows: 'none' makes them errors; 'keep-end' cuts the prompt from the left "
                           "(keeping BOS), then the completions from the right, and marks them truncated "
@@ -76,14 +77,15 @@ def tokenization_from_args(args) -> dict:
     """The tokenization options (add_tokenization_args) as ScoreOptions / TrainOptions fields."""
     if args.append_eos and args.tokenization == "trl":
         raise InputError("--append-eos with --tokenization trl: that mode appends the EOS text itself")
+    if args.max_length is not None and args.max_length < 2:
+        raise InputError(f"--max-length {args.max_length}: a scored sequence needs at least a prompt token and a "
+                         f"completion token (2)")
     return dict(tokenization=args.tokenization, append_eos=args.append_eos, max_length=args.max_length,
                 truncate=args.truncate)
 
 
 def columns_from_args(args) -> Columns:
-    return Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
-                   votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt,
-                   completions=args.completions_col, scores=args.scores_col)
+    return Columns(**{name: getattr(args, flag[2:].replace("-", "_")) for name, flag in COLUMN_FLAGS.items()})
 
 
 def add_score_parser(sub):
@@ -94,8 +96,9 @@ def add_score_parser(sub):
     io.add_argument("--model", help="policy model: local folder or hub id (default: the built-in tiny model)")
     io.add_argument("--ref-model", help="reference model, scored on the same token ids (optional)")
     io.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the policy model's)")
-    io.add_argument("--out", default="scores.parquet", help="output Parquet file; a sidecar OUT.meta.json records "
-                    "models, options, versions and the input's hash (default: %(default)s)")
+    io.add_argument("--out", default="scores.parquet", help="output Parquet file, not an input or inside one; a "
+                    "sidecar OUT.meta.json records models, options, versions and the input's hash; OUT.lock keeps a "
+                    "second run off it while one writes it (default: %(default)s)")
     io.add_argument("--split", default="train", help="dataset split for Hugging Face datasets (default: %(default)s)")
     io.add_argument("--subset", help="dataset configuration name for Hugging Face datasets")
     io.add_argument("--limit", type=_positive_int, help="score only the first N rows")
@@ -131,7 +134,8 @@ def add_score_parser(sub):
     run.add_argument("--per-token", action="store_true", help="also write per-token log-prob lists")
     run.add_argument("--strict", action="store_true", help="stop at the first bad row instead of recording it")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run: the parts in OUT.parts/ "
-                     "that are complete are kept, the others scored (the run's input and options must match)")
+                     "whose checksums verify are kept, the others scored (the run's input, options and model and "
+                     "tokenizer files must match)")
     run.add_argument("--seed", type=int, default=0, help="seed of the built-in task and model (default: %(default)s)")
     safety = p.add_argument_group("safety")
     safety.add_argument("--trust-remote-code", action="store_true",
