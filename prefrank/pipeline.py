@@ -11,14 +11,14 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from itertools import islice
 
 import torch
 
 from prefrank import __version__
-from prefrank.data import Columns, InputError, count_rows, read_examples
+from prefrank.data import Columns, InputError, count_rows, open_examples
 from prefrank.io import Parts, completion_fields, input_hash, table_schema
 from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
 from prefrank.scoring import resolve_method, score
@@ -32,6 +32,7 @@ class ScoreOptions:
     out: str = "scores.parquet"
     ref_model: str | None = None
     tokenizer: str | None = None  # default: the policy model's
+    chat_template: str | None = None  # a Jinja file for the tokenizer (conversational rows)
     method: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -60,6 +61,9 @@ class Summary:
     errors: int = 0
     truncated: int = 0
     boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
+    reoriented: int = 0  # pairs whose raters preferred the rejected column (swapped)
+    ties: int = 0  # pairs whose raters tied (alpha = 0.5)
+    multi_turn: int = 0  # rows whose completions hold more than one message
     real_tokens: int = 0
     padded_tokens: int = 0
     methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
@@ -74,6 +78,11 @@ class Summary:
         if self.boundary_moved:
             text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
                      f"those ids are scored as the completions'")
+        verdict = [f"{n} {what}" for n, what in ((self.reoriented, "reoriented to the raters' choice"),
+                                                  (self.ties, "tied (alpha = 0.5)"),
+                                                  (self.multi_turn, "multi-turn")) if n]
+        if verdict:
+            text += f"\nof the ok rows: {', '.join(verdict)}"
         if self.first_error:
             text += f"\nfirst error: {self.first_error}"
         return text
@@ -130,9 +139,11 @@ def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[s
     rows = []
     for ex in examples:
         item = tokenized.get(ex.index)
-        row = {"id": ex.id, "truncated": item is not None and item.truncated,
+        row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
                "status": "ok" if item is not None else "error", "error": ex.error}
-        row.update({"human_scores": ex.scores} if kwise else {"alpha": ex.alpha})
+        row.update({"human_scores": ex.scores} if kwise else
+                   {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": None if ex.alpha is None else ex.alpha == 0.5,
+                    "reoriented": ex.reoriented})
         seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
         row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
         for prefix, scores in models.items():
@@ -158,13 +169,16 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
     and written as its own part, so any number of processes, and any resumed run, produce the
     same table. Rank 0 assembles it when every rank has finished."""
     rank, world = distributed()
-    examples = read_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset, limit=opts.limit)
+    columns, examples = open_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset,
+                                      limit=opts.limit)
+    opts = replace(opts, columns=columns)  # the sidecar records the mapping used ("auto" resolved)
     device = resolve_device(opts.device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype)
-    tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code)
+    tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code,
+                               chat_template=opts.chat_template)
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
     limits = [m for m in (opts.max_length, policy_lm.max_positions, ref_lm and ref_lm.max_positions) if m]
     max_length = min(limits) if limits else None
@@ -178,7 +192,7 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
         created = parts.prepare(_manifest(sidecar), sidecar, opts.resume)
     _barrier(world)
 
-    total = [n for n in (opts.limit, count_rows(opts.data)) if n is not None]
+    total = [n for n in (opts.limit, None if columns.group_by else count_rows(opts.data)) if n is not None]
     bar = _progress(min(total) if total else None) if progress and rank == 0 else None
     start = time.perf_counter()
     n_chunks = tokens = 0
@@ -225,6 +239,9 @@ def merge_parts(out: str) -> Summary:
 def _chunk_stats(chunk, items, scores) -> dict:
     return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
             "truncated": sum(it.truncated for it in items), "boundary_moved": sum(it.boundary_moved for it in items),
+            "reoriented": sum(ex.reoriented for ex in chunk if ex.error is None),
+            "ties": sum(ex.alpha == 0.5 for ex in chunk if ex.error is None),
+            "multi_turn": sum(ex.multi_turn for ex in chunk if ex.error is None),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
             "methods": dict(Counter(s.method for s in scores)),
             "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
