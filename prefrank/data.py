@@ -536,11 +536,11 @@ def _grouped(rows, cols: Columns, limit: int | None) -> Iterator[Example]:
     with tempfile.TemporaryDirectory(prefix="prefrank-groups-") as tmp:
         db = sqlite3.connect(os.path.join(tmp, "rows.db"))
         try:
-            for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-16384"):
-                db.execute(f"PRAGMA {pragma}")  # a scratch file: no journal; a 16 MiB page cache
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-4096"):
+                db.execute(f"PRAGMA {pragma}")  # a scratch file: no journal; a 4 MiB page cache
             db.execute("CREATE TABLE rows (key BLOB, pos INTEGER, record TEXT)")
             numbered = enumerate(rows)
-            while batch := [_spill_record(pos, row, cols) for pos, row in itertools.islice(numbered, 4096)]:
+            while batch := [_spill_record(pos, row, cols) for pos, row in itertools.islice(numbered, 256)]:
                 db.executemany("INSERT INTO rows VALUES (?, ?, ?)", batch)
             db.execute("CREATE INDEX rows_key ON rows (key, pos)")
             cursor = db.execute("SELECT g.first, r.pos, r.record FROM rows r JOIN "

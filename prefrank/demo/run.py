@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefrank.demo.task import make_pairs, quality
+from prefrank.demo.task import COLUMNS, make_pairs, quality
 
 
 def _write_jsonl(path: Path, rows):
@@ -110,7 +110,6 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
              log=print) -> dict:
     from prefrank.analysis import write_report
     from prefrank.analysis.report import plot_groups
-    from prefrank.data import Columns
     from prefrank.demo.default import ensure_default
     from prefrank.dpo.trainer import TrainOptions, train
     from prefrank.models import load_model, load_tokenizer
@@ -134,12 +133,13 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
         shutil.rmtree(stale, ignore_errors=True)
     train(TrainOptions(model=reference_path, data=str(folder / "train.jsonl"), val_data=str(folder / "val.jsonl"),
                        out=str(run), beta=beta, lr=lr, batch_size=batch_size, max_steps=steps, epochs=100,
-                       eval_every=eval_every, eval_pairs=256, seed=seed, device="cpu"), log=log, judge=judge)
+                       eval_every=eval_every, eval_pairs=256, seed=seed, device="cpu", columns=COLUMNS), log=log,
+          judge=judge)
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
 
     log("prefrank demo: scoring the validation pairs under the final policy and the reference")
     score_dataset(ScoreOptions(data=str(folder / "val.jsonl"), model=str(run / "final"), ref_model=reference_path,
-                               out=str(scores), columns=Columns(), device="cpu"), progress=False)
+                               out=str(scores), columns=COLUMNS, device="cpu"), progress=False)
     summary = write_report(str(scores), str(folder / "report"), beta=beta)
     series = [{"checkpoint": f"step {line['step']}", "groups": line["val"]["groups"]} for line in lines]
     plot_groups(series, folder / "report" / "groups.png")
