@@ -27,11 +27,15 @@ is swapped and marked reoriented (--keep-column-order keeps the columns as given
 
 
 def _formats_help() -> str:
+    import textwrap
+
     from prefrank.formats import PRESETS
-    lines = ["formats (--format NAME; by default picked from the first row's columns when no column option "
-             "is given):"]
-    lines += [f"  {name:34s} {p.source}{'' if p.detect else ' (only with --format)'}: {p.note}"
-              for name, p in PRESETS.items()]
+    lines = textwrap.wrap("formats (--format NAME; by default the one the first row's columns match, when no column "
+                          "option is given; README.md lists the columns each reads):", 100)
+    for name, p in PRESETS.items():
+        how = "" if p.detect else " (the default mapping)" if not p.columns else " (only with --format)"
+        lines += textwrap.wrap(f"{name}: {p.source}{how}: {p.note}", 100, initial_indent="  ",
+                               subsequent_indent="      ")
     return "\n".join(lines)
 
 
@@ -60,7 +64,7 @@ _MAPPING_OPTIONS = {"prompt_cols": "prompt", "chosen_col": "chosen", "rejected_c
 def add_column_args(cols):
     from prefrank.data import SCORES_ORDERS, VOTE_CODING_HELP, VOTE_CODINGS
     from prefrank.formats import PRESETS
-    cols.add_argument("--format", choices=["auto", *PRESETS], default="auto",
+    cols.add_argument("--format", choices=["auto", *PRESETS], default="auto", metavar="NAME",
                       help="a published dataset's column mapping (listed in `prefrank score --help`); auto: the one "
                       "the first row's columns match, else the default mapping, when no other column option is "
                       "given (column options override a named format's) (default: %(default)s)")

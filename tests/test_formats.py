@@ -524,3 +524,51 @@ def test_loss_plot_frames_its_points(tmp_path, monkeypatch):
     low, high = limits[0]
     loss = theorem["loss"]
     assert low <= loss.min() and loss.max() <= high and high / low < 100 * loss.max() / loss.min()
+
+
+def test_grouped_runs_resume_to_the_same_table(tmp_path, monkeypatch):
+    """Grouped pairs come out in the same order every run: a run killed after two parts and
+    resumed gives the table of an uninterrupted run."""
+    from prefrank.demo.default import build_tokenizer
+    from prefrank.io import Parts
+    from tiny_models import tiny_model
+    model = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    rng = np.random.default_rng(0)
+    rows = [{"q": f"Q: {i}+1=?\nA:", "a": f" {i + 1}", "b": f" {i + 2}", "v": int(rng.integers(1, 3))}
+            for _ in range(3) for i in rng.permutation(20)]
+    data = write_jsonl(tmp_path / "votes.jsonl", rows)
+    args = ["--data", data, "--model", str(model), "--prompt-cols", "q", "--chosen-col", "a", "--rejected-col", "b",
+            "--vote-cols", "v", "--group-by", "q", "--chunk-rows", "3"]
+    assert main(["score", *args, "--out", str(tmp_path / "clean.parquet")]) == 0
+    written, real_write = [], Parts.write
+
+    def write_then_crash(self, chunk, *a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real_write(self, chunk, *a, **k)
+        written.append(chunk)
+
+    monkeypatch.setattr(Parts, "write", write_then_crash)
+    assert main(["score", *args, "--out", str(tmp_path / "s.parquet")]) == 130
+    monkeypatch.setattr(Parts, "write", real_write)
+    assert main(["score", *args, "--out", str(tmp_path / "s.parquet"), "--resume"]) == 0
+    clean, resumed = _table(tmp_path / "clean.parquet"), _table(tmp_path / "s.parquet")
+    assert resumed == clean and len(clean["id"]) == 20 and set(clean["n_votes"]) == {3}
+    first_rows = list(dict.fromkeys(r["q"] for r in rows))  # pairs in the order of their first row
+    assert clean["id"] == [str(rows.index(next(r for r in rows if r["q"] == q))) for q in first_rows]
+
+
+def test_pairs_and_help_know_the_formats(tmp_path, capsys):
+    """`prefrank pairs` reads a K-wise format as detected (Nectar: rank 1 is the best), and
+    `score --help` lists every format."""
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", write_jsonl(tmp_path / "nectar.jsonl", NECTAR), "--pairing", "best-worst",
+                 "--out", str(out)]) == 0
+    pair = json.loads(out.read_text())
+    assert (pair["chosen"], pair["rejected"]) == ("An apple.", "A rock.")
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in PRESETS) and "--chat-template" in text and "--group-by" in text
