@@ -92,14 +92,15 @@ def summary_text(s: dict, lines: list[dict], beta: float) -> str:
     wrong = groups["ref incorrect, now correct"]["count"] + groups["ref incorrect, now incorrect"]["count"]
     flipped = groups["ref incorrect, now correct"]["count"]
     return (
-        f"After DPO (β = {beta:g}), the policy ranks {100 * s['ranking_accuracy']['value']:.1f}% of the validation "
-        f"pairs' chosen answers above the rejected ones; the reference ranked "
+        f"After DPO (β = {beta:g}), the policy ranks {100 * s['ranking_accuracy']['value']:.1f}% of the "
+        f"{s['n_ranked']} validation pairs' chosen answers above the rejected ones ({s['n_ties']} pairs whose "
+        f"raters are indifferent, α = 0.5, are left out); the reference ranked "
         f"{100 * s['reference_ranking_accuracy']['value']:.1f}%. A policy that optimized the DPO objective perfectly "
         f"would rank {100 * ideal['median']:.1f}% (idealized accuracy, median over β; {100 * ideal['min']:.1f}–"
         f"{100 * ideal['max']:.1f}%): an alignment gap of {100 * gap['median']:.1f} points. Of the {wrong} pairs the "
         f"reference ranked wrongly, DPO flipped {flipped} ({100 * flipped / max(wrong, 1):.0f}%): Theorem 4.1 says a "
         f"pair is ranked right only once its loss falls below -log σ(βc), which for hard pairs (large c) is a very "
-        f"small loss ({s['theorem41_violations']} violations of the theorem among {s['n_pairs']} pairs). Meanwhile "
+        f"small loss ({s['theorem41_violations']} violations of the theorem among {s['n_ranked']} pairs). Meanwhile "
         f"the win rate against the reference went from {first['judge']:.2f} to {last['judge']:.2f} (between "
         f"{min(line['judge'] for line in lines):.2f} and {max(line['judge'] for line in lines):.2f} along the way) "
         f"as the policy moved ‖θ − θref‖² = {last['param_sq_distance']:.3g} away from the reference.")
