@@ -88,6 +88,11 @@ class Example:
     implicit: bool = False  # the prompt was split off full transcripts (no prompt in the row)
     error: str | None = None
 
+    @property
+    def tie(self) -> bool | None:
+        """The raters tied (alpha = 0.5: exact, a share of votes); None without alpha."""
+        return None if self.alpha is None else self.alpha == 0.5
+
 
 @dataclass
 class BadRow:
@@ -512,15 +517,12 @@ def _merge_group(index: int, members, cols: Columns) -> Example:
         prompt, completions, implicit, row_shares, _ = record["pair"]
         if text is None:
             text = (prompt, completions, implicit)
-        elif prompt != text[0]:
-            example.error = f"rows {first} and {pos} are one pair (same {', '.join(cols.group_by)}) but their prompts differ"
-            continue
-        elif completions == text[1][::-1]:
-            row_shares = [1.0 - s for s in row_shares]
-        elif completions != text[1]:
+        elif prompt != text[0] or completions not in (text[1], text[1][::-1]):
             example.error = (f"rows {first} and {pos} are one pair (same {', '.join(cols.group_by)}) but their "
-                             f"completions differ")
+                             f"{'prompts' if prompt != text[0] else 'completions'} differ")
             continue
+        elif completions != text[1]:  # the two candidates in the other order: the votes say the opposite
+            row_shares = [1.0 - s for s in row_shares]
         shares += row_shares
     return example if example.error else _finish(example, cols, *text, shares, None)
 

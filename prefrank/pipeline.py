@@ -142,8 +142,7 @@ def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[s
         row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
                "status": "ok" if item is not None else "error", "error": ex.error}
         row.update({"human_scores": ex.scores} if kwise else
-                   {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": None if ex.alpha is None else ex.alpha == 0.5,
-                    "reoriented": ex.reoriented})
+                   {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
         seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
         row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
         for prefix, scores in models.items():
@@ -240,7 +239,7 @@ def _chunk_stats(chunk, items, scores) -> dict:
     return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
             "truncated": sum(it.truncated for it in items), "boundary_moved": sum(it.boundary_moved for it in items),
             "reoriented": sum(ex.reoriented for ex in chunk if ex.error is None),
-            "ties": sum(ex.alpha == 0.5 for ex in chunk if ex.error is None),
+            "ties": sum(bool(ex.tie) for ex in chunk if ex.error is None),
             "multi_turn": sum(ex.multi_turn for ex in chunk if ex.error is None),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
             "methods": dict(Counter(s.method for s in scores)),

@@ -249,7 +249,7 @@ def test_pandalm_scored_and_analyzed_end_to_end(tmp_path, capsys):
     assert "idealized" in s and s["theorem41_violations"] == 0
     assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", str(PANDALM)]) == 0
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "Hardest pairs" in text and f"| pairs reoriented to the raters' choice when scored" in text
+    assert "Hardest pairs" in text and "| pairs reoriented to the raters' choice when scored" in text
     hardest = s["difficulty"]["hardest"][0]
     row = next(r for r in rows if str(r["idx"]) == hardest["id"])
     majority = row["response1"] if share1[hardest["id"]] > 0.5 else row["response2"]

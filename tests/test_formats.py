@@ -15,7 +15,7 @@ import pytest
 from prefrank.cli import main
 from prefrank.data import Columns, InputError, open_examples, preset_columns, read_examples
 from prefrank.formats import PRESETS, detect
-from conftest import PANDALM, STORIES, needs_shared
+from conftest import STORIES, needs_shared
 
 
 def write_jsonl(path, rows):
