@@ -9,17 +9,34 @@ from prefrank.tokenization import TOKENIZATION_MODES, TRUNCATION_POLICIES
 SCORE_HELP = """\
 Score a preference dataset: for every row, Σ log π(y|x) and the token count of the chosen and the
 rejected completion given the prompt, under --model (and --ref-model). One output row per input
-row, in input order; rows that cannot be scored are kept with status=error and a reason.
+row (per pair with --group-by), in input order; rows that cannot be scored are kept with
+status=error and a reason.
 
 With neither --data nor --model, scores the embedded default: a built-in addition task with known
 preference shares, and a tiny model trained on it on first use (CPU, ~15 s, cached). --model
 alone scores that model on the built-in task.
 
-Input formats: JSON, JSONL(.gz), Parquet, or a Hugging Face dataset (hub name or local folder).
-Rows: prompt/chosen/rejected strings; chosen/rejected full transcripts (prompt = shared prefix up
-to the last "\\n\\nAssistant:"); chat message lists (rendered with the tokenizer's chat template);
-or any schema through --prompt-cols/--chosen-col/--rejected-col.
+Input formats: JSON, JSONL, CSV, TSV (each optionally .gz), Parquet, or a Hugging Face dataset
+(hub name or local folder). Rows: prompt/chosen/rejected strings; chosen/rejected full
+transcripts (prompt = shared prefix up to the last "\\n\\nAssistant:"); chat message lists
+(rendered with the tokenizer's chat template, or --chat-template); or any schema through
+--prompt-cols/--chosen-col/--rejected-col. With votes (--vote-cols, an alpha or votes column) the
+chosen completion is always the raters' choice: a pair whose raters preferred the rejected column
+is swapped and marked reoriented (--keep-column-order keeps the columns as given).
 """
+
+
+def _formats_help() -> str:
+    import textwrap
+
+    from prefrank.formats import PRESETS
+    lines = textwrap.wrap("formats (--format NAME; by default the one the first row's columns match, when no column "
+                          "option is given; README.md lists the columns each reads):", 100)
+    for name, p in PRESETS.items():
+        how = "" if p.detect else " (the default mapping)" if not p.columns else " (only with --format)"
+        lines += textwrap.wrap(f"{name}: {p.source}{how}: {p.note}", 100, initial_indent="  ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def _positive_int(text: str) -> int:
@@ -36,23 +53,53 @@ def _column_list(text: str) -> list[str]:
     return cols
 
 
+# Column options that map the input's fields (Columns field per option); any of them given turns
+# off the detection of a preset (--format auto), and they override a named preset's fields.
 def add_column_args(cols):
+    from prefrank.data import SCORES_ORDERS, VOTE_CODING_HELP, VOTE_CODINGS
+    from prefrank.formats import PRESETS
+    cols.add_argument("--format", choices=["auto", *PRESETS], default="auto", metavar="NAME",
+                      help="a published dataset's column mapping (listed in `prefrank score --help`); auto: the one "
+                      "the first row's columns match, else the default mapping, when no other column option is "
+                      "given (column options override a named format's) (default: %(default)s)")
     cols.add_argument("--prompt-cols", type=_column_list, help="prompt column(s), joined by blank lines when several "
                       "(default: 'prompt' if present, else the implicit HH format)")
-    cols.add_argument("--chosen-col", default="chosen", help="(default: %(default)s)")
-    cols.add_argument("--rejected-col", default="rejected", help="(default: %(default)s)")
+    cols.add_argument("--chosen-col", help="the chosen completion, or with votes the first candidate (default: chosen)")
+    cols.add_argument("--rejected-col", help="the rejected completion, or with votes the second candidate "
+                      "(default: rejected)")
     cols.add_argument("--id-col", help="row id column, which must exist (default: 'id' when present, else the row's "
                       "index)")
-    cols.add_argument("--vote-cols", type=_column_list, help="rater columns coded 0 tie, 1 chosen, 2 rejected "
-                      "(PandaLM: annotator1,annotator2,annotator3); gives alpha. Without it, an 'alpha' column, or a "
-                      "'votes' list of 1/0/0.5, is used when present")
-    cols.add_argument("--completions-include-prompt", action="store_true",
+    cols.add_argument("--vote-cols", type=_column_list, help="vote columns, one vote each in --vote-coding (a label "
+                      "column naming the better candidate is one vote column; PandaLM: "
+                      "annotator1,annotator2,annotator3); alpha = the share of votes for the chosen column, ties "
+                      "half. Without it, an 'alpha' column, or a 'votes' list of 1/0/0.5, is used when present")
+    cols.add_argument("--vote-coding", choices=list(VOTE_CODINGS), help="what a vote says: " + "; ".join(
+                      f"{name}: {text}" for name, text in VOTE_CODING_HELP.items()) + " (default: 1/2)")
+    cols.add_argument("--group-by", type=_column_list, help="rows that agree on these columns are votes on one pair "
+                      "(one output row per pair, in the order of each pair's first row; 'a+b' is the unordered pair "
+                      "of columns a and b, so a pair shown in either order is one pair); their prompt and "
+                      "candidates must agree (swapped candidates flip a row's votes), else the pair is an error")
+    cols.add_argument("--turn-col", help="conversational rows: each conversation is cut after the answer to the "
+                      "user message this column numbers (MT-Bench, Chatbot Arena: turn)")
+    cols.add_argument("--keep-column-order", action="store_true",
+                      help="keep --chosen-col as chosen even where the votes prefer --rejected-col (the analysis "
+                      "then warns with the count); by default such pairs are swapped and marked reoriented")
+    cols.add_argument("--completions-include-prompt", action="store_true", default=None,
                       help="chosen/rejected start with the prompt: strip it (rows where they don't are errors)")
     cols.add_argument("--completions-col", help="K completions per prompt: the column with the list of completions "
                       "(a dotted name reads a field of each listed object, e.g. completions.response for "
                       "UltraFeedback); the table then holds lists (logps, n_tokens, human_scores)")
-    cols.add_argument("--scores-col", default="scores", help="with --completions-col: human scores, one per "
-                      "completion, higher is better (UltraFeedback: completions.overall_score; default: %(default)s)")
+    cols.add_argument("--scores-col", help="with --completions-col: human scores, one per completion "
+                      "(UltraFeedback: completions.overall_score; default: scores)")
+    cols.add_argument("--scores-order", choices=SCORES_ORDERS, help="higher-better, or lower-better for ranks "
+                      "(Nectar: answers.rank; stored negated in human_scores) (default: higher-better)")
+
+
+def _given_columns(args) -> dict:
+    """The column mapping options given on the command line (COLUMN_FLAGS), by Columns field."""
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in COLUMN_FLAGS.items()
+              if name not in ("keep_column_order", "format")}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def add_tokenization_args(tok):
@@ -85,17 +132,24 @@ def tokenization_from_args(args) -> dict:
 
 
 def columns_from_args(args) -> Columns:
-    return Columns(**{name: getattr(args, flag[2:].replace("-", "_")) for name, flag in COLUMN_FLAGS.items()})
+    from prefrank.data import preset_columns
+    given = _given_columns(args)
+    if args.format != "auto":
+        return preset_columns(args.format, **given, keep_column_order=args.keep_column_order)
+    return Columns(**given, keep_column_order=args.keep_column_order, format=None if given else "auto")
 
 
 def add_score_parser(sub):
     p = sub.add_parser("score", help="score chosen/rejected log-probs of a preference dataset",
-                       description=SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=SCORE_HELP, epilog=_formats_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("data and models")
     io.add_argument("--data", help="input file or Hugging Face dataset (default: the built-in task)")
     io.add_argument("--model", help="policy model: local folder or hub id (default: the built-in tiny model)")
     io.add_argument("--ref-model", help="reference model, scored on the same token ids (optional)")
     io.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the policy model's)")
+    io.add_argument("--chat-template", help="a Jinja chat template file for conversational rows, replacing the "
+                    "tokenizer's own (needed when it has none)")
     io.add_argument("--out", default="scores.parquet", help="output Parquet file, not an input or inside one; a "
                     "sidecar OUT.meta.json records models, options, versions and the input's hash; OUT.lock keeps a "
                     "second run off it while one writes it (default: %(default)s)")
@@ -156,7 +210,8 @@ def run_score(args) -> int:
         data, model = default_data, model or default_model
     columns = columns_from_args(args)
     opts = ScoreOptions(
-        data=data, model=model, out=args.out, ref_model=args.ref_model, tokenizer=args.tokenizer, method=args.method,
+        data=data, model=model, out=args.out, ref_model=args.ref_model, tokenizer=args.tokenizer,
+        chat_template=args.chat_template, method=args.method,
         dtype=args.dtype, device=args.device, max_tokens_per_batch=args.max_tokens_per_batch,
         chunk_rows=args.chunk_rows, limit=args.limit, split=args.split, subset=args.subset, columns=columns,
         **tokenization_from_args(args), per_token=args.per_token, strict=args.strict, resume=args.resume,
@@ -164,6 +219,9 @@ def run_score(args) -> int:
     summary = score_dataset(opts)
     if summary is not None:  # rank 0 (or a single process)
         print(summary.line(args.out), file=sys.stderr)
+        if summary.rows and not summary.ok:
+            raise InputError(f"none of the {summary.rows} rows could be scored (the table is written); the first: "
+                             f"{summary.first_error}")
     return 0
 
 
@@ -225,6 +283,13 @@ def _analysis_options(args) -> dict:
                 n_boot=args.bootstrap, seed=args.seed)
 
 
+def _warn_orientation(summary: dict):
+    if summary.get("n_chosen_rejected_by_raters"):
+        print(f"prefrank: WARNING: on {summary['n_chosen_rejected_by_raters']} pairs the raters preferred the "
+              f"rejected completion (alpha < 0.5: scored with --keep-column-order, or by a prefrank that did not "
+              f"orient pairs); every measure counts them in column order", file=sys.stderr)
+
+
 def _warn_theorem(summary: dict):
     if summary.get("theorem41_violations"):
         print(f"prefrank: WARNING: Theorem 4.1 fails on {summary['theorem41_violations']} pairs "
@@ -249,7 +314,7 @@ def run_analyze(args) -> int:
     pairs = load_pairs(args.scores, args.ref_scores)
     summary = summarize(pairs, **_analysis_options(args))
     if args.checkpoints:
-        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta)
+        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta, args.tie_band)
     if args.pairs_out:
         if not pairs.has_ref:
             raise InputError("--pairs-out needs reference log-probs (--ref-scores, or a table scored with --ref-model)")
@@ -269,19 +334,46 @@ def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
     else:
         print(text)
     _warn_theorem(summary.get("implied_pairs", summary))
+    _warn_orientation(summary)
     acc = summary[headline]["value"]
-    print(f"{summary['n_' + unit]} {unit} ({summary['n_errors']} errors): {headline.replace('_', ' ')} "
+    counts = [f"{summary['n_errors']} errors"] + [f"{summary[key]} {what}" for key, what in (
+        ("n_ties", "tied, left out of the rankings"), ("n_reoriented", "reoriented to the raters' choice"))
+        if summary.get(key)]
+    print(f"{summary['n_' + unit]} {unit} ({'; '.join(counts)}): {headline.replace('_', ' ')} "
           f"{'–' if acc is None else f'{100 * acc:.1f}%'}" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
+def _report_examples(args) -> list | None:
+    """The scored input's Examples for quoting pairs, read as the table's sidecar says it was scored
+    (mapping, format, grouping, split, limit), unless column options are given here."""
+    if not args.data:
+        return None
+    from dataclasses import fields
+
+    from prefrank.data import read_examples
+    from prefrank.io import read_sidecar
+    read = dict(split="train", subset=None, limit=None)
+    columns = columns_from_args(args)
+    try:
+        options = read_sidecar(args.scores)["options"]
+    except (OSError, ValueError, KeyError):
+        options = None  # a table from elsewhere: the column options (or their defaults) apply
+    if options is not None:
+        read = {k: options.get(k, v) for k, v in read.items()}
+        if not _given_columns(args) and args.format == "auto" and not args.keep_column_order:
+            known = {f.name for f in fields(Columns)}
+            columns = Columns(**{k: v for k, v in options["columns"].items() if k in known})
+    return list(read_examples(args.data, columns, **read))
+
+
 def run_report(args) -> int:
     from prefrank.analysis import write_report
-    from prefrank.data import read_examples
-    examples = list(read_examples(args.data, columns_from_args(args))) if args.data else None
+    examples = _report_examples(args)
     summary = write_report(args.scores, args.out, ref_scores=args.ref_scores, checkpoints=args.checkpoints,
                            examples=examples, **_analysis_options(args))
     _warn_theorem(summary)
+    _warn_orientation(summary)
     print(f"report -> {args.out}/report.md", file=sys.stderr)
     return 0
 
@@ -299,8 +391,9 @@ def add_analysis_parsers(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_analysis_args(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data", help="the scored input, to quote the hardest and easiest pairs (same column options "
-                   "as for scoring)")
+    p.add_argument("--data", help="the scored input, to quote the hardest and easiest pairs; read as the score "
+                   "table's sidecar records it was scored (column mapping, format, grouping, limit) unless column "
+                   "options are given")
     add_column_args(p.add_argument_group("columns of --data"))
     p.set_defaults(func=run_report)
 
@@ -326,15 +419,16 @@ def run_pairs(args) -> int:
         pq.write_table(pa.table(table), args.out)
         print(f"{len(table['id'])} pair rows -> {args.out}", file=sys.stderr)
         return 0
-    from prefrank.data import read_examples
-    columns = columns_from_args(args)
+    from prefrank.data import open_examples
+    columns, examples = open_examples(args.input, columns_from_args(args))
     if columns.completions is None:
-        raise InputError("a dataset needs --completions-col (and --scores-col) to be read as K-wise")
+        raise InputError("a dataset needs --completions-col (and --scores-col), or a K-wise --format, to be read as "
+                         "K-wise")
     rng = np.random.default_rng(args.seed)
     written = skipped = no_pairs = 0
     first_error = None
     with open(args.out, "w") as f:
-        for ex in read_examples(args.input, columns):
+        for ex in examples:
             if ex.error:
                 skipped += 1
                 first_error = first_error or f"row {ex.index} (id {ex.id}): {ex.error}"

@@ -8,25 +8,36 @@ Formats (auto-detected per row, after the column mapping in `Columns`):
                   common prefix cut back to the end of the last "\\n\\nAssistant:", else to the
                   last whitespace (the completions then start with that whitespace)
   conversational  prompt / chosen / rejected: lists of {role, content} messages (prompt may be
-                  absent: the shared leading messages are the prompt)
+                  absent: the shared leading messages are the prompt); with `turn`, each
+                  conversation is first cut after its turn-th user message's answer
 K completions per prompt (Columns.completions set): a list of completions (texts or message lists)
-and a list of human scores, one per completion, higher is better; a dotted column reads a field of
-each listed object (UltraFeedback: completions.response and completions.overall_score).
-Votes give a pair's `alpha`, the share of raters preferring the chosen completion (ties count half):
-  --vote-cols a,b,c  PandaLM coding per column: 0 tie, 1 the chosen column, 2 the rejected column
-  `votes` column     a list of per-rater shares for chosen: 1, 0, or 0.5 for a tie
-  `alpha` column     the share itself
+and a list of human scores, one per completion (higher is better, or lower with scores_order
+"lower-better": then they are stored negated); a dotted column reads a field of each listed
+object (UltraFeedback: completions.response and completions.overall_score).
+The raters' verdict on a pair gives its `alpha`, the share of votes for the chosen completion
+(ties count half):
+  vote columns   Columns.votes, one vote each, in a coding of VOTE_CODINGS (a label column is
+                 one vote column); with Columns.group_by, the votes of all rows of a pair
+  `votes` column a list of per-rater shares for the first completion: 1, 0, or 0.5 for a tie
+  `alpha` column the share itself
+The chosen completion is the raters' choice: a pair with alpha < 0.5 is reoriented (chosen and
+rejected swapped, alpha -> 1 - alpha, `reoriented` set) unless Columns.keep_column_order. A pair
+whose votes tie exactly keeps alpha = 0.5 (the analysis leaves it out of rankings).
+Named mappings for published datasets (presets) live in prefrank.formats.
 """
 import gzip
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
+
+from prefrank import formats
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -37,34 +48,59 @@ class InputError(Exception):
 
 @dataclass
 class Columns:
-    """Where each field lives in the input rows."""
-    prompt: list[str] | None = None  # None: "prompt" when present, else the implicit format
-    chosen: str = "chosen"
-    rejected: str = "rejected"
+    """Where each field lives in the input rows, and how the raters' verdict reads."""
+    prompt: list[str] | None = None  # None: "prompt" when present, else implicit; []: implicit even then
+    chosen: str = "chosen"  # with votes: the first of the two candidates (the raters decide which is chosen)
+    rejected: str = "rejected"  # with votes: the second candidate
     id: str | None = None  # None: "id" when present, else the row's index; a named column must exist
-    votes: list[str] | None = None  # PandaLM-style vote columns
+    votes: list[str] | None = None  # vote columns, one vote each (a label column is one of them)
+    vote_coding: str = "1/2"  # a key of VOTE_CODINGS
+    group_by: list[str] | None = None  # rows agreeing on these columns are votes on one pair ("a+b": unordered)
+    turn: str | None = None  # conversational rows: cut each conversation after this turn (MT-Bench, Arena)
+    keep_column_order: bool = False  # never reorient: chosen stays the `chosen` column whatever the votes say
     completions: str | None = None  # K-wise rows: the list of completions (None: a chosen/rejected pair)
-    scores: str = "scores"  # K-wise rows: human scores, one per completion, higher is better
+    scores: str = "scores"  # K-wise rows: human scores, one per completion
+    scores_order: str = "higher-better"  # or "lower-better" (ranks)
     completions_include_prompt: bool = False  # chosen/rejected repeat the prompt: strip it
     prompt_separator: str = "\n\n"  # joins several prompt columns (empty ones skipped)
+    format: str | None = None  # the preset this mapping is (prefrank.formats); "auto": pick it from the first row
 
 
-# The command-line option of each Columns field (cli.columns_from_args reads them; refusals name them)
+# The command-line option of each Columns field (cli reads the options by them; refusals name them)
 COLUMN_FLAGS = {"prompt": "--prompt-cols", "chosen": "--chosen-col", "rejected": "--rejected-col", "id": "--id-col",
-                "votes": "--vote-cols", "completions": "--completions-col", "scores": "--scores-col",
-                "completions_include_prompt": "--completions-include-prompt"}
+                "votes": "--vote-cols", "vote_coding": "--vote-coding", "group_by": "--group-by", "turn": "--turn-col",
+                "keep_column_order": "--keep-column-order", "completions": "--completions-col",
+                "scores": "--scores-col", "scores_order": "--scores-order",
+                "completions_include_prompt": "--completions-include-prompt", "format": "--format"}
+
+# A vote's share for the first candidate column (chosen), by coding; ties count half.
+VOTE_CODINGS = {
+    "1/2": {1: 1.0, 2: 0.0, 0: 0.5},  # PandaLM, LLMBar, AlpacaFarm: 1 = the first, 2 = the second, 0 = tie
+    "0/1": {0: 1.0, 1: 0.0},  # PKU-SafeRLHF better_response_id: 0 = the first, 1 = the second
+    "1/0": {1: 1.0, 0: 0.0},  # SHP labels, booleans: 1 (true) = the first, 0 (false) = the second
+    "names": {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5},  # MT-Bench, Chatbot Arena winner
+}
+SCORES_ORDERS = ("higher-better", "lower-better")
 
 
 @dataclass
 class Example:
-    index: int  # position in the input, 0-based
+    index: int  # position in the output: the input row, or with group_by the pair (groups in first-row order)
     id: str
     prompt: str | list | None = None  # text, or a list of chat messages
     completions: list = field(default_factory=list)  # [chosen, rejected], or K: texts or message lists
     alpha: float | None = None  # pairs: share of raters preferring chosen
+    n_votes: int | None = None  # pairs: the votes alpha comes from (None: an alpha column, or no votes)
+    reoriented: bool = False  # the raters preferred the `rejected` column: the two were swapped
+    multi_turn: bool = False  # a completion holds more than one message (later turns, earlier answers)
     scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
     implicit: bool = False  # the prompt was split off full transcripts (no prompt in the row)
     error: str | None = None
+
+    @property
+    def tie(self) -> bool | None:
+        """The raters tied (alpha = 0.5: exact, a share of votes); None without alpha."""
+        return None if self.alpha is None else self.alpha == 0.5
 
 
 @dataclass
@@ -85,6 +121,12 @@ def _one_line(e: Exception) -> str:
 
 def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _open_text(path: Path, encoding: str, newline: str | None = None):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding=encoding, newline=newline)
+    return open(path, encoding=encoding, newline=newline)
 
 
 def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
@@ -149,6 +191,37 @@ def _json_file(path: Path) -> Iterator[dict | BadRow]:
     return iter(rows)
 
 
+def _csv_file(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
+    """Rows of a CSV / TSV file with a header line; every cell is a string. A record with the
+    wrong number of fields, or one the csv module cannot parse, is a BadRow in its place."""
+    import csv
+    csv.field_size_limit(2**31 - 1)  # completions can be far longer than the default 128 KiB
+    with _open_text(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's BOM
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        header = None
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # strict: the reader resumes on the next line
+                yield BadRow(f"line {reader.line_num}: invalid CSV ({e})")
+                continue
+            except (UnicodeDecodeError, *_UNREADABLE) as e:  # the text stream cannot go on past it
+                raise InputError(f"{path}: unreadable after line {reader.line_num}: {_one_line(e)}") from None
+            if header is None:
+                header = values
+                if len(set(header)) != len(header):
+                    raise InputError(f"{path}: the header names a column twice: {header}")
+                continue
+            if not values:  # a blank line
+                continue
+            if len(values) != len(header):
+                yield BadRow(f"line {reader.line_num}: {len(values)} fields where the header has {len(header)}")
+                continue
+            yield dict(zip(header, values))
+
+
 def _parquet_file(path: Path) -> Iterator[dict]:
     """Rows of a Parquet file, opened now (a damaged footer fails here), read a row group at a time."""
     import pyarrow as pa
@@ -201,9 +274,9 @@ def _hf_dataset(name: str, subset: str | None, split: str):
 
 
 def read_rows(source: str, *, split: str = "train", subset: str | None = None) -> Iterator[dict | BadRow]:
-    """Rows of a JSON / JSONL / JSONL.gz / Parquet file, or of a Hugging Face dataset (hub name
-    or local folder), streamed in input order. A missing or unreadable source raises InputError
-    here, before any row is read."""
+    """Rows of a JSON / JSONL / CSV / TSV (each optionally .gz) or Parquet file, or of a Hugging
+    Face dataset (hub name or local folder), streamed in input order. A missing or unreadable
+    source raises InputError here, before any row is read."""
     path = Path(source)
     name = path.name.lower()
     if path.is_file():
@@ -211,9 +284,12 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
             return _json_lines(path)
         if name.endswith((".json", ".json.gz")):
             return _json_file(path)
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+            return _csv_file(path, "\t" if ".tsv" in name else ",")
         if name.endswith(".parquet"):
             return _parquet_file(path)
-        raise InputError(f"{source}: unknown file type (expected .json, .jsonl, .jsonl.gz or .parquet)")
+        raise InputError(f"{source}: unknown file type (expected .json, .jsonl, .csv, .tsv, each optionally .gz, "
+                         f"or .parquet)")
     if path.is_dir() or (source.count("/") <= 1 and not source.startswith((".", "/", "~")) and not path.suffix):
         return _hf_dataset(source, subset, split)
     raise InputError(f"data file not found: {source}")
@@ -287,6 +363,8 @@ def _prompt(row: dict, cols: Columns):
     """The prompt's text or messages; None when it is implicit (shared by the completions)."""
     if cols.prompt is None:
         return _field(row, "prompt") if "prompt" in row else None  # absent: implicit; null: an error
+    if not cols.prompt:
+        return None
     parts = [_field(row, c) for c in cols.prompt]
     if len(parts) == 1:
         return parts[0]
@@ -294,6 +372,27 @@ def _prompt(row: dict, cols: Columns):
         if not isinstance(p, str):
             raise RowError(f"field {c!r} must be a string, got {type(p).__name__}")
     return cols.prompt_separator.join(p for p in parts if p)
+
+
+def _integer(value, what: str) -> int:
+    """An integer cell: an int, an integral float, or the text of one (CSV cells are text)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+        raise RowError(f"{what!r} must be an integer; got {value!r}")
+    return int(number)
+
+
+def _cut_at_turn(conversation: list, turn: int, name: str) -> list:
+    """The conversation up to the answer to its turn-th user message (the rest is not judged)."""
+    users = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+    if turn < 1 or len(users) < turn:
+        raise RowError(f"{name!r} has {len(users)} user messages: it has no turn {turn}")
+    return conversation[:users[turn]] if len(users) > turn else conversation
 
 
 def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
@@ -306,6 +405,9 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
             if not _is_messages(c):
                 raise RowError(f"{name!r} must be a message list like the other completions")
             _check_messages(c, name)
+        if cols.turn is not None:
+            turn = _integer(_field(row, cols.turn), cols.turn)
+            completions = [_cut_at_turn(c, turn, name) for c, name in zip(completions, names)]
         if prompt is None:
             shared = 0
             while all(len(c) > shared and c[shared] == completions[0][shared] for c in completions):
@@ -329,32 +431,89 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
     return prompt, completions, False
 
 
+def _check_completions(completions: list, pair: bool):
+    for c in completions:
+        if not (c.strip() if isinstance(c, str) else any(m["content"].strip() for m in c)):
+            raise RowError("empty or whitespace-only completion")
+    for i, j in itertools.combinations(range(len(completions)), 2):
+        if completions[i] == completions[j]:
+            raise RowError("chosen and rejected are identical" if pair else f"completions {i} and {j} are identical")
+
+
 def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
     scores = _field(row, cols.scores)
     if (not isinstance(scores, list) or len(scores) != k
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in scores)):
         raise RowError(f"{cols.scores!r} must be a list of {k} finite numbers (one per completion); got {scores!r}")
-    return [float(v) for v in scores]
+    sign = -1.0 if cols.scores_order == "lower-better" else 1.0  # stored so that higher is better
+    return [sign * float(v) for v in scores]
 
 
-def _alpha(row: dict, cols: Columns) -> float | None:
+VOTE_CODING_HELP = {
+    "1/2": "1 = the first candidate (--chosen-col), 2 = the second (--rejected-col), 0 = tie",
+    "0/1": "0 = the first candidate, 1 = the second",
+    "1/0": "1 or true = the first candidate, 0 or false = the second",
+    "names": "model_a = the first candidate, model_b = the second, tie or 'tie (bothbad)' = tie",
+}
+
+
+def _vote_share(value, coding: str, column: str) -> float:
+    """One vote's share for the first candidate. CSV cells are text: numeric codings read the
+    number it spells ("2", "2.0"), and 0/1, 1/0 also "true" / "false"."""
+    shares = VOTE_CODINGS[coding]
+    key = value
+    if coding != "names":
+        if isinstance(key, str):
+            text = key.strip().lower()
+            key = {"true": True, "false": False}.get(text, text)
+            if isinstance(key, str):
+                try:
+                    key = float(key)
+                except ValueError:
+                    pass
+        if isinstance(key, bool):
+            key = None if coding == "1/2" else int(key)
+        elif isinstance(key, float) and key.is_integer():
+            key = int(key)
+    if not isinstance(key, (int, str)) or isinstance(key, bool) or key not in shares:
+        raise RowError(f"{column!r}: {value!r} is not a vote in the {coding} coding ({VOTE_CODING_HELP[coding]})")
+    return shares[key]
+
+
+def _verdict(row: dict, cols: Columns) -> tuple[list[float] | None, float | None]:
+    """The raters' verdict on a pair: (vote shares for the first candidate, or None; a given alpha, or None)."""
     if cols.votes:
-        votes = [_field(row, c) for c in cols.votes]
-        if any(v not in (0, 1, 2) or isinstance(v, bool) for v in votes):
-            raise RowError(f"votes in {cols.votes} must be 0 (tie), 1 (chosen) or 2 (rejected); got {votes}")
-        return (votes.count(1) + 0.5 * votes.count(0)) / len(votes)
-    if "alpha" in row and row["alpha"] is not None:
-        a = row["alpha"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+        return [_vote_share(_field(row, c), cols.vote_coding, c) for c in cols.votes], None
+    a = row.get("alpha")
+    if a is not None and a != "":  # an empty CSV cell is no alpha
+        try:
+            value = float(a) if isinstance(a, str) else a
+        except ValueError:
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise RowError(f"'alpha' must be a number in [0, 1]; got {a!r}")
-        return float(a)
-    if "votes" in row and row["votes"] is not None:
+        return None, float(value)
+    if row.get("votes") is not None:
         votes = row["votes"]
         if (not isinstance(votes, list) or not votes
                 or any(isinstance(v, bool) or v not in (0, 0.5, 1) for v in votes)):
             raise RowError(f"'votes' must be a non-empty list of 1 (chosen), 0 (rejected) or 0.5 (tie); got {votes!r}")
-        return sum(votes) / len(votes)
-    return None
+        return [float(v) for v in votes], None
+    return None, None
+
+
+def _orient(example: Example, cols: Columns, shares: list[float] | None, alpha: float | None):
+    """Set the pair's alpha from its votes (or a given alpha) and make the raters' choice the chosen
+    completion: alpha < 0.5 swaps the two (unless keep_column_order). Swapping flips each vote
+    (exact for 1, 0, 0.5), so the new alpha is computed, not 1 - alpha rounded."""
+    if shares is not None:
+        alpha = sum(shares) / len(shares)
+        example.n_votes = len(shares)
+    if alpha is not None and alpha < 0.5 and not cols.keep_column_order:
+        example.completions.reverse()
+        example.reoriented = True
+        alpha = 1.0 - alpha if shares is None else sum(1.0 - s for s in shares) / len(shares)
+    example.alpha = alpha
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -375,36 +534,157 @@ def _check_unicode(value, what: str):
             stack += v
 
 
+def _normalize(row: dict, cols: Columns) -> tuple:
+    """(prompt, completions, whether the prompt was implicit, vote shares, given alpha) of one row,
+    K-wise rows with their human scores in place of the shares; a RowError says why the row
+    cannot be used."""
+    if cols.id is not None:
+        _field(row, cols.id)  # a named id column must be there, and not null
+    _check_unicode(row.get(cols.id or "id"), "the id")
+    prompt, completions, implicit = _prompt_and_completions(row, cols)
+    _check_unicode(prompt, "the prompt")
+    _check_unicode(completions, "a completion")
+    _check_completions(completions, cols.completions is None)
+    if cols.completions is not None:
+        return prompt, completions, implicit, _human_scores(row, cols, len(completions)), None
+    return (prompt, completions, implicit) + _verdict(row, cols)
+
+
+def _finish(example: Example, cols: Columns, prompt, completions, implicit, shares, alpha) -> Example:
+    example.prompt, example.completions, example.implicit = prompt, list(completions), implicit
+    example.multi_turn = any(isinstance(c, list) and len(c) > 1 for c in completions)
+    if cols.completions is None:
+        _orient(example, cols, shares, alpha)
+    else:
+        example.scores = shares
+    return example
+
+
+def _row_id(index: int, row, cols: Columns) -> str:
+    """The row's id, else its index (also for an id that is no valid Unicode: _normalize refuses it)."""
+    row_id = row.get(cols.id or "id") if isinstance(row, dict) else None
+    return str(index) if row_id is None or _SURROGATE.search(str(row_id)) else str(row_id)
+
+
 def to_example(index: int, row, cols: Columns) -> Example:
     """Normalize one input row; every problem becomes `error`, never an exception."""
     if isinstance(row, BadRow):
         return Example(index, str(index), error=row.message)
     if not isinstance(row, dict):
         return Example(index, str(index), error=f"row is a JSON {type(row).__name__}, not an object")
-    row_id = row.get(cols.id or "id")
-    example = Example(index, str(index) if row_id is None else str(row_id))
+    example = Example(index, _row_id(index, row, cols))
     try:
-        if cols.id is not None:
-            _field(row, cols.id)  # a named id column must be there, and not null
-        if _SURROGATE.search(example.id):
-            example.id = str(index)
-            raise RowError("the id holds a lone surrogate: not valid Unicode")
-        example.prompt, example.completions, example.implicit = _prompt_and_completions(row, cols)
-        _check_unicode(example.prompt, "the prompt")
-        _check_unicode(example.completions, "a completion")
-        if any(not c for c in example.completions):
-            raise RowError("empty completion")
-        for i, j in itertools.combinations(range(len(example.completions)), 2):
-            if example.completions[i] == example.completions[j]:
-                raise RowError("chosen and rejected are identical" if cols.completions is None
-                               else f"completions {i} and {j} are identical")
-        if cols.completions is None:
-            example.alpha = _alpha(row, cols)
-        else:
-            example.scores = _human_scores(row, cols, len(example.completions))
+        return _finish(example, cols, *_normalize(row, cols))
     except RowError as e:
         example.error = str(e)
     return example
+
+
+# ---------------------------------------------------------------- votes grouped into pairs
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _group_key(row: dict, cols: Columns) -> bytes:
+    """The pair a row votes on: its group_by values ("a+b": the two as an unordered pair), hashed
+    (128 bits: the key of the spill, whatever the size of the values)."""
+    parts = []
+    for name in cols.group_by:
+        values = [_field(row, c) for c in name.split("+")]
+        parts.append(sorted(values, key=_canonical) if len(values) > 1 else values[0])
+    return hashlib.blake2b(_canonical(parts).encode(), digest_size=16).digest()
+
+
+def _spill_record(pos: int, row, cols: Columns) -> tuple[bytes, int, str]:
+    """(group key, input position, the row normalized as JSON). A row that cannot be keyed is a
+    group of its own; one that cannot be normalized makes its whole group an error."""
+    if isinstance(row, BadRow) or not isinstance(row, dict):
+        return b"row:%d" % pos, pos, json.dumps({"error": to_example(pos, row, cols).error})
+    record = {"id": _row_id(pos, row, cols)}
+    try:
+        key = _group_key(row, cols)
+    except RowError as e:
+        return b"row:%d" % pos, pos, json.dumps({**record, "error": str(e)})
+    try:
+        record["pair"] = _normalize(row, cols)
+    except RowError as e:
+        record["error"] = str(e)
+    return key, pos, json.dumps(record)
+
+
+def _merge_group(index: int, members, cols: Columns) -> Example:
+    """One pair from the rows of a group, in input order: the same prompt and completions in each
+    (in either order: a row with the two swapped has its votes flipped), all their votes pooled."""
+    example, first, shares, text = None, None, [], None
+    for _, pos, record in members:
+        record = json.loads(record)
+        if example is None:
+            example, first = Example(index, record.get("id", str(pos))), pos
+        if example.error:
+            continue
+        if "error" in record:
+            example.error = record["error"] if pos == first else f"row {pos} of the pair: {record['error']}"
+            continue
+        prompt, completions, implicit, row_shares, _ = record["pair"]
+        if text is None:
+            text = (prompt, completions, implicit)
+        elif prompt != text[0] or completions not in (text[1], text[1][::-1]):
+            example.error = (f"rows {first} and {pos} are one pair (same {', '.join(cols.group_by)}) but their "
+                             f"{'prompts' if prompt != text[0] else 'completions'} differ")
+            continue
+        elif completions != text[1]:  # the two candidates in the other order: the votes say the opposite
+            row_shares = [1.0 - s for s in row_shares]
+        shares += row_shares
+    return example if example.error else _finish(example, cols, *text, shares, None)
+
+
+def _grouped(rows, cols: Columns, limit: int | None) -> Iterator[Example]:
+    """Pairs from rows that each carry some of a pair's votes, in the order of each pair's first
+    row, for inputs of any size: a first pass normalizes every row and spills it, keyed by its
+    group, into an on-disk SQLite table; its external sort then returns the rows grouped, groups in
+    first-row order, rows in input order (the same order on every run: --resume and the ranks of a
+    torchrun job see the same pairs). Memory holds one group's votes at a time."""
+    import sqlite3
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="prefrank-groups-") as tmp:
+        db = sqlite3.connect(os.path.join(tmp, "rows.db"))
+        try:
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-4096"):
+                db.execute(f"PRAGMA {pragma}")  # a scratch file: no journal; a 4 MiB page cache
+            db.execute("CREATE TABLE rows (key BLOB, pos INTEGER, record TEXT)")
+            numbered = enumerate(rows)
+            while batch := [_spill_record(pos, row, cols) for pos, row in itertools.islice(numbered, 256)]:
+                db.executemany("INSERT INTO rows VALUES (?, ?, ?)", batch)
+            db.execute("CREATE INDEX rows_key ON rows (key, pos)")
+            cursor = db.execute("SELECT g.first, r.pos, r.record FROM rows r JOIN "
+                                "(SELECT key, MIN(pos) AS first FROM rows GROUP BY key) g ON r.key = g.key "
+                                "ORDER BY g.first, r.pos")
+            for index, (_, members) in enumerate(itertools.groupby(cursor, key=lambda member: member[0])):
+                if limit is not None and index >= limit:
+                    return
+                yield _merge_group(index, members, cols)
+        finally:
+            db.close()
+
+
+# ---------------------------------------------------------------- the input as Examples
+
+def preset_columns(name: str, **overrides) -> Columns:
+    """The named preset's column mapping (prefrank.formats), with `overrides` on top."""
+    if name not in formats.PRESETS:
+        raise InputError(f"unknown format {name!r}: expected auto or one of {', '.join(formats.PRESETS)}")
+    return Columns(**{**formats.PRESETS[name].columns, **overrides, "format": name})
+
+
+def resolve_columns(cols: Columns, row: dict | None) -> Columns:
+    """With format "auto": the preset that the first row's columns select (prefrank.formats), or
+    the default mapping; any other mapping as it is."""
+    if cols.format != "auto":
+        return cols
+    name = formats.detect(row) if row is not None else None
+    return preset_columns(name, keep_column_order=cols.keep_column_order) if name else \
+        replace(Columns(), keep_column_order=cols.keep_column_order)
 
 
 def check_columns(row: dict, cols: Columns):
@@ -414,6 +694,7 @@ def check_columns(row: dict, cols: Columns):
         named = (cols.prompt or []) + [cols.chosen, cols.rejected] + (cols.votes or [])
     else:
         named = (cols.prompt or []) + [cols.completions, cols.scores]
+    named += ([cols.turn] if cols.turn else []) + [c for g in cols.group_by or [] for c in g.split("+")]
     named += [cols.id] if cols.id is not None else []
     missing = [c for c in named if c.partition(".")[0] not in row]
     if missing:
@@ -422,19 +703,45 @@ def check_columns(row: dict, cols: Columns):
                          f"{', '.join(map(repr, row)) or 'no fields'}{hint}")
 
 
+def _check_options(cols: Columns):
+    if cols.vote_coding not in VOTE_CODINGS:
+        raise InputError(f"vote coding {cols.vote_coding!r}: expected one of {', '.join(VOTE_CODINGS)}")
+    if cols.scores_order not in SCORES_ORDERS:
+        raise InputError(f"scores order {cols.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
+    if cols.group_by and (cols.completions is not None or not cols.votes):
+        raise InputError("--group-by pools the votes of a pair's rows: it needs vote columns (--vote-cols) and "
+                         "pairs (not --completions-col)")
+
+
+def open_examples(source: str, cols: Columns, *, split: str = "train", subset: str | None = None,
+                  limit: int | None = None) -> tuple[Columns, Iterator[Example]]:
+    """The column mapping the input is read with (format "auto" resolved) and its Examples, in
+    input order: one per row, or with group_by one per pair (`limit`: the first so many). The
+    source is opened and read up to its first row now (InputError if it cannot be, or if a named
+    column is missing there); the rest is read as the iterator is consumed."""
+    rows = read_rows(source, split=split, subset=subset)
+    head = []
+    for row in rows:  # the first row that is an object (malformed lines before it are kept)
+        head.append(row)
+        if isinstance(row, dict):
+            break
+    first = head[-1] if head and isinstance(head[-1], dict) else None
+    cols = resolve_columns(cols, first)
+    _check_options(cols)
+    if first is not None:
+        check_columns(first, cols)
+    rows = itertools.chain(head, rows)
+    return cols, (_grouped(rows, cols, limit) if cols.group_by else _examples(rows, cols, limit))
+
+
 def read_examples(source: str, cols: Columns, *, split: str = "train", subset: str | None = None,
                   limit: int | None = None) -> Iterator[Example]:
-    """data → Examples, in input order, one per row. The source is opened now (InputError if it
-    cannot be); rows are read as the iterator is consumed."""
-    return _examples(read_rows(source, split=split, subset=subset), cols, limit)
+    """data → Examples (see open_examples)."""
+    return open_examples(source, cols, split=split, subset=subset, limit=limit)[1]
 
 
 def _examples(rows, cols: Columns, limit: int | None) -> Iterator[Example]:
-    checked = False
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             return
-        if not checked and isinstance(row, dict):
-            check_columns(row, cols)
-            checked = True
         yield to_example(index, row, cols)

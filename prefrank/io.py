@@ -6,11 +6,18 @@ Columns (one row per input row):
   n_chosen, n_rejected                completion tokens scored
   ref_logp_chosen, ref_logp_rejected  the same under the reference model (with --ref-model)
   alpha                               share of raters preferring chosen (null without votes)
+  n_votes                             the votes alpha comes from (null without vote columns or a votes list)
+  tie                                 the raters tied: alpha = 0.5 (null without alpha)
+  reoriented                          the raters preferred the input's rejected column: the two were swapped
+  multi_turn                          a completion holds more than one message (a later turn, with its
+                                      model's own earlier answers)
   truncated                           the pair was cut to fit (--truncate keep-end)
   status, error                       "ok" / "error" and the reason
   token_logps_chosen, ...             per-token log-probs, float32 lists (with --per-token)
 K-wise tables (K completions per prompt) hold lists instead, one element per completion:
-  logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha.
+  logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha,
+  n_votes, tie and reoriented (higher is better: ranks are stored negated).
+Tables written before n_votes, tie, reoriented and multi_turn existed still load (PAIR_EXTRAS).
 Rows are written as parts (one per chunk of input rows) that a killed run keeps and --resume
 reuses once their checksums verify; the final table is assembled from verified parts under a
 temporary name and renamed when complete, so a crashed run never leaves a partial table under the
@@ -61,13 +68,20 @@ def _typed_fields(kind: str, kwise: bool) -> list[tuple[str, pa.DataType]]:
     return [(pair_pattern.format(name), element) for name in COMPLETION_NAMES]
 
 
+# The raters' verdict beside alpha, in pair tables; tables of older prefrank versions lack them.
+PAIR_EXTRAS = {"n_votes": pa.int64(), "tie": pa.bool_(), "reoriented": pa.bool_()}
+
+
 def table_schema(with_ref: bool, per_token: bool, kwise: bool = False) -> pa.Schema:
     kinds = ["logp"] + (["ref_logp"] if with_ref else []) + ["n"]
     if per_token:
         kinds += ["token_logps"] + (["ref_token_logps"] if with_ref else [])
     fields = [("id", pa.string())] + [f for kind in kinds for f in _typed_fields(kind, kwise)]
-    fields += [("human_scores", pa.list_(pa.float64()))] if kwise else [("alpha", pa.float64())]
-    fields += [("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
+    if kwise:
+        fields += [("human_scores", pa.list_(pa.float64()))]
+    else:
+        fields += [("alpha", pa.float64())] + list(PAIR_EXTRAS.items())
+    fields += [("multi_turn", pa.bool_()), ("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
     return pa.schema(fields)
 
 
@@ -200,8 +214,9 @@ class Parts:
         missing = [c for c in range(n_chunks) if not (self.part(c).exists() and self.record(c).exists())]
         if missing:
             raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
-        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "real_tokens": 0,
-                  "padded_tokens": 0, "methods": Counter(), "seconds": 0.0, "first_error": None}
+        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "reoriented": 0, "ties": 0,
+                  "multi_turn": 0, "real_tokens": 0, "padded_tokens": 0, "methods": Counter(), "seconds": 0.0,
+                  "first_error": None}
         tmp = _temporary(self.out, ".partial")
         try:
             with pq.ParquetWriter(tmp, schema) as writer:

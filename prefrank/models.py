@@ -46,13 +46,30 @@ def _check_source(path: str, what: str):
         raise InputError(f"{what} not found: {path}")
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer at `path`; `chat_template`: a Jinja file that replaces (or supplies) its chat
+    template, for conversational data on tokenizers that have none."""
     from transformers import AutoTokenizer
     _check_source(path, "tokenizer")
+    template = None
+    if chat_template is not None:
+        try:
+            template = open(chat_template, encoding="utf-8").read()
+        except OSError as e:
+            raise InputError(f"cannot read chat template {chat_template}: {e.strerror}") from None
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        try:  # compiled as transformers will: a syntax error is the invocation's, not every row's
+            _compile_jinja_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise InputError(f"chat template {chat_template}, line {e.lineno}: {e.message}") from None
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {e}") from None
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,

@@ -11,14 +11,14 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from itertools import islice
 
 import torch
 
 from prefrank import __version__
-from prefrank.data import COLUMN_FLAGS, Columns, InputError, count_rows, read_examples
+from prefrank.data import COLUMN_FLAGS, Columns, InputError, count_rows, open_examples
 from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, WriteError, check_output, completion_fields, input_hash,
                          table_schema)
 from prefrank.models import CausalLM, fingerprint, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -33,6 +33,7 @@ class ScoreOptions:
     out: str = "scores.parquet"
     ref_model: str | None = None
     tokenizer: str | None = None  # default: the policy model's
+    chat_template: str | None = None  # a Jinja file for the tokenizer (conversational rows)
     method: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -61,6 +62,9 @@ class Summary:
     errors: int = 0
     truncated: int = 0
     boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
+    reoriented: int = 0  # pairs whose raters preferred the rejected column (swapped)
+    ties: int = 0  # pairs whose raters tied (alpha = 0.5)
+    multi_turn: int = 0  # rows whose completions hold more than one message
     real_tokens: int = 0
     padded_tokens: int = 0
     methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
@@ -75,6 +79,11 @@ class Summary:
         if self.boundary_moved:
             text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
                      f"those ids are scored as the completions'")
+        verdict = [f"{n} {what}" for n, what in ((self.reoriented, "reoriented to the raters' choice"),
+                                                  (self.ties, "tied (alpha = 0.5)"),
+                                                  (self.multi_turn, "multi-turn")) if n]
+        if verdict:
+            text += f"\nof the ok rows: {', '.join(verdict)}"
         if self.first_error:
             text += f"\nfirst error: {self.first_error}"
         return text
@@ -174,9 +183,10 @@ def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[s
     rows = []
     for ex in examples:
         item = tokenized.get(ex.index) if ex.error is None else None
-        row = {"id": ex.id, "truncated": item is not None and item.truncated,
+        row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
                "status": "ok" if item is not None else "error", "error": ex.error}
-        row.update({"human_scores": ex.scores} if kwise else {"alpha": ex.alpha})
+        row.update({"human_scores": ex.scores} if kwise else
+                   {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
         seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
         row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
         for prefix, scores in models.items():
@@ -210,7 +220,7 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
     def guard_output():  # before anything is loaded
         check_output(opts.out, {"--data": opts.data, "--model": opts.model, "--ref-model": opts.ref_model,
-                                "--tokenizer": opts.tokenizer})
+                                "--tokenizer": opts.tokenizer, "--chat-template": opts.chat_template})
         lock.acquire()
 
     _on_rank_0(guard_output, rank, world, device)
@@ -221,10 +231,13 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
 
 def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, progress: bool) -> Summary | None:
-    examples = read_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset, limit=opts.limit)
+    mapping, examples = open_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset,
+                                      limit=opts.limit)
+    opts = replace(opts, columns=mapping)  # the sidecar records the mapping used ("auto" resolved)
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype)
-    tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code)
+    tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code,
+                               chat_template=opts.chat_template)
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
     limits = [m for m in (opts.max_length, policy_lm.max_positions, ref_lm and ref_lm.max_positions) if m]
     max_length = min(limits) if limits else None
@@ -241,7 +254,7 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
 
     _on_rank_0(prepare, rank, world, device)
 
-    total = [n for n in (opts.limit, count_rows(opts.data)) if n is not None]
+    total = [n for n in (opts.limit, None if opts.columns.group_by else count_rows(opts.data)) if n is not None]
     bar = _progress(min(total) if total else None) if progress and rank == 0 else None
     start = time.perf_counter()
     n_chunks = tokens = 0
@@ -297,9 +310,12 @@ def merge_parts(out: str) -> Summary:
 
 def _chunk_stats(chunk, tokenized, scores, seconds: float) -> dict:
     """A part's statistics; `seconds` is its own scoring time."""
-    ok = [tokenized[ex.index] for ex in chunk if ex.error is None]  # not rows whose scores were not finite
+    ok_rows = [ex for ex in chunk if ex.error is None]  # not rows whose scores were not finite
+    ok = [tokenized[ex.index] for ex in ok_rows]
     return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
             "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
+            "reoriented": sum(ex.reoriented for ex in ok_rows), "ties": sum(bool(ex.tie) for ex in ok_rows),
+            "multi_turn": sum(ex.multi_turn for ex in ok_rows),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
             "methods": dict(Counter(s.method for s in scores)), "seconds": seconds,
             "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}

@@ -162,12 +162,12 @@ def test_summary_on_a_table(tmp_path):
     path = write_scores(tmp_path / "s.parquet", pol, ref, alpha=[0.9, 0.8, 0.5, 1.0, 0.7],
                         status=["ok", "ok", "ok", "ok", "error"])
     s = summarize(load_pairs(path), beta=1.0, betas=[1.0], n_boot=200)
-    assert (s["n_pairs"], s["n_errors"]) == (4, 1)
-    assert s["ranking_accuracy"]["value"] == 0.75  # pairs 0, 2 (tie), 3
+    assert (s["n_pairs"], s["n_errors"], s["n_ties"], s["n_ranked"]) == (4, 1, 1, 3)  # pair 2: the raters tied
+    assert s["ranking_accuracy"]["value"] == 2 / 3  # pairs 0 and 3 of 0, 1, 3
     assert s["reference_ranking_accuracy"]["value"] == 1.0
-    # idealized at β = 1: (rw - rl) + log(α/(1-α)): 0 + 2.2 > 0, 1 + 1.39 > 0, 2 + 0 > 0, 1 + 6.9 > 0
-    assert s["idealized"]["raw"]["median"] == 1.0 and s["alignment_gap"]["raw"]["median"] == 0.25
-    assert [g["count"] for g in s["groups"]] == [3, 1, 0, 0]
+    # idealized at β = 1: (rw - rl) + log(α/(1-α)): 0 + 2.2 > 0, 1 + 1.39 > 0, 1 + 6.9 > 0
+    assert s["idealized"]["raw"]["median"] == 1.0 and s["alignment_gap"]["raw"]["median"] == pytest.approx(1 / 3)
+    assert [g["count"] for g in s["groups"]] == [2, 1, 0, 0]
     assert s["theorem41_violations"] == 0
 
 
@@ -224,21 +224,33 @@ def test_pandalm_scored_and_analyzed_end_to_end(tmp_path, capsys):
     out = tmp_path / "s.parquet"
     assert main(["score", "--data", str(PANDALM), "--model", str(STORIES), "--ref-model", str(ref_dir),
                  "--prompt-cols", "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
-                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx", "--limit", "80",
+                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx", "--limit", "100",
                  "--truncate", "keep-end", "--out", str(out)]) == 0
     assert main(["analyze", str(out), "--out", str(tmp_path / "a.json")]) == 0
     s = json.loads((tmp_path / "a.json").read_text())
     table = pq.read_table(out).to_pylist()
-    rows = json.load(open(PANDALM))[:80]
+    rows = json.load(open(PANDALM))[:100]
     ok = [r for r in table if r["status"] == "ok"]
-    assert s["n_pairs"] == len(ok) and s["n_pairs"] + s["n_errors"] == 80
-    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean([r["logp_chosen"] >= r["logp_rejected"] for r in ok]))
+    assert s["n_pairs"] == len(ok) and s["n_pairs"] + s["n_errors"] == 100
     votes = {str(r["idx"]): [r[f"annotator{j}"] for j in (1, 2, 3)] for r in rows}
-    for r in ok:
-        v = votes[r["id"]]
-        assert r["alpha"] == pytest.approx((v.count(1) + 0.5 * v.count(0)) / 3)
+    share1 = {i: (v.count(1) + 0.5 * v.count(0)) / 3 for i, v in votes.items()}  # the raters' share for response1
+    for r in ok:  # chosen is the raters' majority
+        assert r["alpha"] == pytest.approx(max(share1[r["id"]], 1 - share1[r["id"]]))
+        assert r["reoriented"] == (share1[r["id"]] < 0.5) and r["n_votes"] == 3 and r["tie"] == (r["alpha"] == 0.5)
+    untied = [r for r in ok if share1[r["id"]] != 0.5]
+    majority_first = [(r["logp_chosen"] >= r["logp_rejected"]) for r in untied]
+    assert s["n_ties"] == len(ok) - len(untied) > 0 and s["n_reoriented"] == sum(share1[r["id"]] < 0.5 for r in ok) > 0
+    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean(majority_first))
+    # the same run detected from the columns (the README's recipe) gives the same table
+    auto = tmp_path / "auto.parquet"
+    assert main(["score", "--data", str(PANDALM), "--model", str(STORIES), "--ref-model", str(ref_dir),
+                 "--limit", "100", "--truncate", "keep-end", "--out", str(auto)]) == 0
+    assert pq.read_table(auto).to_pylist() == table
     assert "idealized" in s and s["theorem41_violations"] == 0
-    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", str(PANDALM), "--prompt-cols",
-                 "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
-                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx"]) == 0
-    assert "Hardest pairs" in (tmp_path / "rep" / "report.md").read_text()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", str(PANDALM)]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Hardest pairs" in text and "| pairs reoriented to the raters' choice when scored" in text
+    hardest = s["difficulty"]["hardest"][0]
+    row = next(r for r in rows if str(r["idx"]) == hardest["id"])
+    majority = row["response1"] if share1[hardest["id"]] > 0.5 else row["response2"]
+    assert f"  - chosen: {majority.replace(chr(10), ' ')[:200]}" in text  # quoted as scored: the raters' choice

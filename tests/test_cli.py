@@ -50,10 +50,14 @@ def test_embedded_default(default_cache, tmp_path, capsys):
     assert len(table) == len(rows) == 1000
     assert [r["id"] for r in table] == [r["id"] for r in rows]
     assert all(r["status"] == "ok" for r in table)
-    assert [r["alpha"] for r in table] == [r["alpha"] for r in rows]
-    for r, t in list(zip(rows, table))[:3]:
-        assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], r["chosen"]), abs=1e-4)
-        assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], r["rejected"]), abs=1e-4)
+    # the task's alpha is the raters' share for its chosen answer: the table's chosen is the raters' side
+    assert [r["alpha"] for r in table] == [max(r["alpha"], 1 - r["alpha"]) for r in rows]
+    assert [r["reoriented"] for r in table] == [r["alpha"] < 0.5 for r in rows]
+    swapped = next(i for i, r in enumerate(rows) if r["alpha"] < 0.5)
+    for r, t in [*zip(rows, table)][:3] + [(rows[swapped], table[swapped])]:
+        chosen, rejected = (r["rejected"], r["chosen"]) if r["alpha"] < 0.5 else (r["chosen"], r["rejected"])
+        assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], chosen), abs=1e-4)
+        assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], rejected), abs=1e-4)
     meta = read_sidecar(out)
     assert meta["method"] == "auto" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
     methods = meta["summary"]["methods"]  # the one chunk of 1000 rows: one scoring, by whichever method auto chose
@@ -72,7 +76,7 @@ def test_bad_rows_are_kept_in_order(model_dirs, tmp_path, capsys):
     assert len(table) == len(GOOD) + len(bad) + 2
     assert [r["status"] for r in table] == ["ok"] * 2 + ["error"] * 4 + ["ok"] * 4 + ["error"] * 2
     errors = [r["error"] for r in table if r["status"] == "error"]
-    for needle, message in zip(["missing field 'rejected'", "identical", "must be a string", "empty completion",
+    for needle, message in zip(["missing field 'rejected'", "identical", "must be a string", "empty or whitespace",
                                 "invalid JSON", "not an object"], errors):
         assert needle in message
     assert all(r["logp_chosen"] is None for r in table if r["status"] == "error")

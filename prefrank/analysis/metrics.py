@@ -56,8 +56,11 @@ def length_normalized(logp, n_tokens) -> np.ndarray:
     return _finite("logp", logp) / n
 
 
-def idealized_correct(ref_w, ref_l, alpha, beta: float, epsilon: float = DEFAULT_EPSILON) -> np.ndarray:
-    """Per pair: does the idealized policy π* ∝ πref·exp(r/β) rank y_w above y_l (Cor. 3.3)?"""
+def idealized_correct(ref_w, ref_l, alpha, beta: float, epsilon: float = DEFAULT_EPSILON,
+                      tie_band: float | None = None) -> np.ndarray:
+    """Per pair: does the idealized policy π* ∝ πref·exp(r/β) rank y_w above y_l (Cor. 3.3)?
+    With `tie_band`, a pair whose raters tied (α = 0.5, log-odds 0, so π*'s log-likelihood
+    difference is the reference's) counts as correct when that difference is within the band."""
     if beta <= 0:
         raise ValueError("beta must be positive")
     if not 0 <= epsilon < 0.5:
@@ -65,13 +68,17 @@ def idealized_correct(ref_w, ref_l, alpha, beta: float, epsilon: float = DEFAULT
     a = np.clip(_alpha(alpha), epsilon, 1 - epsilon)
     with np.errstate(divide="ignore"):  # epsilon = 0 and alpha in {0, 1}: ±inf, ranked as such
         log_odds = np.log(a) - np.log1p(-a)
-    return _finite("ref_w", ref_w) - _finite("ref_l", ref_l) + log_odds / beta > 0
+    difference = _finite("ref_w", ref_w) - _finite("ref_l", ref_l)
+    correct = difference + log_odds / beta > 0
+    if tie_band is not None:
+        correct = np.where(_alpha(alpha) == 0.5, np.abs(difference) <= tie_band, correct)
+    return correct
 
 
 def idealized_sweep(ref_w, ref_l, alpha, betas=DEFAULT_BETAS, epsilon: float = DEFAULT_EPSILON,
-                    n_boot: int = 1000, seed: int = 0) -> dict:
+                    n_boot: int = 1000, seed: int = 0, tie_band: float | None = None) -> dict:
     """R* for each β with its bootstrap 95% CI, and min / median / max over the sweep."""
-    correct = {float(b): idealized_correct(ref_w, ref_l, alpha, b, epsilon) for b in betas}
+    correct = {float(b): idealized_correct(ref_w, ref_l, alpha, b, epsilon, tie_band) for b in betas}
     per_beta = {b: float(c.mean()) for b, c in correct.items()}
     values = list(per_beta.values())
     return {"per_beta": per_beta, "per_beta_ci95": {b: list(bootstrap_ci(c, n_boot, seed=seed)) for b, c in correct.items()},

@@ -17,22 +17,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
-from prefrank.analysis.summary import load_pairs, summarize
+from prefrank.analysis.summary import load_pairs, ranked_pairs, summarize
 
 
-def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float) -> list[dict]:
-    """Per checkpoint score table: ranking accuracy, DPO loss and the four groups."""
+def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
+                      tie_band: float | None = None) -> list[dict]:
+    """Per checkpoint score table: ranking accuracy, DPO loss and the four groups (over the pairs
+    summarize() measures)."""
     series = []
     for path in paths:
-        p = load_pairs(path, ref_scores)
+        p = ranked_pairs(load_pairs(path, ref_scores), tie_band)
         if not p.has_ref:
             raise ValueError(f"{path}: the groups need reference log-probs (--ref-scores or ref_ columns)")
         theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
         margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-        series.append({"checkpoint": path, "ranking_accuracy": float(theorem["correct"].mean()),
+        correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
+        series.append({"checkpoint": path, "ranking_accuracy": float(correct.mean()),
                        "dpo_loss_mean": float(theorem["loss"].mean()),
-                       "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l), theorem["correct"],
-                                                     theorem["loss"], margin)})
+                       "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band),
+                                                     correct, theorem["loss"], margin)})
     return series
 
 
@@ -80,6 +83,9 @@ def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
     ax.set_xlabel(r"difficulty $c = \log\pi_{ref}(y_l|x) - \log\pi_{ref}(y_w|x)$")
     ax.set_ylabel(f"DPO loss (β = {beta:g})")
     ax.set_yscale("log")
+    shown = loss[loss > 0]  # the curve spans far more decades than the points: frame the points
+    if len(shown):
+        ax.set_ylim(shown.min() / 3, shown.max() * 3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -121,6 +127,16 @@ def _pct(x) -> str:
 
 def _headline(s: dict) -> list[str]:
     lines = ["| measure | value |", "|---|---|", f"| pairs scored (errors) | {s['n_pairs']} ({s['n_errors']}) |"]
+    if s["n_ties"]:
+        lines.append(f"| pairs the raters tied (α = 0.5) | {s['n_ties']}, " + (
+            "counted with the tie band |" if s["options"]["tie_band"] is not None else
+            f"left out: every measure below is over the other {s['n_ranked']} |"))
+    if s["n_reoriented"]:
+        lines.append(f"| pairs reoriented to the raters' choice when scored (their input's rejected column is "
+                     f"chosen here) | {s['n_reoriented']} |")
+    if s["n_chosen_rejected_by_raters"]:
+        lines.append(f"| **pairs whose chosen completion the raters rejected (α < 0.5), counted in column order** | "
+                     f"{s['n_chosen_rejected_by_raters']} |")
     for label, key in (("ranking accuracy R", "ranking_accuracy"),
                        ("length-normalized R~", "ranking_accuracy_length_normalized"),
                        ("reference model's R", "reference_ranking_accuracy"), ("reward accuracy", "reward_accuracy")):
@@ -157,13 +173,14 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
         implied = out / "implied_pairs.parquet"
         pq.write_table(pa.table(kwise.kwise_to_pair_table(scores)), implied)
         scores, examples = str(implied), None
-    pairs = load_pairs(scores, ref_scores)
-    summary = summarize(pairs, **options)
-    beta = summary["options"]["beta"]
+    all_pairs = load_pairs(scores, ref_scores)
+    summary = summarize(all_pairs, **options)
+    beta, tie_band = summary["options"]["beta"], summary["options"]["tie_band"]
+    pairs = ranked_pairs(all_pairs, tie_band)  # the pairs the summary measured
     plot_accuracy(summary, out / "accuracy.png")
     lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
-    if pairs.has_ref:
-        series = checkpoint_series(checkpoints or [scores], ref_scores, beta)
+    if pairs.has_ref and len(pairs.ids):
+        series = checkpoint_series(checkpoints or [scores], ref_scores, beta, tie_band)
         summary["series"] = series
         theorem = metrics.theorem41(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, beta)
         plot_loss_vs_c(theorem, beta, out / "loss_vs_c.png")
