@@ -38,40 +38,11 @@ from pathlib import Path
 from typing import Iterator
 
 from prefrank import formats
+from prefrank.errors import InputError, RowError
+from prefrank.options import name_list, option, options
 
 HH_ASSISTANT = "\n\nAssistant:"
 
-
-class InputError(Exception):
-    """A bad invocation (missing file, unknown dataset, bad option): reported in one line."""
-
-
-@dataclass
-class Columns:
-    """Where each field lives in the input rows, and how the raters' verdict reads."""
-    prompt: list[str] | None = None  # None: "prompt" when present, else implicit; []: implicit even then
-    chosen: str = "chosen"  # with votes: the first of the two candidates (the raters decide which is chosen)
-    rejected: str = "rejected"  # with votes: the second candidate
-    id: str | None = None  # None: "id" when present, else the row's index; a named column must exist
-    votes: list[str] | None = None  # vote columns, one vote each (a label column is one of them)
-    vote_coding: str = "1/2"  # a key of VOTE_CODINGS
-    group_by: list[str] | None = None  # rows agreeing on these columns are votes on one pair ("a+b": unordered)
-    turn: str | None = None  # conversational rows: cut each conversation after this turn (MT-Bench, Arena)
-    keep_column_order: bool = False  # never reorient: chosen stays the `chosen` column whatever the votes say
-    completions: str | None = None  # K-wise rows: the list of completions (None: a chosen/rejected pair)
-    scores: str = "scores"  # K-wise rows: human scores, one per completion
-    scores_order: str = "higher-better"  # or "lower-better" (ranks)
-    completions_include_prompt: bool = False  # chosen/rejected repeat the prompt: strip it
-    prompt_separator: str = "\n\n"  # joins several prompt columns (empty ones skipped)
-    format: str | None = None  # the preset this mapping is (prefrank.formats); "auto": pick it from the first row
-
-
-# The command-line option of each Columns field (cli reads the options by them; refusals name them)
-COLUMN_FLAGS = {"prompt": "--prompt-cols", "chosen": "--chosen-col", "rejected": "--rejected-col", "id": "--id-col",
-                "votes": "--vote-cols", "vote_coding": "--vote-coding", "group_by": "--group-by", "turn": "--turn-col",
-                "keep_column_order": "--keep-column-order", "completions": "--completions-col",
-                "scores": "--scores-col", "scores_order": "--scores-order",
-                "completions_include_prompt": "--completions-include-prompt", "format": "--format"}
 
 # A vote's share for the first candidate column (chosen), by coding; ties count half.
 VOTE_CODINGS = {
@@ -80,7 +51,72 @@ VOTE_CODINGS = {
     "1/0": {1: 1.0, 0: 0.0},  # SHP labels, booleans: 1 (true) = the first, 0 (false) = the second
     "names": {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5},  # MT-Bench, Chatbot Arena winner
 }
+VOTE_CODING_HELP = {
+    "1/2": "1 = the first candidate (the chosen column), 2 = the second (the rejected column), 0 = tie",
+    "0/1": "0 = the first candidate, 1 = the second",
+    "1/0": "1 or true = the first candidate, 0 or false = the second",
+    "names": "model_a = the first candidate, model_b = the second, tie or 'tie (bothbad)' = tie",
+}
 SCORES_ORDERS = ("higher-better", "lower-better")
+
+
+@options
+class Columns:
+    """Where each field lives in the input rows, and how the raters' verdict reads (the column
+    options of every command that reads data)."""
+    format: str | None = option(
+        None, "a published dataset's column mapping (listed in `prefrank score --help`; README.md gives the "
+        "columns each reads); auto: the one the first row's columns match, else the default mapping; column "
+        "options given with it override its fields", choices=["auto", *formats.PRESETS], metavar="NAME",
+        group="columns", default_text="auto on the command line when no column option is given")
+    prompt: list[str] | None = option(
+        None, "prompt column(s), joined by blank lines when several (empty ones skipped)", flag="--prompt-cols",
+        type=name_list, group="columns", default_text="'prompt' if present, else the implicit HH format")
+    chosen: str = option("chosen", "the chosen completion, or with votes the first candidate (the raters decide "
+                         "which is chosen)", flag="--chosen-col", group="columns")
+    rejected: str = option("rejected", "the rejected completion, or with votes the second candidate",
+                           flag="--rejected-col", group="columns")
+    id: str | None = option(None, "row id column, which must exist", flag="--id-col", group="columns",
+                            default_text="'id' when present, else the row's index")
+    votes: list[str] | None = option(
+        None, "vote columns, one vote each in --vote-coding (a label column naming the better candidate is one "
+        "vote column; PandaLM: annotator1,annotator2,annotator3); alpha = the share of votes for the chosen "
+        "column, ties half. Without it, an 'alpha' column, or a 'votes' list of 1/0/0.5, is used when present",
+        flag="--vote-cols", type=name_list, group="columns")
+    vote_coding: str = option("1/2", "what a vote says: " + "; ".join(
+        f"{name}: {text}" for name, text in VOTE_CODING_HELP.items()), choices=list(VOTE_CODINGS), group="columns")
+    group_by: list[str] | None = option(
+        None, "rows that agree on these columns are votes on one pair (one output row per pair, in the order "
+        "of each pair's first row; 'a+b' is the unordered pair of columns a and b, so a pair shown in either "
+        "order is one pair); their prompt and candidates must agree (swapped candidates flip a row's votes), "
+        "else the pair is an error", type=name_list, group="columns")
+    turn: str | None = option(None, "conversational rows: each conversation is cut after the answer to the user "
+                              "message this column numbers (MT-Bench, Chatbot Arena: turn)", flag="--turn-col",
+                              group="columns")
+    keep_column_order: bool = option(
+        False, "keep --chosen-col as chosen even where the votes prefer --rejected-col (the analysis then warns "
+        "with the count); by default such pairs are swapped and marked reoriented", group="columns")
+    completions: str | None = option(
+        None, "K completions per prompt: the column with the list of completions (a dotted name reads a field "
+        "of each listed object, e.g. completions.response for UltraFeedback); the table then holds lists "
+        "(logps, n_tokens, human_scores)", flag="--completions-col", group="columns")
+    scores: str = option("scores", "with --completions-col: human scores, one per completion (UltraFeedback: "
+                         "completions.overall_score)", flag="--scores-col", group="columns")
+    scores_order: str = option("higher-better", "higher-better, or lower-better for ranks (Nectar: answers.rank; "
+                               "stored negated in human_scores)", choices=SCORES_ORDERS, group="columns")
+    completions_include_prompt: bool = option(
+        False, "chosen/rejected start with the prompt: strip it (rows where they don't are errors)",
+        group="columns")
+    prompt_separator: str = option("\n\n", "joins several prompt columns (empty ones skipped)", cli=False)
+
+    def __post_init__(self):
+        if self.vote_coding not in VOTE_CODINGS:
+            raise InputError(f"<vote_coding> {self.vote_coding!r}: expected one of {', '.join(VOTE_CODINGS)}")
+        if self.scores_order not in SCORES_ORDERS:
+            raise InputError(f"<scores_order> {self.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
+        if self.group_by and (self.completions is not None or not self.votes):
+            raise InputError("<group_by> pools the votes of a pair's rows: it needs vote columns (<votes>) and "
+                             "pairs (not <completions>)")
 
 
 @dataclass
@@ -305,10 +341,6 @@ def count_rows(source: str) -> int | None:
 
 # ---------------------------------------------------------------- normalizing rows
 
-class RowError(ValueError):
-    """Why one row cannot be scored; becomes that row's `error`."""
-
-
 def _is_messages(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
 
@@ -449,12 +481,6 @@ def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
     return [sign * float(v) for v in scores]
 
 
-VOTE_CODING_HELP = {
-    "1/2": "1 = the first candidate (--chosen-col), 2 = the second (--rejected-col), 0 = tie",
-    "0/1": "0 = the first candidate, 1 = the second",
-    "1/0": "1 or true = the first candidate, 0 or false = the second",
-    "names": "model_a = the first candidate, model_b = the second, tie or 'tie (bothbad)' = tie",
-}
 
 
 def _vote_share(value, coding: str, column: str) -> float:
@@ -698,19 +724,10 @@ def check_columns(row: dict, cols: Columns):
     named += [cols.id] if cols.id is not None else []
     missing = [c for c in named if c.partition(".")[0] not in row]
     if missing:
-        hint = " (K completions per prompt? pass --completions-col)" if cols.completions is None and "completions" in row else ""
+        kwise = cols.completions is None and "completions" in row
+        hint = " (K completions per prompt? pass <completions>)" if kwise else ""
         raise InputError(f"unknown column(s) {', '.join(map(repr, missing))}: the first row has "
                          f"{', '.join(map(repr, row)) or 'no fields'}{hint}")
-
-
-def _check_options(cols: Columns):
-    if cols.vote_coding not in VOTE_CODINGS:
-        raise InputError(f"vote coding {cols.vote_coding!r}: expected one of {', '.join(VOTE_CODINGS)}")
-    if cols.scores_order not in SCORES_ORDERS:
-        raise InputError(f"scores order {cols.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
-    if cols.group_by and (cols.completions is not None or not cols.votes):
-        raise InputError("--group-by pools the votes of a pair's rows: it needs vote columns (--vote-cols) and "
-                         "pairs (not --completions-col)")
 
 
 def open_examples(source: str, cols: Columns, *, split: str = "train", subset: str | None = None,
@@ -727,7 +744,6 @@ def open_examples(source: str, cols: Columns, *, split: str = "train", subset: s
             break
     first = head[-1] if head and isinstance(head[-1], dict) else None
     cols = resolve_columns(cols, first)
-    _check_options(cols)
     if first is not None:
         check_columns(first, cols)
     rows = itertools.chain(head, rows)

@@ -39,7 +39,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefrank.data import InputError
+from prefrank.errors import InputError, WriteError
 
 COMPLETION_NAMES = ("chosen", "rejected")  # completion k of a pair
 
@@ -85,11 +85,6 @@ def table_schema(with_ref: bool, per_token: bool, kwise: bool = False) -> pa.Sch
     return pa.schema(fields)
 
 
-class WriteError(InputError):
-    """Writing the output failed (a full disk, say): reported in one line; the parts written so far
-    stay and --resume continues from them."""
-
-
 def _temporary(path: Path, suffix: str = ".tmp") -> Path:
     """A name beside `path` that no other process uses (pid and random)."""
     return path.with_name(f".{path.name}{suffix}-{os.getpid()}-{secrets.token_hex(4)}")
@@ -109,7 +104,7 @@ def _write_atomic(path: Path, data: bytes):
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise WriteError(f"cannot write {path}: {e.strerror or e}; free space (or fix the folder) and rerun "
-                         f"with --resume: what is written so far is kept") from None
+                         f"with <resume>: what is written so far is kept") from None
 
 
 class Parts:
@@ -142,16 +137,17 @@ class Parts:
         Returns whether the folder is new."""
         if self.dir.exists():
             if not resume:
-                raise InputError(f"{self.dir} holds parts of an earlier run: pass --resume to continue it, "
+                raise InputError(f"{self.dir} holds parts of an earlier run: pass <resume> to continue it, "
                                  f"or remove the folder")
             try:
                 old = self.read_json("manifest.json")
             except (OSError, ValueError):
                 raise InputError(f"{self.dir} has no readable manifest.json: not prefrank's parts") from None
+            manifest = json.loads(_json_bytes(manifest))  # as it was stored: tuples become lists
             differs = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             if differs:
-                raise InputError(f"--resume: the parts in {self.dir} come from a run with other "
-                                 f"{', '.join(differs)}; remove the folder or choose another --out")
+                raise InputError(f"<resume>: the parts in {self.dir} come from a run with other "
+                                 f"{', '.join(differs)}; remove the folder or choose another <out>")
             for stale in self.dir.glob("done-*.json"):
                 stale.unlink()
             # temporaries of runs that died (this run holds the output's lock: no other is writing)
@@ -209,11 +205,11 @@ class Parts:
         `seconds` sums the parts' own scoring times, whichever runs wrote them)."""
         done = [json.loads(p.read_text())["chunks"] for p in self.dir.glob("done-*.json")]
         if not done:
-            raise InputError(f"{self.dir}: no process finished reading the input; rerun with --resume")
+            raise InputError(f"{self.dir}: no process finished reading the input; rerun with <resume>")
         n_chunks = done[0]
         missing = [c for c in range(n_chunks) if not (self.part(c).exists() and self.record(c).exists())]
         if missing:
-            raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
+            raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with <resume>")
         totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "reoriented": 0, "ties": 0,
                   "multi_turn": 0, "real_tokens": 0, "padded_tokens": 0, "methods": Counter(), "seconds": 0.0,
                   "first_error": None}
@@ -224,7 +220,7 @@ class Parts:
                     verified = self._verified(c)
                     if verified is None:
                         raise InputError(f"{self.part(c)} does not match the checksum recorded when it was written "
-                                         f"(damaged or truncated): rerun with --resume, which redoes it")
+                                         f"(damaged or truncated): rerun with <resume>, which redoes it")
                     data, record = verified
                     for key, value in record["stats"].items():
                         if key == "first_error":
@@ -236,7 +232,7 @@ class Parts:
                     writer.write_table(pq.read_table(pa.BufferReader(data)).cast(schema))
             os.replace(tmp, self.out)
         except OSError as e:
-            raise WriteError(f"cannot write {self.out}: {e.strerror or e}; free space and rerun with --resume "
+            raise WriteError(f"cannot write {self.out}: {e.strerror or e}; free space and rerun with <resume> "
                              f"(or `prefrank merge {self.out}`): the parts are kept") from None
         finally:
             tmp.unlink(missing_ok=True)
@@ -332,16 +328,16 @@ def check_output(out: str, inputs: dict[str, str | None]):
             target = path.resolve()
             if (target == read or read in target.parents or target in read.parents
                     or (path.exists() and os.path.samefile(path, read))):
-                raise InputError(f"--out {out}: {path} is, is inside or contains the input {option} {source}: "
+                raise InputError(f"<out> {out}: {path} is, is inside or contains the input {option} {source}: "
                                  f"write the table elsewhere")
     if out.is_dir():
-        raise InputError(f"--out {out} is a directory: give the table's file name")
+        raise InputError(f"<out> {out} is a directory: give the table's file name")
     if not out.parent.is_dir():
-        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
+        raise InputError(f"<out> {out}: the folder {out.parent} does not exist")
     if out.exists() and not (out.stat().st_mode & 0o222 and os.access(out, os.W_OK)):
-        raise InputError(f"--out {out} is read-only: make it writable or choose another --out")
+        raise InputError(f"<out> {out} is read-only: make it writable or choose another <out>")
     if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot write in {out.parent}")
+        raise InputError(f"<out> {out}: cannot write in {out.parent}")
 
 
 def sidecar_path(table_path) -> Path:

@@ -12,10 +12,25 @@ from pathlib import Path
 
 import torch
 
-from prefrank.data import InputError
+from prefrank.errors import InputError
 from prefrank.io import hash_file
+from prefrank.options import option, options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@options
+class LoadOptions:
+    """How models and the tokenizer load: the options `score`, `sft` and `train` share."""
+    tokenizer: str | None = option(None, "tokenizer folder or hub id", group="data and models", path=True,
+                                   default_text="the policy model's")
+    chat_template: str | None = option(None, "a Jinja chat template file for conversational rows, replacing the "
+                                       "tokenizer's own (needed when it has none)", group="data and models", path=True)
+    device: str = option("auto", "cpu, cuda, cuda:N", group="execution", decides_rows=False)
+    trust_remote_code: bool = option(False, "allow models and tokenizers that run their own Python code",
+                                     group="safety")
+    allow_pickle: bool = option(False, "allow pickled (non-safetensors) weights, which can execute code when "
+                                "loaded", group="safety")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -24,9 +39,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise InputError(f"--device {device!r}: {e}") from None
+        raise InputError(f"<device> {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"<device> {device}: CUDA is not available on this machine")
     return dev
 
 
@@ -34,7 +49,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+        raise InputError(f"<dtype> {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -82,9 +97,9 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     except Exception as e:
         message = " ".join(str(e).split())
         if "trust_remote_code" in message:
-            hint = " (its own Python code runs only with --trust-remote-code)"
+            hint = " (its own Python code runs only with <trust_remote_code>)"
         elif "safetensors" in message and not allow_pickle:
-            hint = " (only safetensors weights load unless --allow-pickle)"
+            hint = " (only safetensors weights load unless <allow_pickle>)"
         else:
             hint = ""
         raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {message}") from None
@@ -141,7 +156,7 @@ class CausalLM:
         self.decoder = model.base_model
         head = model.get_output_embeddings()
         if head is None or not isinstance(head, torch.nn.Linear):
-            raise InputError(f"{type(model).__name__}: no linear output head; use --method naive")
+            raise InputError(f"{type(model).__name__}: no linear output head; use <method> naive")
         self.weight, self.bias = head.weight, head.bias
         config = model.config.get_text_config()
         self.config = model.config
@@ -224,4 +239,4 @@ class CausalLM:
         err = (got - expected).abs().max().item()
         if not err <= tol:
             raise InputError(f"{type(self.model).__name__}: its logits are not (hidden @ lm_head) as prefrank "
-                             f"reads them (max log-prob difference {err:.3g}); use --method naive")
+                             f"reads them (max log-prob difference {err:.3g}); use <method> naive")

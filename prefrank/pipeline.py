@@ -6,53 +6,68 @@ the parts become the table, in input order. Memory stays flat whatever the input
 killed run continues with `resume`; under torchrun the chunks are shared among the ranks. Bad
 rows are kept as `status=error` rows; `strict` stops at the first one.
 """
-import os
 import platform
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from itertools import islice
 
 import torch
 
 from prefrank import __version__
-from prefrank.data import COLUMN_FLAGS, Columns, InputError, count_rows, open_examples
-from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, WriteError, check_output, completion_fields, input_hash,
+from prefrank.data import Columns, count_rows, open_examples
+from prefrank.errors import InputError, WriteError
+from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, completion_fields, input_hash,
                          table_schema)
-from prefrank.models import CausalLM, fingerprint, load_model, load_tokenizer, resolve_device, resolve_dtype
-from prefrank.scoring import resolve_method, score
-from prefrank.tokenization import tokenize_examples
+from prefrank.models import DTYPES, CausalLM, LoadOptions, fingerprint, resolve_dtype
+from prefrank.options import option, options, positive_int, row_options
+from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, on_rank_0, process_device
+from prefrank.runtime import max_length as run_max_length
+from prefrank.scoring import METHODS, resolve_method, score
+from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 
-@dataclass
-class ScoreOptions:
-    data: str
-    model: str
-    out: str = "scores.parquet"
-    ref_model: str | None = None
-    tokenizer: str | None = None  # default: the policy model's
-    chat_template: str | None = None  # a Jinja file for the tokenizer (conversational rows)
-    method: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    max_tokens_per_batch: int = 8192
-    chunk_rows: int = 2048
-    limit: int | None = None
-    split: str = "train"
-    subset: str | None = None
+@options
+class ScoreOptions(LoadOptions, TokenizeOptions):
+    """Everything a scoring run is told (the options of `prefrank score`)."""
+    data: str = option(help="input file or Hugging Face dataset", group="data and models", path=True)
+    model: str = option(help="policy model: local folder or hub id", group="data and models", path=True)
+    ref_model: str | None = option(None, "reference model, scored on the same token ids", group="data and models",
+                                   path=True)
+    out: str = option("scores.parquet", "output Parquet file, not an input or inside one; a sidecar OUT.meta.json "
+                      "records models, options, versions and the input's hash; OUT.lock keeps a second run off it "
+                      "while one writes it", group="data and models", decides_rows=False)
+    split: str = option("train", "dataset split for Hugging Face datasets", group="data and models")
+    subset: str | None = option(None, "dataset configuration name for Hugging Face datasets", group="data and models")
+    limit: int | None = option(None, "score only the first N rows (pairs with --group-by)", type=positive_int,
+                               group="data and models")
     columns: Columns = field(default_factory=Columns)
-    tokenization: str = "joint"  # TOKENIZATION_MODES
-    max_length: int | None = None  # default: the model's maximum positions
-    truncate: str = "none"
-    append_eos: bool = False
-    per_token: bool = False
-    strict: bool = False
-    resume: bool = False
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    compile: bool = False  # torch.compile the models' blocks (CausalLM.compile_blocks)
+    method: str = option(
+        "auto", "packed: each prompt and its completions in one row under a block mask (the prompt computed once, "
+        "one forward per batch); kv: the prompt's forward once, its KV cache reused by every completion (any "
+        "model with a cache); both take log-probs from hidden states without full logits; naive: the plain "
+        "full-logits oracle; auto: the first of packed, kv, naive that is exact for the model (packed needs sdpa "
+        "or eager attention, no ALiBi and, under a sliding window, sequences that fit it; kv needs no sliding "
+        "window), and kv over packed where packed's block mask would add over 20% of the matmul work in "
+        "attention (tiny hidden sizes, very long rows)", choices=METHODS, group="execution")
+    dtype: str = option("auto", "model dtype; log-probs accumulate in fp32 regardless",
+                        choices=("auto", *DTYPES), group="execution", default_text="auto = bf16 on CUDA, else fp32")
+    compile: bool = option(
+        False, "torch.compile the models' transformer blocks (one graph shared by all layers, dynamic shapes): "
+        "fuses the norms, rotary embeddings and activations that eager runs as separate kernels (packed scoring "
+        "on an H100: 14% faster at 8B, 17-28% at 1B); the first batches wait for the compile (seconds to a "
+        "minute), so it pays on long runs, mostly on GPUs; the packed and naive methods only", group="execution",
+        decides_rows=False)
+    max_tokens_per_batch: int = option(8192, "padded tokens per forward call", type=positive_int,
+                                       group="execution", decides_rows=False)
+    chunk_rows: int = option(2048, "rows read, length-sorted and written together (one part each)",
+                             type=positive_int, group="execution")
+    per_token: bool = option(False, "also write per-token log-prob lists", group="execution")
+    strict: bool = option(False, "stop at the first bad row instead of recording it", group="execution")
+    resume: bool = option(False, "continue an interrupted run: the parts in OUT.parts/ whose checksums verify are "
+                          "kept, the others scored (the run's input, options and model and tokenizer files must "
+                          "match)", group="execution", decides_rows=False)
 
 
 @dataclass
@@ -89,46 +104,9 @@ class Summary:
         return text
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size): torch.distributed under torchrun (gloo on CPU, nccl on CUDA), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        # generous timeout: ranks wait for each other only at the start and at the end
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int):
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def _on_rank_0(step, rank: int, world: int, device: torch.device):
-    """Run `step` on rank 0 only; an InputError it raises then stops every rank (none waits for a
-    rank 0 that has stopped). Doubles as a barrier."""
-    error = None
-    if rank == 0:
-        try:
-            step()
-        except InputError as e:
-            error = e
-    if world > 1:
-        import torch.distributed as dist
-        message = [None if error is None else str(error)]
-        dist.broadcast_object_list(message, src=0, device=device if device.type == "cuda" else None)
-        if rank != 0 and message[0] is not None:
-            raise InputError(f"rank 0 stopped: {message[0]}")
-    if error is not None:
-        raise error
-
-
 def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
-    lm = CausalLM(load_model(path, dtype=dtype, device=device, trust_remote_code=opts.trust_remote_code,
-                             allow_pickle=opts.allow_pickle))
+    """A model to score with, checked for the method (and the policy's vocabulary), compiled if asked."""
+    lm = load_lm(path, opts, device, dtype)
     if vocab_size is not None and lm.vocab_size != vocab_size:
         raise InputError(f"reference model {path!r} has vocabulary {lm.vocab_size}, the policy {vocab_size}: "
                          f"both are scored on the same token ids and must share a vocabulary")
@@ -139,15 +117,15 @@ def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
     return lm
 
 
-def _tokenize_chunk(examples, tokenizer, opts, max_length):
-    """Token ids for each valid example; errors recorded on the example itself."""
-    tokenized = tokenize_examples(examples, tokenizer, mode=opts.tokenization, max_length=max_length,
-                                  truncate=opts.truncate, append_eos=opts.append_eos)
-    if opts.strict:
-        bad = next((ex for ex in examples if ex.error is not None), None)
-        if bad is not None:
-            raise InputError(f"row {bad.index} (id {bad.id}): {bad.error} (--strict)")
-    return tokenized
+def _tokenize_chunk(examples, tokenizer, opts, max_length) -> tuple[dict, dict[int, str]]:
+    """Token ids of the chunk's valid examples, and every row's error (its data's, or why it
+    cannot be tokenized), by input index."""
+    tokenized, errors = tokenize_examples(examples, tokenizer, max_length=max_length, **opts.tokenize_kwargs)
+    errors = {ex.index: ex.error for ex in examples if ex.error is not None} | errors
+    if opts.strict and errors:
+        bad = next(ex for ex in examples if ex.index in errors)
+        raise InputError(f"row {bad.index} (id {bad.id}): {errors[bad.index]} (<strict>)")
+    return tokenized, errors
 
 
 def _first_seqs(tokenized) -> dict[int, int]:
@@ -158,33 +136,32 @@ def _first_seqs(tokenized) -> dict[int, int]:
     return first_seq
 
 
-def _mark_non_finite(examples, tokenized, scores: dict, kwise: bool):
-    """A row with a NaN or infinite log-prob sum under any model (float16 overflow, say) becomes an
-    error row naming the model and completion: such a number is never written as a score. The sums
-    cover every token: float64 sums of finite fp32 log-probs are finite."""
+def _non_finite(tokenized, scores: dict, kwise: bool) -> dict[int, str]:
+    """The errors of the rows with a NaN or infinite log-prob sum under any model (float16
+    overflow, say), naming the model and completion: such a number is never written as a score.
+    The sums cover every token: float64 sums of finite fp32 log-probs are finite."""
     first_seq = _first_seqs(tokenized)
     finite = {model: torch.isfinite(s.logps) for model, s in scores.items()}
-    for ex in examples:
-        item = tokenized.get(ex.index)
-        if item is None:
-            continue
-        seqs = range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
+    errors = {}
+    for index, item in tokenized.items():
+        seqs = range(first_seq[index], first_seq[index] + len(item.completion_ids))
         bad = [f"{model} {COMPLETION_NAMES[k] if not kwise else f'completion {k}'} {float(s.logps[seq])}"
                for model, s in scores.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
         if bad:
-            ex.error = (f"non-finite log-prob ({', '.join(bad)}): the model overflows in its dtype? "
-                        f"try --dtype bfloat16 or float32")
+            errors[index] = (f"non-finite log-prob ({', '.join(bad)}): the model overflows in its dtype? "
+                             f"try the bfloat16 or float32 dtype")
+    return errors
 
 
-def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[str, list]:
-    """One table row per example, in input order; scores are flat over the valid examples."""
+def _chunk_columns(examples, tokenized, errors, policy, ref, per_token, kwise) -> dict[str, list]:
+    """One table row per example, in input order; scores are flat over the tokenized examples."""
     models = {"": policy} if ref is None else {"": policy, "ref_": ref}
     first_seq = _first_seqs(tokenized)
     rows = []
     for ex in examples:
-        item = tokenized.get(ex.index) if ex.error is None else None
+        item = None if ex.index in errors else tokenized[ex.index]
         row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
-               "status": "ok" if item is not None else "error", "error": ex.error}
+               "status": "ok" if item is not None else "error", "error": errors.get(ex.index)}
         row.update({"human_scores": ex.scores} if kwise else
                    {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
         seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
@@ -213,17 +190,15 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
     same table. Rank 0 assembles it when every rank has finished, and holds the output's lock from
     the start to the end (the ranks share the parts folder)."""
     rank, world = distributed()
-    device = resolve_device(opts.device)
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = process_device(opts.device, world)
     lock = OutputLock(opts.out)
 
     def guard_output():  # before anything is loaded
-        check_output(opts.out, {"--data": opts.data, "--model": opts.model, "--ref-model": opts.ref_model,
-                                "--tokenizer": opts.tokenizer, "--chat-template": opts.chat_template})
+        check_output(opts.out, {"<data>": opts.data, "<model>": opts.model, "<ref_model>": opts.ref_model,
+                                "<tokenizer>": opts.tokenizer, "<chat_template>": opts.chat_template})
         lock.acquire()
 
-    _on_rank_0(guard_output, rank, world, device)
+    on_rank_0(guard_output, rank, world, device)
     try:
         return _score(opts, rank, world, device, progress)
     finally:
@@ -236,11 +211,9 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
     opts = replace(opts, columns=mapping)  # the sidecar records the mapping used ("auto" resolved)
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype)
-    tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code,
-                               chat_template=opts.chat_template)
+    tokenizer = load_run_tokenizer(opts, opts.model)
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
-    limits = [m for m in (opts.max_length, policy_lm.max_positions, ref_lm and ref_lm.max_positions) if m]
-    max_length = min(limits) if limits else None
+    max_length = run_max_length(opts.max_length, policy_lm, ref_lm)
     kwise = opts.columns.completions is not None
     schema = table_schema(ref_lm is not None, opts.per_token, kwise)
 
@@ -250,9 +223,9 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
     def prepare():
         nonlocal created
         sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
-        created = parts.prepare(_manifest(sidecar), sidecar, opts.resume)
+        created = parts.prepare(_manifest(opts, sidecar), sidecar, opts.resume)
 
-    _on_rank_0(prepare, rank, world, device)
+    on_rank_0(prepare, rank, world, device)
 
     total = [n for n in (opts.limit, None if opts.columns.group_by else count_rows(opts.data)) if n is not None]
     bar = _progress(min(total) if total else None) if progress and rank == 0 else None
@@ -264,15 +237,16 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
             if c % world != rank or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
                 continue
             chunk_start = time.perf_counter()
-            tokenized = _tokenize_chunk(chunk, tokenizer, opts, max_length)
+            tokenized, errors = _tokenize_chunk(chunk, tokenizer, opts, max_length)
             items = list(tokenized.values())
             policy = score(policy_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                            per_token=opts.per_token)
             ref = ref_lm and score(ref_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                    per_token=opts.per_token)
-            _mark_non_finite(chunk, tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
-            columns = _chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise)
-            stats = _chunk_stats(chunk, tokenized, [policy, ref] if ref else [policy], time.perf_counter() - chunk_start)
+            errors |= _non_finite(tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
+            columns = _chunk_columns(chunk, tokenized, errors, policy, ref, opts.per_token, kwise)
+            stats = _chunk_stats(chunk, tokenized, errors, [policy, ref] if ref else [policy],
+                                 time.perf_counter() - chunk_start)
             parts.write(c, columns, schema, stats)
             if bar is not None:
                 tokens += stats["real_tokens"]
@@ -288,7 +262,7 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
         if bar is not None:
             bar.close()
     parts.mark_done(rank, n_chunks)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         return None
     return Summary(**parts.merge(schema))
@@ -308,9 +282,9 @@ def merge_parts(out: str) -> Summary:
         lock.release()
 
 
-def _chunk_stats(chunk, tokenized, scores, seconds: float) -> dict:
+def _chunk_stats(chunk, tokenized, errors, scores, seconds: float) -> dict:
     """A part's statistics; `seconds` is its own scoring time."""
-    ok_rows = [ex for ex in chunk if ex.error is None]  # not rows whose scores were not finite
+    ok_rows = [ex for ex in chunk if ex.index not in errors]
     ok = [tokenized[ex.index] for ex in ok_rows]
     return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
             "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
@@ -318,29 +292,19 @@ def _chunk_stats(chunk, tokenized, scores, seconds: float) -> dict:
             "multi_turn": sum(ex.multi_turn for ex in ok_rows),
             "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
             "methods": dict(Counter(s.method for s in scores)), "seconds": seconds,
-            "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
+            "first_error": next((f"row {ex.index} (id {ex.id}): {errors[ex.index]}" for ex in chunk
+                                 if ex.index in errors), None)}
 
 
-_PATHS = ("data", "model", "ref_model", "tokenizer")  # options naming local files or hub ids
-
-
-def _manifest(sidecar: dict) -> dict:
-    """What must match for --resume to continue a run: everything that decides the rows, keyed by
-    what a refusal names (the option, or the file and its option). Local paths are compared
-    resolved (a relative path to the same file is the same input), models and tokenizers by their
-    files' fingerprints."""
-    manifest = {"--data contents": sidecar["input"]["hash"], "model dtype": sidecar["dtype"],
-                "maximum length": sidecar["max_length"]}
-    for name, value in sidecar["options"].items():
-        if name in ("out", "resume", "device", "max_tokens_per_batch", "compile"):
-            continue
-        if name == "columns":
-            manifest.update({COLUMN_FLAGS.get(k, f"column option {k}"): v for k, v in value.items()})
-        else:
-            resolved = value is not None and name in _PATHS and os.path.exists(value)
-            manifest["--" + name.replace("_", "-")] = os.path.realpath(value) if resolved else value
+def _manifest(opts: ScoreOptions, sidecar: dict) -> dict:
+    """What must match for --resume to continue a run: every option that decides the rows (local
+    paths resolved: a relative path to the same file is the same input), the input's contents and
+    the model and tokenizer files' fingerprints; keyed as a refusal names them (<name>: an option)."""
+    manifest = {f"<{name}>": value for name, value in row_options(opts).items()}
+    manifest.update({"contents of <data>": sidecar["input"]["hash"], "model dtype": sidecar["dtype"],
+                     "maximum length": sidecar["max_length"]})
     for name, files in sidecar["files"].items():
-        manifest.update({f"{file} of --{name.replace('_', '-')}": fp for file, fp in files.items()})
+        manifest.update({f"{file} of <{name}>": fp for file, fp in files.items()})
     return manifest
 
 

@@ -27,7 +27,7 @@ import torch
 from prefrank import ops
 from prefrank.ops import IGNORE_INDEX
 from prefrank.batching import length_batches, pad
-from prefrank.data import InputError
+from prefrank.errors import InputError
 from prefrank.tokenization import Tokenized
 
 METHODS = ("auto", "packed", "kv", "naive")
@@ -345,8 +345,8 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
         return exact[0]
     problem = unsupported(lm, method, items)
     if problem:
-        raise InputError(f"--method {method} cannot score with {type(lm.model).__name__}: {problem} "
-                         f"(--method auto picks a method that can)")
+        raise InputError(f"<method> {method} cannot score with {type(lm.model).__name__}: {problem} "
+                         f"(<method> auto picks a method that can)")
     return method
 
 

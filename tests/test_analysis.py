@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefrank.analysis import (bootstrap_ci, dpo_loss, flip_groups, idealized_correct, idealized_sweep,
+from prefrank.analysis import (bootstrap_ci, sigmoid_dpo_loss, flip_groups, idealized_correct, idealized_sweep,
                                load_pairs, ranking_correct, spearman, summarize, theorem41)
 from prefrank.cli import main
 from conftest import PANDALM, STORIES, needs_shared
@@ -73,8 +73,8 @@ def test_non_finite_inputs_are_rejected(bad):
 
 def test_dpo_loss_by_hand():
     # margin = β((pw - pl) - γ(rw - rl)) = 0.5 * ((-1 + 3) - 2 * (-2 + 2.5)) = 0.5
-    assert dpo_loss([-1.0], [-3.0], [-2.0], [-2.5], beta=0.5, gamma=2.0)[0] == pytest.approx(math.log1p(math.exp(-0.5)))
-    assert dpo_loss([-1e4], [0.0], [0.0], [0.0], beta=1.0)[0] == pytest.approx(1e4)  # stable for huge margins
+    assert sigmoid_dpo_loss([-1.0], [-3.0], [-2.0], [-2.5], beta=0.5, gamma=2.0)[0] == pytest.approx(math.log1p(math.exp(-0.5)))
+    assert sigmoid_dpo_loss([-1e4], [0.0], [0.0], [0.0], beta=1.0)[0] == pytest.approx(1e4)  # stable for huge margins
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -99,8 +99,8 @@ def test_theorem41_reports_a_broken_loss(monkeypatch):
     from prefrank.analysis import metrics
     args = ([-1.0, -5.0, -2.0], [-2.0, -4.0, -2.5], [-3.0, -3.0, -3.0], [-3.0, -3.0, -3.0])
     assert len(theorem41(*args, beta=1.0)["violations"]) == 0
-    honest = metrics.dpo_loss
-    monkeypatch.setattr(metrics, "dpo_loss", lambda *a, **k: honest(*a, **k) + np.array([0.0, 0.0, 5.0]))
+    honest = metrics.sigmoid_dpo_loss
+    monkeypatch.setattr(metrics, "sigmoid_dpo_loss", lambda *a, **k: honest(*a, **k) + np.array([0.0, 0.0, 5.0]))
     t = theorem41(*args, beta=1.0)
     assert t["violations"].tolist() == [2] and t["correct"].tolist() == [True, False, True]
 

@@ -142,6 +142,12 @@ def test_parquet_input_column_mapping_and_limit(model_dirs, tmp_path, capsys):
     (["--data", "D", "--model", "M", "--chosen-col", "nope"], "unknown column(s) 'nope'"),
     (["--data", "D", "--model", "M", "--ref-model", "/no/ref"], "model not found: /no/ref"),
     (["--data", "D", "--model", "M", "--method", "kv", "--compile"], "--method kv cannot score with"),
+    (["--data", "D", "--model", "M", "--group-by", "prompt"],
+     "--group-by pools the votes of a pair's rows: it needs vote columns (--vote-cols) and pairs (not "
+     "--completions-col)"),
+    (["--data", "D", "--model", "M", "--tokenization", "trl", "--append-eos"],
+     "--append-eos with --tokenization trl: that mode appends the EOS text itself"),
+    (["--data", "D", "--model", "M", "--max-length", "1"], "--max-length 1: a scored sequence needs at least"),
 ])
 def test_bad_invocations_exit_2_with_one_line(model_dirs, tmp_path, capsys, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
@@ -251,3 +257,33 @@ def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys, mo
     code, err = run(args + ["--resume", "--tokenization", "trl"], capsys)
     assert code == 2 and "other --tokenization" in err
     assert run(args + ["--resume"], capsys)[0] == 0
+
+
+def test_an_internal_error_keeps_its_traceback(model_dirs, tmp_path, monkeypatch):
+    """Only the user's mistakes (InputError) become one line: a bug elsewhere surfaces with its
+    traceback, even when it is a ValueError."""
+    import prefrank.scoring
+
+    def broken(*args, **kwargs):
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(prefrank.scoring, "score_packed", broken)
+    monkeypatch.setattr(prefrank.scoring, "score_kv", broken)
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    with pytest.raises(ValueError, match="too many values to unpack"):  # not caught: Python prints its traceback
+        main(["score", "--data", data, "--model", model_dirs[0], "--out", str(tmp_path / "s.parquet")])
+
+
+def test_option_names_in_messages(capsys):
+    """Library messages name options (<name>): the Python API reads the parameter's name, the
+    command line its flag."""
+    from prefrank.cli import option_flags
+    from prefrank.errors import InputError
+    from prefrank.tokenization import TokenizeOptions
+    with pytest.raises(InputError) as caught:
+        TokenizeOptions(tokenization="trl", append_eos=True)
+    assert str(caught.value) == "append_eos with tokenization trl: that mode appends the EOS text itself"
+    assert caught.value.text(option_flags()) == ("--append-eos with --tokenization trl: that mode appends the EOS "
+                                                 "text itself")
+    assert InputError("a <token> that is no option, and <model>").text(option_flags()) == \
+        "a <token> that is no option, and --model"

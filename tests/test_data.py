@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from prefrank.data import (VOTE_CODING_HELP, Columns, InputError, read_examples, read_rows, split_implicit_prompt,
-                           to_example)
+from prefrank.data import VOTE_CODING_HELP, Columns, read_examples, read_rows, split_implicit_prompt, to_example
+from prefrank.errors import InputError
 from conftest import HH, PANDALM, needs_shared
 
 PAIR = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}

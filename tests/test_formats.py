@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefrank.cli import main
-from prefrank.data import Columns, InputError, open_examples, preset_columns, read_examples
+from prefrank.data import Columns, open_examples, preset_columns, read_examples
+from prefrank.errors import InputError
 from prefrank.formats import PRESETS, detect
 from conftest import STORIES, needs_shared
 
@@ -293,8 +294,8 @@ def test_grouping_errors_stay_in_place(tmp_path):
     cols = Columns(prompt=["p"], chosen="a", rejected="b", votes=["v"], group_by=["q", "a", "b"])
     errors = [ex.error for ex in read_examples(path, cols)]
     assert errors == ["rows 0 and 2 are one pair (same q, a, b) but their prompts differ",
-                      "'v': 7 is not a vote in the 1/2 coding (1 = the first candidate (--chosen-col), 2 = the second "
-                      "(--rejected-col), 0 = tie)",
+                      "'v': 7 is not a vote in the 1/2 coding (1 = the first candidate (the chosen column), 2 = the second "
+                      "(the rejected column), 0 = tie)",
                       "missing field 'q'", errors[3]]
     assert errors[3].startswith("line 6: invalid JSON")
     rows[2]["p"] = "same"
@@ -303,7 +304,7 @@ def test_grouping_errors_stay_in_place(tmp_path):
     cols = Columns(prompt=["p"], chosen="a", rejected="b", votes=["v"], group_by=["q"])
     assert next(iter(read_examples(path, cols))).error == \
         "rows 0 and 2 are one pair (same q) but their completions differ"
-    with pytest.raises(InputError, match="--group-by pools the votes"):
+    with pytest.raises(InputError, match=r"^group_by pools the votes of a pair's rows: it needs vote columns \(votes\)"):
         read_examples(path, Columns(prompt=["p"], chosen="a", rejected="b", group_by=["q"]))
 
 

@@ -498,8 +498,8 @@ def test_full_disk_is_one_line_and_resume_finishes(setup, tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("kind", ["directory", "read-only", "no-parent", "unwritable-parent"])
 def test_unusable_output_is_refused_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, kind):
-    import prefrank.pipeline
-    monkeypatch.setattr(prefrank.pipeline, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    import prefrank.runtime
+    monkeypatch.setattr(prefrank.runtime, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     out = {"directory": tmp_path, "read-only": tmp_path / "s.parquet", "no-parent": tmp_path / "no" / "s.parquet",
            "unwritable-parent": Path("/proc/prefrank-s.parquet")}[kind]
     if kind == "read-only":
@@ -550,7 +550,8 @@ def test_keep_end_never_exceeds_the_limit(setup, tmp_path, capsys, max_length):
 
 
 def test_truncate_keep_end_unit_limits():
-    from prefrank.data import Example, RowError
+    from prefrank.data import Example
+    from prefrank.errors import InputError
     from prefrank.tokenization import tokenize_example
     tok = build_tokenizer()
     ex = Example(0, "0", "Q: 11+22=?\nA:", [" 33", " 1234567"])
@@ -558,7 +559,7 @@ def test_truncate_keep_end_unit_limits():
         t = tokenize_example(ex, tok, max_length=max_length, truncate="keep-end")
         assert t.prompt_ids[0] == tok.bos_token_id and all(len(c) >= 1 for c in t.completion_ids)
         assert max(len(t.prompt_ids) + len(c) for c in t.completion_ids) <= max_length
-    with pytest.raises(RowError, match="cannot hold"):
+    with pytest.raises(InputError, match="at least a prompt token and a completion token"):
         tokenize_example(ex, tok, max_length=1, truncate="keep-end")
 
 

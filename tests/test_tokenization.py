@@ -14,7 +14,8 @@ import random
 
 import pytest
 
-from prefrank.data import Columns, Example, RowError, read_examples
+from prefrank.data import Columns, Example, read_examples
+from prefrank.errors import RowError
 from prefrank.demo.default import build_tokenizer
 from prefrank.tokenization import TOKENIZATION_MODES, tokenize_example
 from conftest import HH, PANDALM, STORIES, needs_shared

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
-from prefrank.data import InputError
+from prefrank.errors import InputError
 from prefrank.io import PAIR_EXTRAS
 
 PAIRINGS = ("all", "best-worst", "best-random")

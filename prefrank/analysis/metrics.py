@@ -92,7 +92,7 @@ def dpo_margin(pol_w, pol_l, ref_w, ref_l, beta: float, gamma: float = 1.0) -> n
     return beta * (policy - gamma * reference)
 
 
-def dpo_loss(pol_w, pol_l, ref_w, ref_l, beta: float, gamma: float = 1.0) -> np.ndarray:
+def sigmoid_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta: float, gamma: float = 1.0) -> np.ndarray:
     """Per-pair DPO (γ = 1) or DPO^γ loss, -log σ(margin), computed stably."""
     return -log_sigmoid(dpo_margin(pol_w, pol_l, ref_w, ref_l, beta, gamma))
 
@@ -102,7 +102,7 @@ def theorem41(pol_w, pol_l, ref_w, ref_l, beta: float, rtol: float = 1e-9) -> di
     correctly, whether the loss says so, and the pairs where the two disagree beyond float
     rounding (a violation is a bug in the inputs or the arithmetic, never expected)."""
     c = _finite("ref_l", ref_l) - _finite("ref_w", ref_w)
-    loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta)
+    loss = sigmoid_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta)
     bound = -log_sigmoid(beta * c)
     correct = ranking_correct(pol_w, pol_l)
     predicted = loss <= bound

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
-from prefrank.data import InputError
+from prefrank.errors import InputError
 
 
 @dataclass
@@ -137,7 +137,7 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
     mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
     out["dpo_loss_mean"] = mean(theorem["loss"])
     if gamma != 1.0:
-        out["dpo_gamma_loss_mean"] = mean(metrics.dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
+        out["dpo_gamma_loss_mean"] = mean(metrics.sigmoid_dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
     out["reward_margin_mean"] = mean(margin)
     out["reward_accuracy"] = _accuracy(margin > 0, n_boot, seed)
     out["theorem41_violations"] = int(len(theorem["violations"]))
