@@ -337,7 +337,7 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
     attention would exceed PACKED_ATTENTION_LIMIT of the matmul work (small hidden sizes, long
     rows). Refuses an explicit method that cannot score them."""
     if method not in METHODS:
-        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+        raise InputError(f"<method> {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
         exact = [m for m in ("packed", "kv", "naive") if unsupported(lm, m, items) is None]
         if exact[:2] == ["packed", "kv"] and items and packed_attention_overhead(lm, items) > PACKED_ATTENTION_LIMIT:

@@ -76,7 +76,7 @@ def implied_pairs(human, pairing: str = "all", rng: np.random.Generator | None =
     if pairing == "best-random":
         worse = [j for j in range(len(human)) if human[j] < human[best]]
         return [(best, int((rng or np.random.default_rng(0)).choice(worse)))]
-    raise ValueError(f"pairing {pairing!r}: expected one of {', '.join(PAIRINGS)}")
+    raise InputError(f"pairing {pairing!r}: expected one of {', '.join(PAIRINGS)}")
 
 
 def load_kwise(path: str) -> dict:

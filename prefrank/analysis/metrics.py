@@ -13,6 +13,8 @@ Algorithms Do Not Learn Preference Rankings"). Everything is float64 numpy; w = 
 """
 import numpy as np
 
+from prefrank.errors import InputError
+
 DEFAULT_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)
 DEFAULT_EPSILON = 1e-3
 
@@ -21,14 +23,14 @@ def _finite(name: str, x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     bad = ~np.isfinite(x)
     if bad.any():
-        raise ValueError(f"{name}: {int(bad.sum())} non-finite values (first at position {int(np.argmax(bad))})")
+        raise InputError(f"{name}: {int(bad.sum())} non-finite values (first at position {int(np.argmax(bad))})")
     return x
 
 
 def _alpha(alpha) -> np.ndarray:
     a = _finite("alpha", alpha)
     if ((a < 0) | (a > 1)).any():
-        raise ValueError("alpha must lie in [0, 1]")
+        raise InputError("alpha must lie in [0, 1]")
     return a
 
 
@@ -43,7 +45,7 @@ def ranking_correct(logp_w, logp_l, alpha=None, tie_band: float | None = None) -
     correct = w >= l
     if tie_band is not None:
         if alpha is None:
-            raise ValueError("tie_band needs alpha")
+            raise InputError("a tie band needs alpha (votes)")
         tied = _alpha(alpha) == 0.5
         correct = np.where(tied, np.abs(w - l) <= tie_band, correct)
     return correct
@@ -52,7 +54,7 @@ def ranking_correct(logp_w, logp_l, alpha=None, tie_band: float | None = None) -
 def length_normalized(logp, n_tokens) -> np.ndarray:
     n = np.asarray(n_tokens, dtype=np.float64)
     if (n <= 0).any():
-        raise ValueError("token counts must be positive")
+        raise InputError("token counts must be positive")
     return _finite("logp", logp) / n
 
 
@@ -62,9 +64,9 @@ def idealized_correct(ref_w, ref_l, alpha, beta: float, epsilon: float = DEFAULT
     With `tie_band`, a pair whose raters tied (α = 0.5, log-odds 0, so π*'s log-likelihood
     difference is the reference's) counts as correct when that difference is within the band."""
     if beta <= 0:
-        raise ValueError("beta must be positive")
+        raise InputError("beta must be positive")
     if not 0 <= epsilon < 0.5:
-        raise ValueError("epsilon must lie in [0, 0.5)")
+        raise InputError("epsilon must lie in [0, 0.5)")
     a = np.clip(_alpha(alpha), epsilon, 1 - epsilon)
     with np.errstate(divide="ignore"):  # epsilon = 0 and alpha in {0, 1}: ±inf, ranked as such
         log_odds = np.log(a) - np.log1p(-a)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
+from prefrank.errors import InputError
 from prefrank.analysis.summary import load_pairs, ranked_pairs, summarize
 
 
@@ -28,7 +29,7 @@ def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
     for path in paths:
         p = ranked_pairs(load_pairs(path, ref_scores), tie_band)
         if not p.has_ref:
-            raise ValueError(f"{path}: the groups need reference log-probs (--ref-scores or ref_ columns)")
+            raise InputError(f"{path}: the groups need reference log-probs (a reference score table, or ref_ columns)")
         theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
         margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
         correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
@@ -167,7 +168,8 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
     kwise_summary = None
     if kwise.is_kwise_table(scores):
         if checkpoints or ref_scores:
-            raise ValueError("--checkpoints and --ref-scores take pair tables; convert K-wise tables with `prefrank pairs`")
+            raise InputError("checkpoints and reference score tables must be pair tables; convert K-wise tables with "
+                             "`prefrank pairs`")
         kwise_summary = kwise.summarize_kwise(scores, n_boot=options.get("n_boot", 1000), seed=options.get("seed", 0))
         lines += _kwise_headline(kwise_summary) + ["", "## All implied pairs", ""]
         implied = out / "implied_pairs.parquet"
