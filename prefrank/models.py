@@ -73,9 +73,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
         except OSError as e:
             raise InputError(f"cannot read chat template {chat_template}: {e.strerror}") from None
         import jinja2
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-        try:  # compiled as transformers will: a syntax error is the invocation's, not every row's
-            _compile_jinja_template(template)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        try:  # parsed in the sandbox transformers renders in: a syntax error is the invocation's, not every row's
+            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
         except jinja2.TemplateSyntaxError as e:
             raise InputError(f"chat template {chat_template}, line {e.lineno}: {e.message}") from None
     try:

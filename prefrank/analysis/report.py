@@ -40,7 +40,8 @@ def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
     return series
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -48,7 +49,7 @@ def _plt():
 
 
 def plot_accuracy(summary: dict, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     kinds = [("raw", "ranking_accuracy"), ("length_normalized", "ranking_accuracy_length_normalized")]
     for x, (kind, key) in enumerate(kinds):
@@ -74,7 +75,7 @@ def plot_accuracy(summary: dict, path: Path):
 
 
 def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     c, loss, correct = theorem["c"], theorem["loss"], theorem["correct"]
     ax.scatter(c[correct], loss[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
@@ -94,7 +95,7 @@ def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
 
 
 def plot_groups(series: list[dict], path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     x = np.arange(len(series))
     for g, name in enumerate(metrics.GROUPS):
@@ -111,7 +112,7 @@ def plot_groups(series: list[dict], path: Path):
 
 
 def plot_difficulty(c: np.ndarray, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(c, bins=50, color="tab:purple")
     ax.axvline(0, color="k", lw=1)

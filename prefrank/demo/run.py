@@ -63,8 +63,8 @@ def ground_truth_judge(reference_model, tokenizer, problems):
 
 def plot_trajectory(lines: list[dict], path: Path):
     """Ranking accuracy and win rate over training, against the distance from the reference."""
-    from prefrank.analysis.report import _plt
-    plt = _plt()
+    from prefrank.analysis.report import pyplot
+    plt = pyplot()
     steps = [line["step"] for line in lines]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     left.plot(steps, [line["val"]["ranking_accuracy"] for line in lines], marker="o", label="ranking accuracy (val)")
