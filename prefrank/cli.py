@@ -274,7 +274,7 @@ def run_pairs(args) -> int:
                 skipped += 1
                 first_error = first_error or f"row {ex.index} (id {ex.id}): {ex.error}"
                 continue
-            pairs = kwise.implied_pairs(ex.scores, args.pairing, rng)
+            pairs = kwise.implied_pairs(ex.human_scores, args.pairing, rng)
             no_pairs += not pairs
             for i, j in pairs:
                 f.write(json.dumps({"id": f"{ex.id}:{i}>{j}", "prompt": ex.prompt, "chosen": ex.completions[i],

@@ -100,8 +100,8 @@ class Columns:
         None, "K completions per prompt: the column with the list of completions (a dotted name reads a field "
         "of each listed object, e.g. completions.response for UltraFeedback); the table then holds lists "
         "(logps, n_tokens, human_scores)", flag="--completions-col", group="columns")
-    scores: str = option("scores", "with --completions-col: human scores, one per completion (UltraFeedback: "
-                         "completions.overall_score)", flag="--scores-col", group="columns")
+    human_scores: str = option("scores", "with --completions-col: human scores, one per completion "
+                               "(UltraFeedback: completions.overall_score)", flag="--scores-col", group="columns")
     scores_order: str = option("higher-better", "higher-better, or lower-better for ranks (Nectar: answers.rank; "
                                "stored negated in human_scores)", choices=SCORES_ORDERS, group="columns")
     completions_include_prompt: bool = option(
@@ -129,7 +129,7 @@ class Example:
     n_votes: int | None = None  # pairs: the votes alpha comes from (None: an alpha column, or no votes)
     reoriented: bool = False  # the raters preferred the `rejected` column: the two were swapped
     multi_turn: bool = False  # a completion holds more than one message (later turns, earlier answers)
-    scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
+    human_scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
     implicit: bool = False  # the prompt was split off full transcripts (no prompt in the row)
     error: str | None = None
 
@@ -473,10 +473,10 @@ def _check_completions(completions: list, pair: bool):
 
 
 def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
-    scores = _field(row, cols.scores)
+    scores = _field(row, cols.human_scores)
     if (not isinstance(scores, list) or len(scores) != k
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in scores)):
-        raise RowError(f"{cols.scores!r} must be a list of {k} finite numbers (one per completion); got {scores!r}")
+        raise RowError(f"{cols.human_scores!r} must be a list of {k} finite numbers (one per completion); got {scores!r}")
     sign = -1.0 if cols.scores_order == "lower-better" else 1.0  # stored so that higher is better
     return [sign * float(v) for v in scores]
 
@@ -582,7 +582,7 @@ def _finish(example: Example, cols: Columns, prompt, completions, implicit, shar
     if cols.completions is None:
         _orient(example, cols, shares, alpha)
     else:
-        example.scores = shares
+        example.human_scores = shares
     return example
 
 
@@ -719,7 +719,7 @@ def check_columns(row: dict, cols: Columns):
     if cols.completions is None:
         named = (cols.prompt or []) + [cols.chosen, cols.rejected] + (cols.votes or [])
     else:
-        named = (cols.prompt or []) + [cols.completions, cols.scores]
+        named = (cols.prompt or []) + [cols.completions, cols.human_scores]
     named += ([cols.turn] if cols.turn else []) + [c for g in cols.group_by or [] for c in g.split("+")]
     named += [cols.id] if cols.id is not None else []
     missing = [c for c in named if c.partition(".")[0] not in row]

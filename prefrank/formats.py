@@ -89,15 +89,15 @@ PRESETS = {
         "are not read"),
     "ultrafeedback": Preset(
         "openbmb/UltraFeedback",
-        dict(prompt=["instruction"], completions="completions.response", scores="completions.overall_score"),
+        dict(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score"),
         ("instruction", "completions"), "K completions, scored by overall_score (higher is better)"),
     "stack-exchange-preferences": Preset(
         "HuggingFaceH4/stack-exchange-preferences",
-        dict(prompt=["question"], completions="answers.text", scores="answers.pm_score", id="qid"),
+        dict(prompt=["question"], completions="answers.text", human_scores="answers.pm_score", id="qid"),
         ("qid", "question", "answers"), "K answers, scored by pm_score (higher is better)"),
     "nectar": Preset(
         "berkeley-nest/Nectar",
-        dict(prompt=["prompt"], completions="answers.answer", scores="answers.rank", scores_order="lower-better"),
+        dict(prompt=["prompt"], completions="answers.answer", human_scores="answers.rank", scores_order="lower-better"),
         ("prompt", "answers", "turns"), "K answers, ranked by rank (1 is best)"),
 }
 

@@ -136,17 +136,17 @@ def _first_seqs(tokenized) -> dict[int, int]:
     return first_seq
 
 
-def _non_finite(tokenized, scores: dict, kwise: bool) -> dict[int, str]:
+def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
     """The errors of the rows with a NaN or infinite log-prob sum under any model (float16
     overflow, say), naming the model and completion: such a number is never written as a score.
     The sums cover every token: float64 sums of finite fp32 log-probs are finite."""
     first_seq = _first_seqs(tokenized)
-    finite = {model: torch.isfinite(s.logps) for model, s in scores.items()}
+    finite = {model: torch.isfinite(s.logps) for model, s in sums.items()}
     errors = {}
     for index, item in tokenized.items():
         seqs = range(first_seq[index], first_seq[index] + len(item.completion_ids))
         bad = [f"{model} {COMPLETION_NAMES[k] if not kwise else f'completion {k}'} {float(s.logps[seq])}"
-               for model, s in scores.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
+               for model, s in sums.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
         if bad:
             errors[index] = (f"non-finite log-prob ({', '.join(bad)}): the model overflows in its dtype? "
                              f"try the bfloat16 or float32 dtype")
@@ -154,7 +154,7 @@ def _non_finite(tokenized, scores: dict, kwise: bool) -> dict[int, str]:
 
 
 def _chunk_columns(examples, tokenized, errors, policy, ref, per_token, kwise) -> dict[str, list]:
-    """One table row per example, in input order; scores are flat over the tokenized examples."""
+    """One table row per example, in input order; sums are flat over the tokenized examples."""
     models = {"": policy} if ref is None else {"": policy, "ref_": ref}
     first_seq = _first_seqs(tokenized)
     rows = []
@@ -162,16 +162,16 @@ def _chunk_columns(examples, tokenized, errors, policy, ref, per_token, kwise) -
         item = None if ex.index in errors else tokenized[ex.index]
         row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
                "status": "ok" if item is not None else "error", "error": errors.get(ex.index)}
-        row.update({"human_scores": ex.scores} if kwise else
+        row.update({"human_scores": ex.human_scores} if kwise else
                    {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
         seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
         row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
-        for prefix, scores in models.items():
-            row.update(completion_fields(prefix + "logp", None if seqs is None else [float(scores.logps[s]) for s in seqs],
+        for prefix, sums in models.items():
+            row.update(completion_fields(prefix + "logp", None if seqs is None else [float(sums.logps[s]) for s in seqs],
                                          kwise))
             if per_token:
                 row.update(completion_fields(prefix + "token_logps",
-                                             None if seqs is None else [scores.token_logps[s] for s in seqs], kwise))
+                                             None if seqs is None else [sums.token_logps[s] for s in seqs], kwise))
         rows.append(row)
     return {name: [r[name] for r in rows] for name in rows[0]}
 
@@ -282,7 +282,7 @@ def merge_parts(out: str) -> Summary:
         lock.release()
 
 
-def _chunk_stats(chunk, tokenized, errors, scores, seconds: float) -> dict:
+def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> dict:
     """A part's statistics; `seconds` is its own scoring time."""
     ok_rows = [ex for ex in chunk if ex.index not in errors]
     ok = [tokenized[ex.index] for ex in ok_rows]
@@ -290,8 +290,8 @@ def _chunk_stats(chunk, tokenized, errors, scores, seconds: float) -> dict:
             "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
             "reoriented": sum(ex.reoriented for ex in ok_rows), "ties": sum(bool(ex.tie) for ex in ok_rows),
             "multi_turn": sum(ex.multi_turn for ex in ok_rows),
-            "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
-            "methods": dict(Counter(s.method for s in scores)), "seconds": seconds,
+            "real_tokens": sum(s.counts.real for s in sums), "padded_tokens": sum(s.counts.padded for s in sums),
+            "methods": dict(Counter(s.method for s in sums)), "seconds": seconds,
             "first_error": next((f"row {ex.index} (id {ex.id}): {errors[ex.index]}" for ex in chunk
                                  if ex.index in errors), None)}
 

@@ -191,7 +191,7 @@ def test_pandalm_all_rows_normalize():
 
 # ---------------------------------------------------------------- K completions per prompt
 
-KWISE = Columns(prompt=["instruction"], completions="completions.response", scores="completions.overall_score")
+KWISE = Columns(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score")
 
 
 def ultrafeedback_row(**changes):
@@ -205,7 +205,7 @@ def ultrafeedback_row(**changes):
 def test_kwise_nested_columns():
     ex = to_example(0, ultrafeedback_row(), KWISE)
     assert ex.error is None and ex.prompt == "Name a colour."
-    assert ex.completions == [" Red.", " Blue.", " A car.", " Green."] and ex.scores == [8.5, 6.0, 2.0, 8.5]
+    assert ex.completions == [" Red.", " Blue.", " A car.", " Green."] and ex.human_scores == [8.5, 6.0, 2.0, 8.5]
     assert ex.alpha is None
 
 

@@ -240,12 +240,12 @@ def test_preset_reads_its_mirror_rows_as_converted_here(tmp_path, name):
     forced = list(forced)
     assert all(ex.error is None for ex in forced), [ex.error for ex in forced]
     kwise = forced_cols.completions is not None
-    got = [(ex.prompt, ex.completions, ex.scores) if kwise else (ex.prompt, ex.completions, ex.alpha, ex.n_votes)
+    got = [(ex.prompt, ex.completions, ex.human_scores) if kwise else (ex.prompt, ex.completions, ex.alpha, ex.n_votes)
            for ex in forced]
     assert got == expected
     if detected == name or detected is None:  # auto detection reads them the same way
-        assert [(ex.prompt, ex.completions, ex.alpha, ex.scores) for ex in auto] == \
-               [(ex.prompt, ex.completions, ex.alpha, ex.scores) for ex in forced]
+        assert [(ex.prompt, ex.completions, ex.alpha, ex.human_scores) for ex in auto] == \
+               [(ex.prompt, ex.completions, ex.alpha, ex.human_scores) for ex in forced]
 
 
 def test_turn_two_rows_are_marked_multi_turn(tmp_path):
