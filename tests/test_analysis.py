@@ -201,6 +201,57 @@ def test_analyze_and_report_cli(tmp_path, capsys):
     assert "cannot read score table" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_displacement_against_brute_force(seed, tmp_path):
+    """Δ_w, Δ_l and the displacement shares, overall, per group and over checkpoints, against a
+    loop over the pairs written here."""
+    rng = np.random.default_rng(seed)
+    n = 80
+    ref = rng.normal(-30, 6, (n, 2))
+    pol = ref + rng.normal(-1, 3, (n, 2))  # mostly lower likelihoods, as after DPO
+    pol[:5] = ref[:5]  # no change: Δ = 0 is not a loss of likelihood
+    path = write_scores(tmp_path / "s.parquet", pol, ref)
+    s = summarize(load_pairs(path), beta=0.1, n_boot=10)
+    d = s["displacement"]
+    count = {"displaced": 0, "both": 0, "by_rejected": 0}
+    groups = {}
+    for (pw, pl), (rw, rl) in zip(pol, ref):
+        dw, dl = pw - rw, pl - rl
+        now, before = pw >= pl, rw >= rl
+        count["displaced"] += dw < 0
+        count["both"] += dw < 0 and dl < 0
+        count["by_rejected"] += now and dl < dw < 0
+        groups.setdefault((before, now), []).append((dw, dl))
+    assert d["share_chosen_displaced"] == pytest.approx(count["displaced"] / n)
+    assert d["share_both_decreased"] == pytest.approx(count["both"] / n)
+    assert d["share_ranked_right_by_rejected_falling"] == pytest.approx(count["by_rejected"] / n)
+    assert d["mean_delta_chosen"] == pytest.approx(float(np.mean(pol[:, 0] - ref[:, 0])))
+    assert d["median_delta_rejected"] == pytest.approx(float(np.median(pol[:, 1] - ref[:, 1])))
+    for g, key in zip(s["groups"], [(True, True), (True, False), (False, True), (False, False)]):
+        members = groups.get(key, [])
+        assert g["count"] == len(members)
+        if members:
+            assert g["share_chosen_displaced"] == pytest.approx(np.mean([dw < 0 for dw, _ in members]))
+            assert g["mean_delta_rejected"] == pytest.approx(np.mean([dl for _, dl in members]))
+        else:
+            assert g["share_chosen_displaced"] is None
+    later = write_scores(tmp_path / "s2.parquet", pol - 1.0, ref)
+    from prefrank.analysis import checkpoint_series
+    series = checkpoint_series([path, later], None, 0.1)
+    assert series[0]["displacement"] == pytest.approx(d)
+    assert series[1]["displacement"]["share_chosen_displaced"] == pytest.approx(np.mean(pol[:, 0] - 1 < ref[:, 0]))
+
+
+def test_report_shows_displacement(tmp_path):
+    rng = np.random.default_rng(5)
+    ref = rng.normal(-20, 5, (40, 2))
+    scores = write_scores(tmp_path / "s.parquet", ref + rng.normal(-1, 2, (40, 2)), ref)
+    assert main(["report", scores, "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Likelihood displacement" in text and "![likelihood displacement](displacement.png)" in text
+    assert (tmp_path / "rep" / "displacement.png").stat().st_size > 0
+
+
 def test_separate_reference_table(tmp_path):
     pol = write_scores(tmp_path / "p.parquet", [[-1, -2], [-3, -1]])
     ref = write_scores(tmp_path / "r.parquet", [[-2, -1], [-1, -2]], status=["ok", "error"])

@@ -118,19 +118,43 @@ GROUPS = ("ref correct, now correct", "ref correct, now incorrect", "ref incorre
           "ref incorrect, now incorrect")
 
 
-def flip_groups(ref_correct, now_correct, loss, margin) -> list[dict]:
+def flip_groups(ref_correct, now_correct, loss, margin, delta_w=None, delta_l=None) -> list[dict]:
     """The four groups of pairs by (reference correct?, policy correct?): count, share, mean DPO
-    loss and mean reward margin (None for an empty group)."""
+    loss and mean reward margin, and with the likelihood changes (displacement()) the share whose
+    chosen completion lost likelihood and the mean changes (None for an empty group)."""
     ref_correct, now_correct = np.asarray(ref_correct, bool), np.asarray(now_correct, bool)
     loss, margin = np.asarray(loss, np.float64), np.asarray(margin, np.float64)
     rows = []
     for name, (r, n) in zip(GROUPS, [(True, True), (True, False), (False, True), (False, False)]):
         member = (ref_correct == r) & (now_correct == n)
         count = int(member.sum())
-        rows.append({"group": name, "count": count, "share": count / max(len(member), 1),
-                     "mean_loss": float(loss[member].mean()) if count else None,
-                     "mean_margin": float(margin[member].mean()) if count else None})
+        mean = lambda x: float(np.asarray(x, np.float64)[member].mean()) if count else None  # noqa: E731
+        row = {"group": name, "count": count, "share": count / max(len(member), 1), "mean_loss": mean(loss),
+               "mean_margin": mean(margin)}
+        if delta_w is not None:
+            row.update(share_chosen_displaced=mean(np.asarray(delta_w) < 0), mean_delta_chosen=mean(delta_w),
+                       mean_delta_rejected=mean(delta_l))
+        rows.append(row)
     return rows
+
+
+def displacement(pol_w, pol_l, ref_w, ref_l, now_correct) -> dict:
+    """Likelihood displacement (Razin et al., ICLR 2025, "Unintentional Unalignment: Likelihood
+    Displacement in Direct Preference Optimization"): per pair Δ_w = log πθ(y_w) − log πref(y_w)
+    and Δ_l = log πθ(y_l) − log πref(y_l) (arrays "delta_w", "delta_l"), and the shares of pairs
+    whose chosen completion lost likelihood (Δ_w < 0), whose two completions both lost it, and
+    that the policy ranks right only because the rejected fell further (ranked right, Δ_l < Δ_w < 0)."""
+    delta_w = _finite("pol_w", pol_w) - _finite("ref_w", ref_w)
+    delta_l = _finite("pol_l", pol_l) - _finite("ref_l", ref_l)
+    now_correct = np.asarray(now_correct, bool)
+    share = lambda mask: float(mask.mean()) if len(mask) else None  # noqa: E731
+    stat = lambda f, x: float(f(x)) if len(x) else None  # noqa: E731
+    return {"delta_w": delta_w, "delta_l": delta_l,
+            "share_chosen_displaced": share(delta_w < 0),
+            "share_both_decreased": share((delta_w < 0) & (delta_l < 0)),
+            "share_ranked_right_by_rejected_falling": share(now_correct & (delta_l < delta_w) & (delta_w < 0)),
+            "mean_delta_chosen": stat(np.mean, delta_w), "median_delta_chosen": stat(np.median, delta_w),
+            "mean_delta_rejected": stat(np.mean, delta_l), "median_delta_rejected": stat(np.median, delta_l)}
 
 
 def bootstrap_ci(correct, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

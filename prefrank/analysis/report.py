@@ -6,6 +6,8 @@
                     Theorem 4.1 boundary -log σ(βc) (Fig. 3 style)
   groups.png        the four reference × policy correctness groups over checkpoints: share, mean
                     loss, mean margin (Fig. 2 style)
+  displacement.png  Δ log π of the rejected vs the chosen completion, policy against reference:
+                    likelihood displacement (Razin et al. 2025), four quadrants
   difficulty.png    histogram of c
 """
 import json
@@ -23,8 +25,8 @@ from prefrank.analysis.summary import load_pairs, ranked_pairs, summarize
 
 def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
                       tie_band: float | None = None) -> list[dict]:
-    """Per checkpoint score table: ranking accuracy, DPO loss and the four groups (over the pairs
-    summarize() measures)."""
+    """Per checkpoint score table: ranking accuracy, DPO loss, likelihood displacement and the four
+    groups (over the pairs summarize() measures)."""
     series = []
     for path in paths:
         p = ranked_pairs(load_pairs(path, ref_scores), tie_band)
@@ -33,10 +35,13 @@ def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
         theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
         margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
         correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
+        moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, correct)
         series.append({"checkpoint": path, "ranking_accuracy": float(correct.mean()),
                        "dpo_loss_mean": float(theorem["loss"].mean()),
+                       "displacement": {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")},
                        "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band),
-                                                     correct, theorem["loss"], margin)})
+                                                     correct, theorem["loss"], margin, moved["delta_w"],
+                                                     moved["delta_l"])})
     return series
 
 
@@ -106,6 +111,43 @@ def plot_groups(series: list[dict], path: Path):
         ax.set_title(title)
         ax.set_xticks(x, [Path(s["checkpoint"]).stem for s in series], rotation=30, fontsize=7)
     axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_displacement(moved: dict, correct: np.ndarray, path: Path, ches: np.ndarray | None = None):
+    """Δ log π of the rejected vs the chosen completion, policy against reference (the four
+    quadrants: which of the two gained or lost likelihood), and with CHES, CHES vs Δ_w."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if ches is not None else 1, figsize=(11 if ches is not None else 6, 4.5),
+                             squeeze=False)
+    ax = axes[0, 0]
+    d_w, d_l = moved["delta_w"], moved["delta_l"]
+    ax.scatter(d_w[correct], d_l[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
+    ax.scatter(d_w[~correct], d_l[~correct], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axhline(0, color="k", lw=0.8)
+    if len(d_w):
+        lo, hi = min(d_w.min(), d_l.min()), max(d_w.max(), d_l.max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="Δ_l = Δ_w")
+    quadrants = [((d_w >= 0) & (d_l >= 0), 0.97, 0.97, "both gained"), ((d_w < 0) & (d_l >= 0), 0.03, 0.97,
+                 "chosen lost, rejected gained"), ((d_w < 0) & (d_l < 0), 0.03, 0.03, "both lost"),
+                 ((d_w >= 0) & (d_l < 0), 0.97, 0.03, "chosen gained, rejected lost")]
+    for mask, x, y, text in quadrants:
+        ax.text(x, y, f"{text}: {100 * mask.mean():.0f}%" if len(mask) else text, transform=ax.transAxes,
+                ha="right" if x > 0.5 else "left", va="top" if y > 0.5 else "bottom", fontsize=7)
+    ax.set_xlabel(r"$\Delta_w = \log\pi_\theta(y_w|x) - \log\pi_{ref}(y_w|x)$")
+    ax.set_ylabel(r"$\Delta_l = \log\pi_\theta(y_l|x) - \log\pi_{ref}(y_l|x)$")
+    ax.legend(fontsize=7, loc="center right")
+    if ches is not None:
+        ax = axes[0, 1]
+        ax.scatter(ches, d_w, s=6, alpha=0.5, color="tab:blue")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("CHES (reference model's hidden states)")
+        ax.set_ylabel(r"$\Delta_w$")
+        rho = metrics.spearman(ches, d_w)
+        ax.set_title(f"Spearman ρ = {'–' if rho is None else f'{rho:+.2f}'}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -199,6 +241,10 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
                   "## Theorem 4.1: loss vs difficulty", "",
                   "A pair is ranked correctly exactly when its DPO loss is below the curve -log σ(βc).",
                   "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
+        correct = metrics.ranking_correct(pairs.pol_w, pairs.pol_l, pairs.alpha, tie_band)
+        moved = metrics.displacement(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, correct)
+        plot_displacement(moved, correct, out / "displacement.png")
+        lines += _displacement_section(summary)
         lines += _difficulty_section(summary["difficulty"], examples)
     if kwise_summary is not None:
         summary = {**kwise_summary, "implied_pairs": summary}
@@ -219,6 +265,25 @@ def _kwise_headline(k: dict) -> list[str]:
             fmt = (lambda v: "–" if v is None else f"{v:+.3f}") if key == "kendall_tau_b" else _pct
             lines.append(f"| {label}{note} | {fmt(m['value'])} (95% CI {fmt(lo)}–{fmt(hi)}) |")
     return lines
+
+
+def _displacement_section(s: dict) -> list[str]:
+    d = s["displacement"]
+    fmt = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
+    lines = ["## Likelihood displacement", "",
+             f"Preference optimization can lower the likelihood of the chosen completion too (Razin et al., ICLR "
+             f"2025). Here the policy gives the chosen completion less likelihood than the reference did on "
+             f"{_pct(d['share_chosen_displaced'])} of the pairs, both completions lose likelihood on "
+             f"{_pct(d['share_both_decreased'])}, and {_pct(d['share_ranked_right_by_rejected_falling'])} are "
+             f"ranked right only because the rejected completion fell further than the chosen one (Δ_l < Δ_w < 0).",
+             "", "| | chosen (Δ_w) | rejected (Δ_l) |", "|---|---|---|",
+             f"| mean Δ log π, policy − reference | {fmt(d['mean_delta_chosen'])} | {fmt(d['mean_delta_rejected'])} |",
+             f"| median | {fmt(d['median_delta_chosen'])} | {fmt(d['median_delta_rejected'])} |", "",
+             "| group | pairs | chosen displaced (Δ_w < 0) | mean Δ_w | mean Δ_l |", "|---|---|---|---|---|"]
+    for g in s["groups"]:
+        lines.append(f"| {g['group']} | {g['count']} | {_pct(g['share_chosen_displaced'])} | "
+                     f"{fmt(g['mean_delta_chosen'])} | {fmt(g['mean_delta_rejected'])} |")
+    return lines + ["", "![likelihood displacement](displacement.png)", ""]
 
 
 def _difficulty_section(d: dict, examples) -> list[str]:

@@ -143,7 +143,10 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
     out["theorem41_violations"] = int(len(theorem["violations"]))
     out["theorem41_violating_ids"] = [str(i) for i in p.ids[theorem["violations"]][:20]]
     out["difficulty"] = _difficulty(p, theorem["c"])
-    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin)
+    moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, observed["raw"])
+    out["displacement"] = {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")}
+    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin, moved["delta_w"],
+                                        moved["delta_l"])
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
