@@ -33,3 +33,9 @@ def test_reduced_demo(default_cache, tmp_path, capsys):
     assert [t["alpha"] for t in table] == [r["alpha"] for r in rows] and not any(t["reoriented"] for t in table)
     assert s["n_chosen_rejected_by_raters"] == sum(r["alpha"] < 0.5 for r in rows) > 0
     assert "alignment gap" in (report / "report.md").read_text() and "Theorem 4.1" in demo["text"]
+
+
+def test_the_judge_reads_the_number_whatever_whitespace_precedes_it():
+    from prefrank.demo.run import answer_value
+    assert [answer_value(t) for t in (" 12", "12", "\n7", "  104x", " 9\n", "x12", "", " -3")] == \
+        [12, 12, 7, 104, 9, None, None, None]

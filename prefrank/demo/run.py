@@ -38,11 +38,15 @@ def greedy_answers(model, tokenizer, problems) -> list[int | None]:
         out = model.generate(input_ids=torch.tensor(ids, device=model.device), max_new_tokens=4, do_sample=False,
                              pad_token_id=0, attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long,
                                                                         device=model.device))
-    answers = []
-    for row in out[:, len(ids[0]):].tolist():
-        match = re.match(r" (\d+)", tokenizer.decode(row, skip_special_tokens=True))
-        answers.append(int(match.group(1)) if match else None)
-    return answers
+    return [answer_value(tokenizer.decode(row, skip_special_tokens=True)) for row in out[:, len(ids[0]):].tolist()]
+
+
+def answer_value(text: str) -> int | None:
+    """The number a greedy answer starts with, whatever whitespace comes before it (the task's
+    answers are " 12", but a policy that drops the space, whose DPO gradient cancels between chosen
+    and rejected, still answers 12); None when it is no number."""
+    match = re.match(r"\s*(\d+)", text)
+    return int(match.group(1)) if match else None
 
 
 def ground_truth_judge(reference_model, tokenizer, problems):
