@@ -19,6 +19,9 @@ class Preset:
     note: str = ""  # what the mapping decides
 
 
+# AlpacaFarm's human annotations and cross-annotations: one vote per row, grouped into pairs
+_ALPACA_VOTES = dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
+                     vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"])
 _MT = dict(chosen="conversation_a", rejected="conversation_b", votes=["winner"], vote_coding="names", turn="turn")
 
 PRESETS = {
@@ -53,15 +56,11 @@ PRESETS = {
              vote_coding="0/1"),
         None, "the harmlessness preference: safer_response_id 0 = response_0, 1 = response_1"),
     "alpacafarm-cross-annotations": Preset(
-        "tatsu-lab/alpaca_eval alpaca_farm_human_crossannotations",
-        dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
-             vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"]),
+        "tatsu-lab/alpaca_eval alpaca_farm_human_crossannotations", _ALPACA_VOTES,
         ("instruction", "output_1", "output_2", "preference", "annotator_index"),
         "one vote per row (preference 1 = output_1, 2 = output_2), grouped into pairs"),
     "alpacafarm-human-annotations": Preset(
-        "tatsu-lab/alpaca_eval alpaca_farm_human_annotations",
-        dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
-             vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"]),
+        "tatsu-lab/alpaca_eval alpaca_farm_human_annotations", _ALPACA_VOTES,
         ("instruction", "output_1", "output_2", "preference", "annotator"),
         "one vote per row (preference 1 = output_1, 2 = output_2), grouped into pairs"),
     "alpacafarm-human-preference": Preset(

@@ -21,6 +21,7 @@ from prefrank.data import Columns, to_example
 from prefrank.demo.default import build_tokenizer
 from prefrank.demo.task import make_pairs
 from prefrank.io import Parts
+from conftest import free_port
 from tiny_models import tiny_model
 
 N_ROWS, CHUNK = 300, 7
@@ -258,12 +259,6 @@ def test_stale_lock_is_taken_over_and_foreign_lock_refused(setup, tmp_path, caps
     assert main(score_args(setup["data"], setup["models"][0], out)) == 2
     err = one_line(capsys.readouterr().err)
     assert "pid 1 on another-host" in err and ".lock" in err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_refused_by_a_held_lock_exits_on_every_rank(setup, tmp_path):

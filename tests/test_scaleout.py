@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from prefrank.demo.task import make_pairs
 from prefrank.io import Parts
+from conftest import free_port
 from tiny_models import tiny_model
 
 
@@ -104,12 +104,6 @@ def test_kill_9_then_resume_equals_a_clean_run(setup, tmp_path):
     assert resumed.column("id").to_pylist() == clean.column("id").to_pylist()
     for col in ("logp_chosen", "logp_rejected", "n_chosen", "status", "error"):
         assert resumed.column(col).to_pylist() == clean.column(col).to_pylist(), col
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_ranks_equal_one_process(setup, tmp_path):
