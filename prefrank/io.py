@@ -14,9 +14,14 @@ Columns (one row per input row):
   truncated                           the pair was cut to fit (--truncate keep-end)
   status, error                       "ok" / "error" and the reason
   token_logps_chosen, ...             per-token log-probs, float32 lists (with --per-token)
+  ches, ches_normalized               CHES of the pair (and ref_ches, ...: under the reference; with --ches)
+  hidden_sum_chosen, ...              Σ of the hidden states predicting the completion's tokens, float32
+                                      lists (with --hidden-sums; ref_ ones too with a reference)
 K-wise tables (K completions per prompt) hold lists instead, one element per completion:
-  logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha,
-  n_votes, tie and reoriented (higher is better: ranks are stored negated).
+  logps, ref_logps, n_tokens, token_logps, ref_token_logps, hidden_sums, and human_scores in place
+  of alpha, n_votes, tie and reoriented (higher is better: ranks are stored negated); with --ches,
+  hidden_gram (and ref_hidden_gram): the K×K inner products of the completions' hidden sums,
+  row-major, from which the CHES of any pair i, j is G_ij − G_ii.
 Tables written before n_votes, tie, reoriented and multi_turn existed still load (PAIR_EXTRAS).
 Rows are written as parts (one per chunk of input rows) that a killed run keeps and --resume
 reuses once their checksums verify; the final table is assembled from verified parts under a
@@ -50,6 +55,8 @@ _FIELDS = {  # kind: (pair column pattern, K-wise column, element type)
     "n": ("n_{}", "n_tokens", pa.int64()),
     "token_logps": ("token_logps_{}", "token_logps", pa.list_(pa.float32())),
     "ref_token_logps": ("ref_token_logps_{}", "ref_token_logps", pa.list_(pa.float32())),
+    "hidden_sum": ("hidden_sum_{}", "hidden_sums", pa.list_(pa.float32())),
+    "ref_hidden_sum": ("ref_hidden_sum_{}", "ref_hidden_sums", pa.list_(pa.float32())),
 }
 
 
@@ -72,11 +79,30 @@ def _typed_fields(kind: str, kwise: bool) -> list[tuple[str, pa.DataType]]:
 PAIR_EXTRAS = {"n_votes": pa.int64(), "tie": pa.bool_(), "reoriented": pa.bool_()}
 
 
-def table_schema(with_ref: bool, per_token: bool, kwise: bool = False) -> pa.Schema:
+def ches_columns(prefix: str, gram: list[float] | None, lengths: list[int] | None, kwise: bool) -> dict:
+    """One row's CHES columns X:
+    a pair's CHES = ⟨Σh_w, Σh_l⟩ − ‖Σh_w‖², and length-normalized with the means (Razin et al. 2025);
+    K-wise rows keep the Gram matrix itself."""
+    if kwise:
+        return {prefix + "hidden_gram": gram}
+    if gram is None:
+        return {prefix + "ches": None, prefix + "ches_normalized": None}
+    (ww, wl, _, _), (n_w, n_l) = gram, lengths
+    return {prefix + "ches": wl - ww, prefix + "ches_normalized": wl / (n_w * n_l) - ww / (n_w * n_w)}
+
+
+def table_schema(with_ref: bool, per_token: bool, kwise: bool = False, ches: bool = False,
+                 hidden_sums: bool = False) -> pa.Schema:
     kinds = ["logp"] + (["ref_logp"] if with_ref else []) + ["n"]
     if per_token:
         kinds += ["token_logps"] + (["ref_token_logps"] if with_ref else [])
+    if hidden_sums:
+        kinds += ["hidden_sum"] + (["ref_hidden_sum"] if with_ref else [])
     fields = [("id", pa.string())] + [f for kind in kinds for f in _typed_fields(kind, kwise)]
+    if ches:
+        names = ["hidden_gram"] if kwise else ["ches", "ches_normalized"]
+        element = pa.list_(pa.float64()) if kwise else pa.float64()
+        fields += [(prefix + name, element) for prefix in ["", "ref_"][:1 + with_ref] for name in names]
     if kwise:
         fields += [("human_scores", pa.list_(pa.float64()))]
     else:

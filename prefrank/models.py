@@ -163,7 +163,7 @@ class CausalLM:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Cohere multiplies logits by logit_scale, Granite divides them by logits_scaling.
         self.temperature = (getattr(config, "logits_scaling", None) or 1.0) / (getattr(config, "logit_scale", None) or 1.0)
-        self.vocab_size = self.weight.shape[0]
+        self.vocab_size, self.hidden_size = self.weight.shape  # the head's input: the final hidden states' width
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self._cache_arg = cache_argument(self.decoder.forward)
         # What the packed and kv methods need to know of the attention (see scoring.resolve_method)
@@ -203,8 +203,12 @@ class CausalLM:
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.last_hidden_state
 
-    def logits(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def logits(self, input_ids, attention_mask, with_hidden: bool = False):
+        """The model's own logits [B, T, V]; `with_hidden`: (logits, the final hidden states that
+        feed the head [B, T, d]) from the same forward."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=with_hidden)
+        return (out.logits, out.hidden_states[-1]) if with_hidden else out.logits
 
     def compile_blocks(self, enabled: bool = True) -> "CausalLM":
         """torch.compile each repeated block of the decoder (its transformer layers), with dynamic

@@ -18,8 +18,8 @@ import torch
 from prefrank import __version__
 from prefrank.data import Columns, count_rows, open_examples
 from prefrank.errors import InputError, WriteError
-from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, completion_fields, input_hash,
-                         table_schema)
+from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, ches_columns, completion_fields,
+                         input_hash, table_schema)
 from prefrank.models import DTYPES, CausalLM, LoadOptions, fingerprint, resolve_dtype
 from prefrank.options import option, options, positive_int, row_options
 from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, on_rank_0, process_device
@@ -64,6 +64,13 @@ class ScoreOptions(LoadOptions, TokenizeOptions):
     chunk_rows: int = option(2048, "rows read, length-sorted and written together (one part each)",
                              type=positive_int, group="execution")
     per_token: bool = option(False, "also write per-token log-prob lists", group="execution")
+    ches: bool = option(
+        False, "also write each pair's CHES score and its length-normalized form under each model (ches, "
+        "ches_normalized, ref_ches, ...): ⟨Σh(y_w), Σh(y_l)⟩ − ‖Σh(y_w)‖², h the final hidden states that "
+        "predict the completion's tokens (Razin et al., ICLR 2025), from the same forward passes; K-wise tables "
+        "hold the completions' hidden Gram matrix (hidden_gram)", group="execution")
+    hidden_sums: bool = option(False, "also write each completion's sum of those hidden states (float32 lists)",
+                               group="execution")
     strict: bool = option(False, "stop at the first bad row instead of recording it", group="execution")
     resume: bool = option(False, "continue an interrupted run: the parts in OUT.parts/ whose checksums verify are "
                           "kept, the others scored (the run's input, options and model and tokenizer files must "
@@ -153,10 +160,13 @@ def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
     return errors
 
 
-def _chunk_columns(examples, tokenized, errors, policy, ref, per_token, kwise) -> dict[str, list]:
-    """One table row per example, in input order; sums are flat over the tokenized examples."""
-    models = {"": policy} if ref is None else {"": policy, "ref_": ref}
+def _chunk_columns(examples, tokenized, errors, models: dict, opts: "ScoreOptions", kwise) -> dict[str, list]:
+    """One table row per example, in input order. `models`: column prefix ("" the policy, "ref_")
+    → its SequenceLogprobs, flat over the tokenized examples."""
     first_seq = _first_seqs(tokenized)
+    item_of = {index: k for k, index in enumerate(tokenized)}
+    grams = {prefix: sums.hidden_grams(list(tokenized.values())) for prefix, sums in models.items()} if opts.ches \
+        else None
     rows = []
     for ex in examples:
         item = None if ex.index in errors else tokenized[ex.index]
@@ -169,9 +179,15 @@ def _chunk_columns(examples, tokenized, errors, policy, ref, per_token, kwise) -
         for prefix, sums in models.items():
             row.update(completion_fields(prefix + "logp", None if seqs is None else [float(sums.logps[s]) for s in seqs],
                                          kwise))
-            if per_token:
+            if opts.per_token:
                 row.update(completion_fields(prefix + "token_logps",
                                              None if seqs is None else [sums.token_logps[s] for s in seqs], kwise))
+            if opts.hidden_sums:
+                row.update(completion_fields(prefix + "hidden_sum", None if seqs is None else
+                                             [sums.hidden_sums[s].float().tolist() for s in seqs], kwise))
+            if opts.ches:
+                row.update(ches_columns(prefix, None if item is None else grams[prefix][item_of[ex.index]],
+                                        None if item is None else [len(c) for c in item.completion_ids], kwise))
         rows.append(row)
     return {name: [r[name] for r in rows] for name in rows[0]}
 
@@ -215,7 +231,7 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
     max_length = run_max_length(opts.max_length, policy_lm, ref_lm)
     kwise = opts.columns.completions is not None
-    schema = table_schema(ref_lm is not None, opts.per_token, kwise)
+    schema = table_schema(**_table_options(opts, ref_lm is not None))
 
     parts = Parts(opts.out)
     created = False
@@ -239,12 +255,12 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
             chunk_start = time.perf_counter()
             tokenized, errors = _tokenize_chunk(chunk, tokenizer, opts, max_length)
             items = list(tokenized.values())
-            policy = score(policy_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
-                           per_token=opts.per_token)
-            ref = ref_lm and score(ref_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
-                                   per_token=opts.per_token)
+            policy, ref = (lm and score(lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
+                                        per_token=opts.per_token, hidden=opts.ches or opts.hidden_sums)
+                           for lm in (policy_lm, ref_lm))
             errors |= _non_finite(tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
-            columns = _chunk_columns(chunk, tokenized, errors, policy, ref, opts.per_token, kwise)
+            models = {"": policy} | ({"ref_": ref} if ref else {})
+            columns = _chunk_columns(chunk, tokenized, errors, models, opts, kwise)
             stats = _chunk_stats(chunk, tokenized, errors, [policy, ref] if ref else [policy],
                                  time.perf_counter() - chunk_start)
             parts.write(c, columns, schema, stats)
@@ -296,6 +312,12 @@ def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> dict:
                                  if ex.index in errors), None)}
 
 
+def _table_options(opts: ScoreOptions, with_ref: bool) -> dict:
+    """The score table's columns (io.table_schema's arguments; the sidecar records them)."""
+    return {"with_ref": with_ref, "per_token": opts.per_token, "kwise": opts.columns.completions is not None,
+            "ches": opts.ches, "hidden_sums": opts.hidden_sums}
+
+
 def _manifest(opts: ScoreOptions, sidecar: dict) -> dict:
     """What must match for --resume to continue a run: every option that decides the rows (local
     paths resolved: a relative path to the same file is the same input), the input's contents and
@@ -338,7 +360,7 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         # the tokenizer's files are the policy's unless --tokenizer names others
         "files": {name: fingerprint(getattr(opts, name)) for name in ("model", "ref_model", "tokenizer")
                   if getattr(opts, name)},
-        "table": {"with_ref": ref_lm is not None, "per_token": opts.per_token, "kwise": opts.columns.completions is not None},
+        "table": _table_options(opts, ref_lm is not None),
         "world_size": world,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__,

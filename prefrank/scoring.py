@@ -53,15 +53,24 @@ class TokenCounts:
 
 class SequenceLogprobs:
     """Per completion, flattened in item order (item 0's completions first): float64 sums of the
-    token log-probs, optionally the fp32 per-token log-probs, the token counts pushed through, and
-    the method that computed them.
-    The sums stay on the model's device until finish() (one transfer, not one per batch)."""
+    token log-probs, optionally the fp32 per-token log-probs and the float64 sums of the hidden
+    states that predict its tokens (`hidden`: CHES), the token counts pushed through, and the
+    method that computed them. The sums stay on the model's device until finish() (one transfer,
+    not one per batch)."""
 
-    def __init__(self, n_sequences: int, per_token: bool, device, method: str):
+    def __init__(self, n_sequences: int, per_token: bool, device, method: str, hidden: int | None = None):
         self.method = method
         self.logps = torch.zeros(n_sequences, dtype=torch.float64, device=device)
         self.token_logps = [[] for _ in range(n_sequences)] if per_token else None
+        # [n_sequences, d] (hidden: d), or None
+        self.hidden_sums = None if hidden is None else torch.zeros(n_sequences, hidden, dtype=torch.float64,
+                                                                   device=device)
         self.counts = TokenCounts()
+
+    def add_hidden(self, seqs: torch.Tensor, rows: torch.Tensor):
+        """Add hidden states `rows` [n, d], each predicting a token of completion `seqs` [n]."""
+        if self.hidden_sums is not None:
+            self.hidden_sums.index_add_(0, seqs, rows.double())
 
     def add(self, seqs: list[int], token_lp: torch.Tensor, lengths: list[int]):
         """Add rows of per-token log-probs ([len(seqs), T] fp32, 0 past each row's length)."""
@@ -73,6 +82,13 @@ class SequenceLogprobs:
     def finish(self) -> "SequenceLogprobs":
         self.logps = self.logps.cpu()
         return self
+
+    def hidden_grams(self, items: list[Tokenized]) -> list[list[float]]:
+        """Per item, the K×K inner products ⟨Σh_i, Σh_j⟩ of its completions' hidden sums (row-major,
+        float64), computed on the device: CHES(x, y_i, y_j) = G_ij − G_ii (Razin et al. 2025)."""
+        first = _first_completion(items)
+        grams = [self.hidden_sums[a:b] @ self.hidden_sums[a:b].T for a, b in zip(first[:-1], first[1:])]
+        return [g.flatten().tolist() for g in grams]
 
 
 def _first_completion(items: list[Tokenized]) -> list[int]:
@@ -151,15 +167,20 @@ def _score_continuations(lm, batches: list[_PromptBatch], completions, sums: Seq
         seqs = [cont[x][2] for x in batch]
         hidden, targets = continuation_pass(lm, batches, [cont[x][:2] for x in batch], [completions[s] for s in seqs])
         sums.counts.add([completions[s][:-1] for s in seqs], targets)
-        lp = ops.logprobs_from_hidden(hidden.flatten(0, 1), lm.weight, targets.flatten(), **lm.head_kwargs)
+        hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        lp = ops.logprobs_from_hidden(hidden, lm.weight, targets, **lm.head_kwargs)
         sums.add(seqs, lp.view(len(seqs), -1), [len(completions[s]) - 1 for s in seqs])
+        if sums.hidden_sums is not None:
+            keep = targets != IGNORE_INDEX
+            owner = torch.tensor(seqs, device=lm.device).repeat_interleave(len(targets) // len(seqs))
+            sums.add_hidden(owner[keep], hidden[keep])
 
 
 @torch.inference_mode()
-def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
+def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False, hidden: bool = False,
              cache_bytes: int = CACHE_BYTES) -> SequenceLogprobs:
     _, completions = _flatten(items)
-    sums = SequenceLogprobs(len(completions), per_token, lm.device, "kv")
+    sums = SequenceLogprobs(len(completions), per_token, lm.device, "kv", lm.hidden_size if hidden else None)
     first_seq = _first_completion(items)
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
@@ -172,6 +193,7 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
         first_targets = torch.tensor([completions[s][0] for s in flat], device=lm.device)
         first = ops.logprobs_from_hidden(last_hidden[rows], lm.weight, first_targets, **lm.head_kwargs)
         sums.add(flat, first[:, None], [1] * len(flat))
+        sums.add_hidden(torch.tensor(flat, device=lm.device), last_hidden[rows])
         held.append(prompt_batch)
         # Score what the held caches serve, then free them: when they use their memory budget, or
         # when the next prompts are much longer, since every continuation attends over the
@@ -240,26 +262,32 @@ def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[
                        as_tensor(targets), as_tensor(owner), as_tensor(rank))
 
 
+def _next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T - 1] fp32 log-probs of ids[:, 1:] under logits [B, T, V]: log_softmax and gather."""
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None]).squeeze(2)
+
+
 def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The naive step: [B, T - 1] fp32 log-probs of ids[:, 1:] from the model's full logits,
     log_softmax and gather (every position; `targets`, ids[:, 1:] with IGNORE_INDEX outside the
     completions, is for steps that can skip the rest)."""
-    logits = lm.logits(ids, mask).float()
-    return torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+    return _next_token_logprobs(lm.logits(ids, mask), ids)
 
 
 @torch.inference_mode()
-def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> SequenceLogprobs:
+def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False,
+                 hidden: bool = False) -> SequenceLogprobs:
     _, completions = _flatten(items)
-    sums = SequenceLogprobs(len(completions), per_token, lm.device, "packed")
+    sums = SequenceLogprobs(len(completions), per_token, lm.device, "packed", lm.hidden_size if hidden else None)
     first_seq = _first_completion(items)
     rows = packed_rows(items)
     for batch in length_batches([len(r) for r in rows], budget):
         packed = packed_layout(lm, items, batch, rows)
         sums.counts.add([rows[i] for i in batch], packed.ids)
-        hidden = lm.hidden(packed.ids, packed.mask, packed.positions).flatten(0, 1)
-        token_lp = ops.logprobs_from_hidden(hidden[packed.source], lm.weight, packed.targets, **lm.head_kwargs)
+        rows_hidden = lm.hidden(packed.ids, packed.mask, packed.positions).flatten(0, 1)[packed.source]
+        token_lp = ops.logprobs_from_hidden(rows_hidden, lm.weight, packed.targets, **lm.head_kwargs)
         seqs = [s for i in batch for s in range(first_seq[i], first_seq[i + 1])]
+        sums.add_hidden(torch.tensor(seqs, device=lm.device)[packed.owner], rows_hidden)
         lengths = [len(completions[s]) for s in seqs]
         table = torch.zeros(len(seqs), max(lengths), dtype=token_lp.dtype, device=lm.device)
         table[packed.owner, packed.rank] = token_lp
@@ -268,12 +296,15 @@ def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = Fals
 
 
 @torch.inference_mode()
-def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False,
+def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False, hidden: bool = False,
                 token_logprobs=full_logits_logprobs) -> SequenceLogprobs:
     """`token_logprobs(lm, ids, mask, targets) -> [B, T - 1]` computes each batch's per-token
-    log-probs (bench/ plugs in peer libraries' log-prob paths here)."""
+    log-probs (bench/ plugs in peer libraries' log-prob paths here; `hidden` takes the model's own
+    forward, which gives the hidden states with the logits)."""
+    if hidden and token_logprobs is not full_logits_logprobs:
+        raise ValueError("hidden sums come from the model's own forward: no other naive step gives them")
     owner, completions = _flatten(items)
-    sums = SequenceLogprobs(len(completions), per_token, lm.device, "naive")
+    sums = SequenceLogprobs(len(completions), per_token, lm.device, "naive", lm.hidden_size if hidden else None)
     sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
     for batch in length_batches([len(s) for s in sequences], budget):
         ids, mask = pad([sequences[s] for s in batch], PAD_ID, device=lm.device)
@@ -283,13 +314,19 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
         prompt_len = torch.tensor([len(items[owner[s]].prompt_ids) for s in batch], device=lm.device)[:, None]
         t = torch.arange(1, ids.shape[1], device=lm.device)
         targets = torch.where((t >= prompt_len) & (mask[:, 1:] == 1), ids[:, 1:], IGNORE_INDEX)
-        token_lp = token_logprobs(lm, ids, mask, targets)
+        if hidden:
+            logits, last_hidden = lm.logits(ids, mask, with_hidden=True)
+            token_lp = _next_token_logprobs(logits, ids)
+        else:
+            token_lp = token_logprobs(lm, ids, mask, targets)
         lengths = [len(completions[s]) for s in batch]
         width = max(lengths)
-        cols = prompt_len - 1 + torch.arange(width, device=lm.device)
+        cols = (prompt_len - 1 + torch.arange(width, device=lm.device)).clamp(max=token_lp.shape[1] - 1)
         valid = torch.arange(width, device=lm.device) < torch.tensor(lengths, device=lm.device)[:, None]
-        completion_lp = token_lp.gather(1, cols.clamp(max=token_lp.shape[1] - 1))
-        sums.add(batch, torch.where(valid, completion_lp, 0.0), lengths)
+        sums.add(batch, torch.where(valid, token_lp.gather(1, cols), 0.0), lengths)
+        if hidden:
+            row = torch.arange(len(batch), device=lm.device)[:, None].expand_as(cols)
+            sums.add_hidden(torch.tensor(batch, device=lm.device)[row[valid]], last_hidden[row[valid], cols[valid]])
     return sums.finish()
 
 
@@ -350,7 +387,12 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
     return method
 
 
-def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False) -> SequenceLogprobs:
-    """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS)."""
+def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False,
+          hidden: bool = False) -> SequenceLogprobs:
+    """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS);
+    `hidden`: also the sums of the final hidden states that predict each completion's tokens (the
+    positions from the prompt's last token to the completion's second-to-last), in the same
+    forward passes: `hidden_sums` and hidden_grams() (CHES)."""
     method = resolve_method(lm, method, items)
-    return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)
+    return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token,
+                                                                                  hidden)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
 from prefrank.errors import InputError
-from prefrank.io import PAIR_EXTRAS
+from prefrank.io import PAIR_EXTRAS, ches_columns
 
 PAIRINGS = ("all", "best-worst", "best-random")
 
@@ -120,7 +120,7 @@ def summarize_kwise(path: str, *, n_boot: int = 1000, seed: int = 0) -> dict:
 
 def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[str, list]:
     """A K-wise score table as the pair score table of its implied pairs (ids "ID:i>j"); an error
-    row stays one error row."""
+    row stays one error row. A table scored with CHES gives each implied pair its CHES."""
     t = pq.read_table(path).to_pydict()
     rng = np.random.default_rng(seed)
     with_ref = "ref_logps" in t
@@ -128,6 +128,9 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
                            "multi_turn", "truncated", "status", "error")}
     if with_ref:
         out["ref_logp_chosen"], out["ref_logp_rejected"] = [], []
+    grams = [prefix for prefix in ("", "ref_") if prefix + "hidden_gram" in t]
+    for prefix in grams:
+        out[prefix + "ches"], out[prefix + "ches_normalized"] = [], []
     for r in range(len(t["id"])):
         if t["status"][r] != "ok":
             pairs = [None]
@@ -144,6 +147,13 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
             if with_ref:
                 out["ref_logp_chosen"].append(pick("ref_logps", i))
                 out["ref_logp_rejected"].append(pick("ref_logps", j))
+            for prefix in grams:  # the pair's 2×2 block of the K×K Gram matrix
+                k = len(t["logps"][r]) if pair else 0
+                gram = t[prefix + "hidden_gram"][r]
+                block = [gram[a * k + b] for a in (i, j) for b in (i, j)] if pair else None
+                lengths = [pick("n_tokens", i), pick("n_tokens", j)] if pair else None
+                for name, value in ches_columns(prefix, block, lengths, kwise=False).items():
+                    out[name].append(value)
             for column in ("alpha", *PAIR_EXTRAS):  # human scores are no votes
                 out[column].append(False if column == "reoriented" else None)
             out["multi_turn"].append(t["multi_turn"][r] if "multi_turn" in t else False)

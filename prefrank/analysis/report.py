@@ -243,7 +243,8 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
                   "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
         correct = metrics.ranking_correct(pairs.pol_w, pairs.pol_l, pairs.alpha, tie_band)
         moved = metrics.displacement(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, correct)
-        plot_displacement(moved, correct, out / "displacement.png")
+        plot_displacement(moved, correct, out / "displacement.png",
+                          None if pairs.ref_ches is None else pairs.ref_ches[:, 0])
         lines += _displacement_section(summary)
         lines += _difficulty_section(summary["difficulty"], examples)
     if kwise_summary is not None:
@@ -283,6 +284,12 @@ def _displacement_section(s: dict) -> list[str]:
     for g in s["groups"]:
         lines.append(f"| {g['group']} | {g['count']} | {_pct(g['share_chosen_displaced'])} | "
                      f"{fmt(g['mean_delta_chosen'])} | {fmt(g['mean_delta_rejected'])} |")
+    if "spearman_ref_ches_vs_delta_chosen" in d:
+        rho, rho_normalized = (fmt(d[f"spearman_ref_ches{kind}_vs_delta_chosen"]) for kind in ("", "_normalized"))
+        lines += ["", f"CHES under the reference (⟨Σh(y_w), Σh(y_l)⟩ − ‖Σh(y_w)‖²: high when the two completions' "
+                  f"hidden states are alike) against the chosen completion's change Δ_w: Spearman ρ = {rho} "
+                  f"({rho_normalized} length-normalized); a negative ρ is the paper's finding: the higher the CHES, "
+                  f"the more the chosen completion is displaced."]
     return lines + ["", "![likelihood displacement](displacement.png)", ""]
 
 

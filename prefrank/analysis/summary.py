@@ -34,6 +34,7 @@ class Pairs:
     alpha: np.ndarray | None
     reoriented: np.ndarray  # bool: the scorer swapped the input's columns to the raters' choice
     n_rows: int
+    ref_ches: np.ndarray | None = None  # [n, 2]: the reference's CHES and its length-normalized form (--ches)
 
     @property
     def n_errors(self) -> int:
@@ -70,15 +71,17 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
     if missing := required - set(table):
         raise InputError(f"not a prefrank score table (missing {', '.join(sorted(missing))})")
     ok = np.array([s == "ok" for s in table["status"]])
-    ref_cols = None
+    ref_cols = ches = None
     if ref_scores is not None:
         ref = _read(ref_scores)
         if ref.get("id") != table["id"]:
             raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
         ok &= np.array([s == "ok" for s in ref["status"]])
         ref_cols = (ref["logp_chosen"], ref["logp_rejected"])
+        ches = (ref["ches"], ref["ches_normalized"]) if "ches" in ref else None
     elif "ref_logp_chosen" in table:
         ref_cols = (table["ref_logp_chosen"], table["ref_logp_rejected"])
+        ches = (table["ref_ches"], table["ref_ches_normalized"]) if "ref_ches" in table else None
 
     def column(values, dtype=np.float64):
         return np.array([v for v, keep in zip(values, ok) if keep], dtype=dtype)
@@ -93,7 +96,8 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
                  pol_w=column(table["logp_chosen"]), pol_l=column(table["logp_rejected"]),
                  n_w=column(table["n_chosen"], np.int64), n_l=column(table["n_rejected"], np.int64),
                  ref_w=column(ref_cols[0]) if ref_cols else None, ref_l=column(ref_cols[1]) if ref_cols else None,
-                 alpha=alpha, reoriented=reoriented, n_rows=len(ok))
+                 alpha=alpha, reoriented=reoriented, n_rows=len(ok),
+                 ref_ches=None if ches is None else np.stack([column(ches[0]), column(ches[1])], 1))
 
 
 def ranked_pairs(p: Pairs, tie_band: float | None = None) -> Pairs:
@@ -145,6 +149,10 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
     out["difficulty"] = _difficulty(p, theorem["c"])
     moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, observed["raw"])
     out["displacement"] = {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")}
+    if p.ref_ches is not None:  # CHES of the reference predicts which pairs' chosen loses likelihood
+        out["displacement"]["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], moved["delta_w"])
+        out["displacement"]["spearman_ref_ches_normalized_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 1],
+                                                                                               moved["delta_w"])
     out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin, moved["delta_w"],
                                         moved["delta_l"])
     if p.alpha is None:

@@ -144,7 +144,7 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
 
     log("prefrank demo: scoring the validation pairs under the final policy and the reference")
     score_dataset(ScoreOptions(data=str(folder / "val.jsonl"), model=str(run / "final"), ref_model=reference_path,
-                               out=str(scores), columns=COLUMNS, device="cpu"), progress=False)
+                               out=str(scores), columns=COLUMNS, device="cpu", ches=True), progress=False)
     summary = write_report(str(scores), str(folder / "report"), beta=beta)
     series = [{"checkpoint": f"step {line['step']}", "groups": line["val"]["groups"]} for line in lines]
     plot_groups(series, folder / "report" / "groups.png")
