@@ -371,7 +371,8 @@ def test_score_table_is_the_reference(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     tables = {}
-    for name, extra in {"trl": ["--tokenization", "trl"], "joint": [], "short": ["--tokenization", "trl", "--limit", "19"]}.items():
+    options = {"trl": ["--tokenization", "trl"], "joint": [], "short": ["--tokenization", "trl", "--limit", "19"]}
+    for name, extra in options.items():
         tables[name] = tmp_path / f"{name}.parquet"
         assert main(["score", "--data", str(data), "--model", str(model_dir), "--out", str(tables[name]), *extra]) == 0
 
@@ -420,9 +421,9 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     start = tiny_model("llama").double().state_dict()
-    for name, _, _, precompute in trl_worker.DDP_CONFIGS:
+    for name, _, _, precompute, checkpointing in trl_worker.DDP_CONFIGS:
         ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
-        params, ref_logps, losses = trl_worker.train(str(tmp_path / f"single-{name}"), 8, 1, precompute)
+        params, ref_logps, losses = trl_worker.train(str(tmp_path / f"single-{name}"), 8, 1, precompute, checkpointing)
         for p, value in params.items():
             assert torch.equal(ranks[0]["params"][p], ranks[1]["params"][p]), (name, p)
             torch.testing.assert_close(ranks[0]["params"][p], value, rtol=0, atol=1e-12, msg=f"{name} {p}")

@@ -13,9 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# the two configurations of the DDP test: (name, per-device batch, gradient accumulation, precompute);
-# each makes a global batch of 8 pairs on 2 ranks
-DDP_CONFIGS = [("plain", 4, 1, True), ("accumulate", 2, 2, False)]
+# the two configurations of the DDP test: (name, per-device batch, gradient accumulation, precompute,
+# gradient checkpointing: without it DDP looks for unused parameters); each makes a global batch of
+# 8 pairs on 2 ranks
+DDP_CONFIGS = [("plain", 4, 1, True, True), ("accumulate", 2, 2, False, False)]
 
 
 def pair_rows(n: int, seed: int):
@@ -23,7 +24,7 @@ def pair_rows(n: int, seed: int):
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in make_pairs(n, seed=seed)]
 
 
-def train(out: str, per_device: int, grad_accum: int, precompute: bool, steps: int = 3):
+def train(out: str, per_device: int, grad_accum: int, precompute: bool, checkpointing: bool, steps: int = 3):
     """PrefrankDPOTrainer on a float64 tiny Llama from a fixed start; returns (parameters, the
     train dataset's reference log-probs or None, the loss per step)."""
     from datasets import Dataset
@@ -36,7 +37,8 @@ def train(out: str, per_device: int, grad_accum: int, precompute: bool, steps: i
     model, ref = tiny_model("llama").double(), tiny_model("llama", seed=1).double()
     args = DPOConfig(output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=grad_accum,
                      max_steps=steps, learning_rate=1e-3, beta=0.5, precompute_ref_log_probs=precompute, report_to=[],
-                     use_cpu=True, save_strategy="no", logging_steps=1, bf16=False, seed=7)
+                     use_cpu=True, save_strategy="no", logging_steps=1, bf16=False, seed=7,
+                     gradient_checkpointing=checkpointing)
     trainer = PrefrankDPOTrainer(model=model, ref_model=None if precompute else ref, args=args,
                                  train_dataset=Dataset.from_list(pair_rows(48, seed=5)),
                                  processing_class=build_tokenizer())
@@ -53,8 +55,8 @@ def main(argv):
         from prefrank.dpo import trl_reference
         trl_reference.CHUNK_ROWS = 5  # several chunks per rank
         import torch.distributed as dist
-        for name, per_device, grad_accum, precompute in DDP_CONFIGS:
-            params, ref_logps, losses = train(str(out / name), per_device, grad_accum, precompute)
+        for name, *options in DDP_CONFIGS:
+            params, ref_logps, losses = train(str(out / name), *options)
             torch.save({"params": params, "ref_logps": ref_logps, "losses": losses},
                        out / f"{name}-rank{dist.get_rank()}.pt")
     elif mode == "precompute":

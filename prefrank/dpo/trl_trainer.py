@@ -168,7 +168,8 @@ class PrefrankDPOTrainer(DPOTrainer):
         truncation, the precision, prefrank's version, the parts' layout. The data is keyed by a
         digest of its token ids, not by datasets' fingerprint: TRL's preparation hashes the whole
         DPOConfig into that (its filter's closure), so a new learning rate would rescore."""
-        parts = {"data": trl_reference.data_digest(dataset), "weights": self._precompute_model_hash, "config": lm.config.to_json_string(),
+        parts = {"data": trl_reference.data_digest(dataset), "weights": self._precompute_model_hash,
+                 "config": lm.config.to_json_string(),
                  "dtype": str(lm.weight.dtype), "mixed_precision": self.accelerator.mixed_precision,
                  "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
                  "prefrank": __version__, "chunk_rows": trl_reference.CHUNK_ROWS}
@@ -270,23 +271,27 @@ class PrefrankDPOTrainer(DPOTrainer):
             return loss, model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}, use_cache=False)
 
     def _log(self, inputs, metrics: dict, ref_chosen, ref_rejected):
-        """The metrics DPOTrainer logs for these loss types, gathered over the ranks as it does."""
+        """The metrics DPOTrainer logs for these loss types, gathered over the ranks as it gathers
+        them: the same collectives in the same order, shapes and dtypes, so a rank whose batch
+        went to DPOTrainer's own step (see _compute_loss) still meets the others'."""
         mode = "train" if self.model.training else "eval"
         log = self._metrics[mode]
         gather, gather_all = self.accelerator.gather_for_metrics, self.accelerator.gather
         tokens, entropy, logits, top1 = (metrics[f"sequence_{k}"] for k in ("tokens", "entropy", "logits", "top1"))
-        total = gather(tokens.sum()).sum()
-        log["entropy"].append((gather(entropy.sum()).sum() / total).item() if total > 0 else 0.0)
+        tokens = tokens.long()
+        entropy_sum, total = gather(entropy.sum().float()).sum(), gather(tokens.sum()).sum()
+        log["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         log["num_tokens"] = [self._total_train_tokens]
-        for k, side in enumerate(("chosen", "rejected")):
-            n = gather(tokens[:, k].sum()).sum().item()
-            log[f"logits/{side}"].append(gather(logits[:, k].sum()).sum().item() / n if n > 0 else 0.0)
-        n = gather(tokens[:, 0].sum()).sum()
-        log["mean_token_accuracy"].append((gather(top1[:, 0].sum()).sum() / n).item() if n > 0 else 0.0)
-        logps = metrics["sequence_logps"]
-        chosen, rejected = self.beta * (logps[:, 0] - ref_chosen), self.beta * (logps[:, 1] - ref_rejected)
+        sums = [gather(x).sum().item() for k in (0, 1) for x in (logits[:, k].sum().float(), tokens[:, k].sum())]
+        log["logits/chosen"].append(sums[0] / sums[1] if sums[1] > 0 else 0.0)
+        log["logits/rejected"].append(sums[2] / sums[3] if sums[3] > 0 else 0.0)
+        correct, total = gather(top1[:, 0].sum().long()).sum(), gather(tokens[:, 0].sum()).sum()
+        log["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+        logps = metrics["sequence_logps"].float()  # TRL's head sums in fp32
+        chosen = self.beta * (logps[:, 0] - ref_chosen.float())
+        rejected = self.beta * (logps[:, 1] - ref_rejected.float())
         log["rewards/chosen"].append(gather_all(chosen).mean().item())
         log["rewards/rejected"].append(gather_all(rejected).mean().item())
         log["rewards/accuracies"].append(gather_all((chosen > rejected).float()).mean().item())
