@@ -368,13 +368,18 @@ def test_score_table_is_the_reference(tmp_path):
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in make_pairs(20, seed=12)]
     for i in (2, 9):  # prompts of ~45 tokens: TRL drops them at max_length 40; the others fit whole
         pairs[i]["prompt"] = pairs[i]["prompt"] * 3
-    data = tmp_path / "pairs.jsonl"
+    data, tied_data = tmp_path / "pairs.jsonl", tmp_path / "tied.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    tied = [dict(r) for r in pairs]
+    tied[5]["rejected"] = tied[5]["chosen"]  # an error row for prefrank, a pair for TRL
+    tied_data.write_text("".join(json.dumps(r) + "\n" for r in tied))
     tables = {}
-    options = {"trl": ["--tokenization", "trl"], "joint": [], "short": ["--tokenization", "trl", "--limit", "19"]}
+    options = {"trl": ["--tokenization", "trl"], "joint": [], "short": ["--tokenization", "trl", "--limit", "19"],
+               "tied": ["--tokenization", "trl"]}
     for name, extra in options.items():
         tables[name] = tmp_path / f"{name}.parquet"
-        assert main(["score", "--data", str(data), "--model", str(model_dir), "--out", str(tables[name]), *extra]) == 0
+        source = tied_data if name == "tied" else data
+        assert main(["score", "--data", str(source), "--model", str(model_dir), "--out", str(tables[name]), *extra]) == 0
 
     def build(cls, dataset=None, **kwargs):
         return cls(model=AutoModelForCausalLM.from_pretrained(model_dir),
@@ -395,6 +400,8 @@ def test_score_table_is_the_reference(tmp_path):
               dataset=Dataset.from_list([{"id": f"pair-{i}", **r} for i, r in enumerate(pairs)]))
     with pytest.raises(ValueError, match="chosen / .* rejected tokens where TRL scores"):
         build(PrefrankDPOTrainer, ref_scores=str(tables["joint"]))
+    with pytest.raises(ValueError, match=r"row 5 \(id '5'\) is an error row in the table \(chosen and rejected are "):
+        build(PrefrankDPOTrainer, ref_scores=str(tables["tied"]), dataset=Dataset.from_list(tied))
     with pytest.raises(ValueError, match="precompute_ref_log_probs=True"):
         PrefrankDPOTrainer(model=tiny_model("llama"), args=config(tmp_path / "x"), ref_scores=str(tables["trl"]),
                            train_dataset=Dataset.from_list(pairs), processing_class=build_tokenizer())

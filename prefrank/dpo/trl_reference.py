@@ -136,22 +136,26 @@ def score_rows(lm, collate, rows: list[dict], max_length: int | None):
     return columns, stats
 
 
-def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world: int, barrier):
-    """Score `dataset` into the table `out` through parts: chunk c by rank c mod world, complete
-    parts of an earlier run kept; rank 0 assembles the table. `score_chunk(rows)` returns a part's
-    columns and statistics; `barrier()` waits for every rank."""
+def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world: int, barrier, total: int | None):
+    """Score `dataset` (`total` rows, None if unknown) into the table `out` through parts: chunk c
+    by rank c mod world, complete parts of an earlier run kept; rank 0 assembles the table and
+    shows the progress. `score_chunk(rows)` returns a part's columns and statistics; `barrier()`
+    waits for every rank."""
+    from tqdm import tqdm
     parts = Parts(str(out))
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         parts.prepare({"key": sidecar["key"]}, sidecar, resume=True)
     barrier()
+    bar = tqdm(total=total, unit="pair", desc="prefrank: reference log-probs", disable=None if rank == 0 else True)
     start, n_chunks = time.perf_counter(), 0
     for c, rows in enumerate(chunks(dataset)):
         n_chunks = c + 1
-        if c % world != rank or parts.is_complete(c, [row_digest(r) for r in rows]):
-            continue
-        columns, stats = score_chunk(rows)
-        parts.write(c, columns, SCHEMA, stats)
+        if c % world == rank and not parts.is_complete(c, [row_digest(r) for r in rows]):
+            columns, stats = score_chunk(rows)
+            parts.write(c, columns, SCHEMA, stats)
+        bar.update(len(rows))
+    bar.close()
     parts.mark_done(rank, n_chunks)
     barrier()
     if rank == 0:
@@ -161,7 +165,7 @@ def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world
 
 def read_table(path, names=("logp_chosen", "logp_rejected")) -> dict[str, list]:
     import pyarrow.parquet as pq
-    return pq.read_table(path, columns=["id", "status", "n_chosen", "n_rejected", *names]).to_pydict()
+    return pq.read_table(path, columns=["id", "status", "error", "n_chosen", "n_rejected", *names]).to_pydict()
 
 
 def reference_from_table(path, row_ids: list[str], rows: list[int], tokens: list[list[int]]) -> torch.Tensor:
@@ -179,7 +183,7 @@ def reference_from_table(path, row_ids: list[str], rows: list[int], tokens: list
     if "logps" in names:
         raise ValueError(f"ref_scores {path}: a K-wise table; the reference of pairs needs a pair table")
     prefix = "ref_" if {"ref_logp_chosen", "ref_logp_rejected"} <= names else ""
-    needed = {"id", "status", "n_chosen", "n_rejected", f"{prefix}logp_chosen", f"{prefix}logp_rejected"}
+    needed = {"id", "status", "error", "n_chosen", "n_rejected", f"{prefix}logp_chosen", f"{prefix}logp_rejected"}
     if not needed <= names:
         raise ValueError(f"ref_scores {path}: not a prefrank score table (missing {', '.join(sorted(needed - names))})")
     table = read_table(path, (f"{prefix}logp_chosen", f"{prefix}logp_rejected"))
@@ -193,8 +197,8 @@ def reference_from_table(path, row_ids: list[str], rows: list[int], tokens: list
     values = []
     for r, (n_c, n_r) in zip(rows, tokens):
         if table["status"][r] != "ok":
-            raise ValueError(f"ref_scores {path}: row {r} (id {row_ids[r]!r}) is an error row in the table, "
-                             f"and TRL trains on it")
+            raise ValueError(f"ref_scores {path}: row {r} (id {row_ids[r]!r}) is an error row in the table "
+                             f"({table['error'][r]}), and TRL trains on it")
         if (table["n_chosen"][r], table["n_rejected"][r]) != (n_c, n_r):
             raise ValueError(f"ref_scores {path}: row {r} (id {row_ids[r]!r}) scored {table['n_chosen'][r]} chosen / "
                              f"{table['n_rejected'][r]} rejected tokens where TRL scores {n_c} / {n_r}: score the "

@@ -195,7 +195,8 @@ class PrefrankDPOTrainer(DPOTrainer):
         with self.accelerator.autocast():  # the precision of TRL's own reference forward
             trl_reference.write_table(
                 out, sidecar, dataset, lambda rows: trl_reference.score_rows(lm, self.data_collator, rows, max_length),
-                self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.wait_for_everyone)
+                self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.wait_for_everyone,
+                len(dataset) if isinstance(dataset, Dataset) else None)
 
     def _from_table(self, dataset, name: str):
         path = self._ref_scores[name]
