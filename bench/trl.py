@@ -124,6 +124,7 @@ def main(argv=None):
     os.environ["TQDM_DISABLE"] = "1"  # TRL's precompute bar
 
     from prefrank.dpo.trl_reference import collate_pairs
+    from prefrank.scoring import packed_rows
     from prefrank.models import CausalLM
 
     work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
@@ -165,6 +166,19 @@ def main(argv=None):
     batches = [ours.data_collator(rows[i:i + args.batch_size])
                for i in range(0, args.batches * args.batch_size, args.batch_size)]
     items = collate_pairs(ours.data_collator, rows[:args.batches * args.batch_size]).items  # as TRL trains them
+    # tokens each step pushes through the model: TRL's padded chosen + rejected rows, prefrank's
+    # packed rows padded to each batch's longest (when the step runs packed, as on these shapes)
+    tokens, methods = {"trl_real": 0, "trl_padded": 0, "prefrank_real": 0, "prefrank_padded": 0}, set()
+    for i, batch in enumerate(batches):
+        pairs = collate_pairs(ours.data_collator, rows[i * args.batch_size:(i + 1) * args.batch_size]).items
+        methods.add(ours._method(pairs))
+        lengths = [len(r) for r in packed_rows(pairs)]
+        tokens["trl_real"] += int(batch["attention_mask"].sum())
+        tokens["trl_padded"] += batch["input_ids"].numel()
+        tokens["prefrank_real"] += sum(lengths)
+        tokens["prefrank_padded"] += len(lengths) * max(lengths)
+    if methods != {"packed"}:
+        tokens = None
     losses = {}
     for name, tr in (("trl", trl_trainer), ("prefrank", ours)):
         tr.model.train()
@@ -196,7 +210,9 @@ def main(argv=None):
                        "memory_ratio": memory["prefrank"] / memory["trl"], "max_abs_diff": ref_diff,
                        "max_abs_value": ref_scale,
                        "flop_ideal": flop_ideal(lm, collate_pairs(ours.data_collator, rows).items, head_everywhere)},
-        "train_step": {"seconds": step_seconds, "peak_mb": step_memory, "loss": losses,
+        "train_step": {"seconds": step_seconds, "peak_mb": step_memory, "loss": losses, "methods": sorted(methods),
+                       "tokens": tokens,
+                       "padded_token_ratio": tokens and tokens["trl_padded"] / tokens["prefrank_padded"],
                        "speedup": step_seconds["trl"] / step_seconds["prefrank"],
                        "flop_ideal": flop_ideal(lm, items, head_everywhere)},
     }
