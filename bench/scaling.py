@@ -53,8 +53,8 @@ def measure(lm, pairs: int, p: int, c: int, reps: int, seed: int) -> dict:
 
 
 def plot(result: dict, path):
-    from prefrank.analysis.report import _plt
-    plt = _plt()
+    from prefrank.analysis.report import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
     share = result["prompt_share"]
     x = [r["prompt"] / (r["prompt"] + r["completion"]) for r in share]

@@ -22,7 +22,8 @@ import torch
 
 from bench.common import SHARED, alternate, command, flop_ideal, machine, write_result
 from prefrank.batching import pad
-from prefrank.data import Columns, RowError, to_example
+from prefrank.data import Columns, to_example
+from prefrank.errors import RowError
 from prefrank.models import CausalLM, load_model, load_tokenizer
 from prefrank.scoring import score
 from prefrank.tokenization import Tokenized, tokenize_example

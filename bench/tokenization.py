@@ -10,7 +10,6 @@ ranking flips; how often each mode's ids equal those of TRL 1.16's own DPOTraine
 (when trl is installed); and each mode's tokenization speed.
 """
 import argparse
-import copy
 import gzip
 import json
 import tempfile
@@ -39,11 +38,10 @@ def tokenize_all(examples, tokenizer, max_length):
     scorer's path: one tokenize_examples call per chunk)."""
     items, seconds = {}, {}
     for mode in TOKENIZATION_MODES:
-        chunk = copy.deepcopy(examples)  # tokenize_examples records errors on the examples
         start = time.perf_counter()
-        tokenized = tokenize_examples(chunk, tokenizer, mode=mode, max_length=max_length)
+        tokenized, _ = tokenize_examples(examples, tokenizer, mode=mode, max_length=max_length)
         seconds[mode] = time.perf_counter() - start
-        items[mode] = [tokenized.get(ex.index) for ex in chunk]
+        items[mode] = [tokenized.get(ex.index) for ex in examples]
     keep = [i for i in range(len(examples)) if all(items[m][i] is not None for m in TOKENIZATION_MODES)]
     return {m: [items[m][i] for i in keep] for m in TOKENIZATION_MODES}, keep, seconds
 

@@ -2,164 +2,84 @@
 import argparse
 import sys
 
-from prefrank.data import Columns, InputError
-from prefrank.scoring import METHODS
-from prefrank.tokenization import TOKENIZATION_MODES, TRUNCATION_POLICIES
+from prefrank import options
+from prefrank.data import Columns
+from prefrank.errors import InputError
+from prefrank.options import float_list, positive_float, positive_int
 
 SCORE_HELP = """\
 Score a preference dataset: for every row, Σ log π(y|x) and the token count of the chosen and the
 rejected completion given the prompt, under --model (and --ref-model). One output row per input
-row, in input order; rows that cannot be scored are kept with status=error and a reason.
+row (per pair with --group-by), in input order; rows that cannot be scored are kept with
+status=error and a reason.
 
 With neither --data nor --model, scores the embedded default: a built-in addition task with known
 preference shares, and a tiny model trained on it on first use (CPU, ~15 s, cached). --model
 alone scores that model on the built-in task.
 
-Input formats: JSON, JSONL(.gz), Parquet, or a Hugging Face dataset (hub name or local folder).
-Rows: prompt/chosen/rejected strings; chosen/rejected full transcripts (prompt = shared prefix up
-to the last "\\n\\nAssistant:"); chat message lists (rendered with the tokenizer's chat template);
-or any schema through --prompt-cols/--chosen-col/--rejected-col.
+Input formats: JSON, JSONL, CSV, TSV (each optionally .gz), Parquet, or a Hugging Face dataset
+(hub name or local folder). Rows: prompt/chosen/rejected strings; chosen/rejected full
+transcripts (prompt = shared prefix up to the last "\\n\\nAssistant:"); chat message lists
+(rendered with the tokenizer's chat template, or --chat-template); or any schema through
+--prompt-cols/--chosen-col/--rejected-col. With votes (--vote-cols, an alpha or votes column) the
+chosen completion is always the raters' choice: a pair whose raters preferred the rejected column
+is swapped and marked reoriented (--keep-column-order keeps the columns as given).
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _formats_help() -> str:
+    import textwrap
 
-
-def _column_list(text: str) -> list[str]:
-    cols = [c.strip() for c in text.split(",") if c.strip()]
-    if not cols:
-        raise argparse.ArgumentTypeError("expected one or more comma-separated column names")
-    return cols
-
-
-def add_column_args(cols):
-    cols.add_argument("--prompt-cols", type=_column_list, help="prompt column(s), joined by blank lines when several "
-                      "(default: 'prompt' if present, else the implicit HH format)")
-    cols.add_argument("--chosen-col", default="chosen", help="(default: %(default)s)")
-    cols.add_argument("--rejected-col", default="rejected", help="(default: %(default)s)")
-    cols.add_argument("--id-col", default="id", help="row id column; the row index when absent (default: %(default)s)")
-    cols.add_argument("--vote-cols", type=_column_list, help="rater columns coded 0 tie, 1 chosen, 2 rejected "
-                      "(PandaLM: annotator1,annotator2,annotator3); gives alpha. Without it, an 'alpha' column, or a "
-                      "'votes' list of 1/0/0.5, is used when present")
-    cols.add_argument("--completions-include-prompt", action="store_true",
-                      help="chosen/rejected start with the prompt: strip it (rows where they don't are errors)")
-    cols.add_argument("--completions-col", help="K completions per prompt: the column with the list of completions "
-                      "(a dotted name reads a field of each listed object, e.g. completions.response for "
-                      "UltraFeedback); the table then holds lists (logps, n_tokens, human_scores)")
-    cols.add_argument("--scores-col", default="scores", help="with --completions-col: human scores, one per "
-                      "completion, higher is better (UltraFeedback: completions.overall_score; default: %(default)s)")
-
-
-def add_tokenization_args(tok):
-    tok.add_argument("--tokenization", choices=TOKENIZATION_MODES, default="joint",
-                     help="joint: the ids of each prompt + completion as one text, the prompt being the ids the "
-                          "prompt alone shares with every one of them (the scored ids are the data's own text); "
-                          "trl: TRL 1.16's DPOTrainer ids (joint, with the EOS text appended to text completions "
-                          "and TRL's prompt extraction for full transcripts); separate: prompt and completions "
-                          "tokenized apart (earlier prefrank tables; SentencePiece tokenizers then start every "
-                          "completion with a spurious '▁') (default: %(default)s)")
-    tok.add_argument("--append-eos", action="store_true", help="score an EOS token after each completion "
-                     "(joint, separate; trl appends the EOS text itself)")
-    tok.add_argument("--max-length", type=_positive_int,
-                     help="longest prompt + completion in tokens (default: the model's maximum positions)")
-    tok.add_argument("--truncate", choices=TRUNCATION_POLICIES, default="none",
-                     help="over-length rows: 'none' makes them errors; 'keep-end' cuts the prompt from the left "
-                          "(keeping BOS), then the completions from the right, and marks them truncated "
-                          "(default: %(default)s)")
-
-
-def tokenization_from_args(args) -> dict:
-    """The tokenization options (add_tokenization_args) as ScoreOptions / TrainOptions fields."""
-    if args.append_eos and args.tokenization == "trl":
-        raise InputError("--append-eos with --tokenization trl: that mode appends the EOS text itself")
-    return dict(tokenization=args.tokenization, append_eos=args.append_eos, max_length=args.max_length,
-                truncate=args.truncate)
+    from prefrank.formats import PRESETS
+    lines = textwrap.wrap("formats (--format NAME; by default the one the first row's columns match, when no column "
+                          "option is given; README.md lists the columns each reads):", 100)
+    for name, p in PRESETS.items():
+        how = "" if p.detect else " (the default mapping)" if not p.columns else " (only with --format)"
+        lines += textwrap.wrap(f"{name}: {p.source}{how}: {p.note}", 100, initial_indent="  ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def columns_from_args(args) -> Columns:
-    return Columns(prompt=args.prompt_cols, chosen=args.chosen_col, rejected=args.rejected_col, id=args.id_col,
-                   votes=args.vote_cols, completions_include_prompt=args.completions_include_prompt,
-                   completions=args.completions_col, scores=args.scores_col)
+    """The column mapping the command line gives: a named --format with the column options on top;
+    else the column options; else, with none given, the format the first row's columns match."""
+    from prefrank.data import preset_columns
+    given = options.given(Columns, args)
+    name = given.pop("format", "auto")
+    if name != "auto":
+        return preset_columns(name, **given)
+    mapping = {k: v for k, v in given.items() if k != "keep_column_order"}
+    return Columns(**given, format=None if mapping else "auto")
 
 
 def add_score_parser(sub):
+    from prefrank.pipeline import ScoreOptions
     p = sub.add_parser("score", help="score chosen/rejected log-probs of a preference dataset",
-                       description=SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = p.add_argument_group("data and models")
-    io.add_argument("--data", help="input file or Hugging Face dataset (default: the built-in task)")
-    io.add_argument("--model", help="policy model: local folder or hub id (default: the built-in tiny model)")
-    io.add_argument("--ref-model", help="reference model, scored on the same token ids (optional)")
-    io.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the policy model's)")
-    io.add_argument("--out", default="scores.parquet", help="output Parquet file; a sidecar OUT.meta.json records "
-                    "models, options, versions and the input's hash (default: %(default)s)")
-    io.add_argument("--split", default="train", help="dataset split for Hugging Face datasets (default: %(default)s)")
-    io.add_argument("--subset", help="dataset configuration name for Hugging Face datasets")
-    io.add_argument("--limit", type=_positive_int, help="score only the first N rows")
-
-    add_column_args(p.add_argument_group("columns"))
-
-    add_tokenization_args(p.add_argument_group("tokenization"))
-
-    run = p.add_argument_group("execution")
-    run.add_argument("--method", choices=METHODS, default="auto",
-                     help="packed: each prompt and its completions in one row under a block mask (the prompt "
-                          "computed once, one forward per batch); kv: the prompt's forward once, its KV cache "
-                          "reused by every completion (any model with a cache); both take log-probs from hidden "
-                          "states without full logits; naive: the plain full-logits oracle; auto: the first of "
-                          "packed, kv, naive that is exact for the model (packed needs sdpa or eager attention "
-                          "and, under a sliding window, sequences that fit it; kv needs no sliding window), "
-                          "and kv over packed where packed's block mask would add over 20%% of the matmul work "
-                          "in attention (tiny hidden sizes, very long rows) (default: %(default)s)")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="model dtype; log-probs accumulate in fp32 regardless (default: auto = bf16 on CUDA, "
-                          "else fp32)")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the models' transformer blocks (one graph shared by all layers, dynamic "
-                          "shapes): fuses the norms, rotary embeddings and activations that eager runs as separate "
-                          "kernels (packed scoring on an H100: 14%% faster at 8B, 17-28%% at 1B); the first batches "
-                          "wait for the compile (seconds to a minute), so it pays on long runs, mostly on GPUs; the "
-                          "packed and naive methods only")
-    run.add_argument("--max-tokens-per-batch", type=_positive_int, default=8192,
-                     help="padded tokens per forward call (default: %(default)s)")
-    run.add_argument("--chunk-rows", type=_positive_int, default=2048,
-                     help="rows read, length-sorted and written together (default: %(default)s)")
-    run.add_argument("--per-token", action="store_true", help="also write per-token log-prob lists")
-    run.add_argument("--strict", action="store_true", help="stop at the first bad row instead of recording it")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run: the parts in OUT.parts/ "
-                     "that are complete are kept, the others scored (the run's input and options must match)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the built-in task and model (default: %(default)s)")
-    safety = p.add_argument_group("safety")
-    safety.add_argument("--trust-remote-code", action="store_true",
-                        help="allow models/tokenizers that run their own Python code (off by default)")
-    safety.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickled (non-safetensors) weights, which can execute code when loaded")
+                       description=SCORE_HELP, epilog=_formats_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {"data and models": p.add_argument_group("data and models")}
+    options.add_options(p, ScoreOptions, groups=groups, required=False)  # no --data: the built-in task
+    groups["data and models"].add_argument("--seed", type=int, default=0,
+                                           help="seed of the built-in task and model (default: %(default)s)")
     p.set_defaults(func=run_score)
 
 
 def run_score(args) -> int:
     from prefrank.pipeline import ScoreOptions, score_dataset
-    data, model = args.data, args.model
+    data, model = getattr(args, "data", None), getattr(args, "model", None)
     if data and not model:
-        raise InputError("--data needs --model (the built-in model only knows the built-in task)")
+        raise InputError("<data> needs <model> (the built-in model only knows the built-in task)")
     if not data:
         from prefrank.demo.default import ensure_default
         default_data, default_model = ensure_default(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
         data, model = default_data, model or default_model
-    columns = columns_from_args(args)
-    opts = ScoreOptions(
-        data=data, model=model, out=args.out, ref_model=args.ref_model, tokenizer=args.tokenizer, method=args.method,
-        dtype=args.dtype, device=args.device, max_tokens_per_batch=args.max_tokens_per_batch,
-        chunk_rows=args.chunk_rows, limit=args.limit, split=args.split, subset=args.subset, columns=columns,
-        **tokenization_from_args(args), per_token=args.per_token, strict=args.strict, resume=args.resume,
-        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, compile=args.compile)
+    opts = options.from_args(ScoreOptions, args, data=data, model=model, columns=columns_from_args(args))
     summary = score_dataset(opts)
     if summary is not None:  # rank 0 (or a single process)
-        print(summary.line(args.out), file=sys.stderr)
+        print(summary.line(opts.out), file=sys.stderr)
+        if summary.rows and not summary.ok:
+            raise InputError(f"none of the {summary.rows} rows could be scored (the table is written); the first: "
+                             f"{summary.first_error}")
     return 0
 
 
@@ -180,37 +100,20 @@ The measurements of Chen et al. 2024 on a score table (from `prefrank score`):
 """
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError("expected one or more positive numbers")
-    return values
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def add_analysis_args(p):
     from prefrank.analysis.metrics import DEFAULT_BETAS, DEFAULT_EPSILON
-    p.add_argument("scores", help="score table (Parquet) of the policy")
+    p.add_argument("table", metavar="scores", help="score table (Parquet) of the policy")
     p.add_argument("--ref-scores", help="score table of the reference model, row for row (default: the ref_ columns)")
-    p.add_argument("--beta", type=_positive_float, default=0.1, help="β of the DPO loss and Theorem 4.1 "
+    p.add_argument("--beta", type=positive_float, default=0.1, help="β of the DPO loss and Theorem 4.1 "
                    "(default: %(default)s)")
-    p.add_argument("--betas", type=_float_list, default=list(DEFAULT_BETAS),
+    p.add_argument("--betas", type=float_list, default=list(DEFAULT_BETAS),
                    help="β sweep of the idealized accuracy (default: %s)" % ",".join(f"{b:g}" for b in DEFAULT_BETAS))
     p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="alpha is clipped to [ε, 1-ε] "
                    "(default: %(default)s)")
     p.add_argument("--gamma", type=float, default=1.0, help="DPO^γ: γ scales the reference log-ratio; reported "
                    "as dpo_gamma_loss_mean when not 1 (default: %(default)s)")
     p.add_argument("--tie-band", type=float, help="pairs with alpha = 0.5 count as correct when |Δ log π| <= band")
-    p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--checkpoints", nargs="+", help="score tables of successive checkpoints (same reference) for "
                    "the groups over time")
@@ -219,6 +122,13 @@ def add_analysis_args(p):
 def _analysis_options(args) -> dict:
     return dict(beta=args.beta, betas=args.betas, epsilon=args.epsilon, gamma=args.gamma, tie_band=args.tie_band,
                 n_boot=args.bootstrap, seed=args.seed)
+
+
+def _warn_orientation(summary: dict):
+    if summary.get("n_chosen_rejected_by_raters"):
+        print(f"prefrank: WARNING: on {summary['n_chosen_rejected_by_raters']} pairs the raters preferred the "
+              f"rejected completion (alpha < 0.5: scored with --keep-column-order, or by a prefrank that did not "
+              f"orient pairs); every measure counts them in column order", file=sys.stderr)
 
 
 def _warn_theorem(summary: dict):
@@ -233,19 +143,19 @@ def _analyze_kwise(args) -> dict:
     if args.ref_scores or args.checkpoints or args.pairs_out:
         raise InputError("--ref-scores, --checkpoints and --pairs-out take pair tables; convert K-wise tables with "
                          "`prefrank pairs`")
-    summary = kwise.summarize_kwise(args.scores, n_boot=args.bootstrap, seed=args.seed)
-    summary["implied_pairs"] = summarize(load_pairs(kwise.kwise_to_pair_table(args.scores)), **_analysis_options(args))
+    summary = kwise.summarize_kwise(args.table, n_boot=args.bootstrap, seed=args.seed)
+    summary["implied_pairs"] = summarize(load_pairs(kwise.kwise_to_pair_table(args.table)), **_analysis_options(args))
     return summary
 
 
 def run_analyze(args) -> int:
     from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
-    if kwise.is_kwise_table(args.scores):
+    if kwise.is_kwise_table(args.table):
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
-    pairs = load_pairs(args.scores, args.ref_scores)
+    pairs = load_pairs(args.table, args.ref_scores)
     summary = summarize(pairs, **_analysis_options(args))
     if args.checkpoints:
-        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta)
+        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta, args.tie_band)
     if args.pairs_out:
         if not pairs.has_ref:
             raise InputError("--pairs-out needs reference log-probs (--ref-scores, or a table scored with --ref-model)")
@@ -265,19 +175,46 @@ def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
     else:
         print(text)
     _warn_theorem(summary.get("implied_pairs", summary))
+    _warn_orientation(summary)
     acc = summary[headline]["value"]
-    print(f"{summary['n_' + unit]} {unit} ({summary['n_errors']} errors): {headline.replace('_', ' ')} "
+    counts = [f"{summary['n_errors']} errors"] + [f"{summary[key]} {what}" for key, what in (
+        ("n_ties", "tied, left out of the rankings"), ("n_reoriented", "reoriented to the raters' choice"))
+        if summary.get(key)]
+    print(f"{summary['n_' + unit]} {unit} ({'; '.join(counts)}): {headline.replace('_', ' ')} "
           f"{'–' if acc is None else f'{100 * acc:.1f}%'}" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
+def _report_examples(args) -> list | None:
+    """The scored input's Examples for quoting pairs, read as the table's sidecar says it was scored
+    (mapping, format, grouping, split, limit), unless column options are given here."""
+    if not args.data:
+        return None
+    from dataclasses import fields
+
+    from prefrank.data import read_examples
+    from prefrank.io import read_sidecar
+    read = dict(split="train", subset=None, limit=None)
+    columns = columns_from_args(args)
+    try:
+        scored = read_sidecar(args.table)["options"]
+    except (OSError, ValueError, KeyError):
+        scored = None  # a table from elsewhere: the column options (or their defaults) apply
+    if scored is not None:
+        read = {k: scored.get(k, v) for k, v in read.items()}
+        if not options.given(Columns, args):
+            known = {f.name for f in fields(Columns)}
+            columns = Columns(**{k: v for k, v in scored["columns"].items() if k in known})
+    return list(read_examples(args.data, columns, **read))
+
+
 def run_report(args) -> int:
     from prefrank.analysis import write_report
-    from prefrank.data import read_examples
-    examples = list(read_examples(args.data, columns_from_args(args))) if args.data else None
-    summary = write_report(args.scores, args.out, ref_scores=args.ref_scores, checkpoints=args.checkpoints,
+    examples = _report_examples(args)
+    summary = write_report(args.table, args.out, ref_scores=args.ref_scores, checkpoints=args.checkpoints,
                            examples=examples, **_analysis_options(args))
     _warn_theorem(summary)
+    _warn_orientation(summary)
     print(f"report -> {args.out}/report.md", file=sys.stderr)
     return 0
 
@@ -295,9 +232,10 @@ def add_analysis_parsers(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_analysis_args(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data", help="the scored input, to quote the hardest and easiest pairs (same column options "
-                   "as for scoring)")
-    add_column_args(p.add_argument_group("columns of --data"))
+    p.add_argument("--data", help="the scored input, to quote the hardest and easiest pairs; read as the score "
+                   "table's sidecar records it was scored (column mapping, format, grouping, limit) unless column "
+                   "options are given")
+    options.add_options(p, Columns)
     p.set_defaults(func=run_report)
 
 
@@ -322,20 +260,21 @@ def run_pairs(args) -> int:
         pq.write_table(pa.table(table), args.out)
         print(f"{len(table['id'])} pair rows -> {args.out}", file=sys.stderr)
         return 0
-    from prefrank.data import read_examples
-    columns = columns_from_args(args)
+    from prefrank.data import open_examples
+    columns, examples = open_examples(args.input, columns_from_args(args))
     if columns.completions is None:
-        raise InputError("a dataset needs --completions-col (and --scores-col) to be read as K-wise")
+        raise InputError("a dataset needs --completions-col (and --scores-col), or a K-wise --format, to be read as "
+                         "K-wise")
     rng = np.random.default_rng(args.seed)
     written = skipped = no_pairs = 0
     first_error = None
     with open(args.out, "w") as f:
-        for ex in read_examples(args.input, columns):
+        for ex in examples:
             if ex.error:
                 skipped += 1
                 first_error = first_error or f"row {ex.index} (id {ex.id}): {ex.error}"
                 continue
-            pairs = kwise.implied_pairs(ex.scores, args.pairing, rng)
+            pairs = kwise.implied_pairs(ex.human_scores, args.pairing, rng)
             no_pairs += not pairs
             for i, j in pairs:
                 f.write(json.dumps({"id": f"{ex.id}:{i}>{j}", "prompt": ex.prompt, "chosen": ex.completions[i],
@@ -354,7 +293,7 @@ def add_pairs_parser(sub):
     p.add_argument("--out", required=True, help="pair score table (.parquet) or pair dataset (.jsonl)")
     p.add_argument("--pairing", choices=PAIRINGS, default="all", help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="for best-random (default: %(default)s)")
-    add_column_args(p.add_argument_group("columns of a K-wise dataset"))
+    options.add_options(p, Columns)
     p.set_defaults(func=run_pairs)
 
 
@@ -375,65 +314,23 @@ paper makes a reference model. Same data options, loop, metrics and checkpoints 
 
 
 def add_train_parsers(sub):
-    from prefrank.dpo.loss import LOSS_TYPES
-    from prefrank.dpo.trainer import OPTIMIZERS
+    from dataclasses import fields
+
+    from prefrank.dpo.trainer import TrainOptions
+    dpo_only = [f.name for f in fields(TrainOptions) if f.metadata.get("group") == "DPO"]
     for name, help_text, description in (("train", "DPO training that tracks ranking accuracy", TRAIN_HELP),
                                          ("sft", "fine-tune on chosen completions (a reference model)", SFT_HELP)):
         p = sub.add_parser(name, help=help_text, description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--model", required=True, help="initial policy: local folder or hub id")
-        p.add_argument("--data", required=True, help="training pairs (any format `score` reads)")
-        p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--val-data", help="validation pairs (default: --val-fraction of --data)")
-        p.add_argument("--val-fraction", type=float, default=0.1, help="(default: %(default)s)")
-        if name == "train":
-            p.add_argument("--ref-model", help="reference model (default: the initial policy, frozen)")
-            p.add_argument("--beta", type=_positive_float, default=0.1, help="(default: %(default)s)")
-            p.add_argument("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="(default: %(default)s)")
-            p.add_argument("--label-smoothing", type=float, default=0.0, help="(default: %(default)s)")
-            p.add_argument("--gamma", type=float, default=1.0, help="DPO^gamma's reference scale (default: %(default)s)")
-        p.add_argument("--lr", type=_positive_float, default=5e-6 if name == "train" else 1e-5,
-                       help="(default: %(default)s)")
-        p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: %(default)s)")
-        p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: %(default)s)")
-        p.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
-        p.add_argument("--epochs", type=_positive_int, default=1, help="(default: %(default)s)")
-        p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
-        p.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per micro-batch (default: %(default)s)")
-        p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default: %(default)s)")
-        p.add_argument("--eval-every", type=_positive_int, default=50, help="(default: %(default)s)")
-        p.add_argument("--eval-pairs", type=_positive_int, default=256,
-                       help="size of the fixed training subsample evaluated (default: %(default)s)")
-        p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
-        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-        p.add_argument("--judge-model", help="reward model (sequence classification, one output): at each evaluation "
-                       "the policy and the reference sample a completion per prompt and the win rate is logged")
-        p.add_argument("--judge-prompts", type=_positive_int, default=64, help="(default: %(default)s)")
-        p.add_argument("--judge-max-new-tokens", type=_positive_int, default=64, help="(default: %(default)s)")
-        p.add_argument("--trust-remote-code", action="store_true")
-        p.add_argument("--allow-pickle", action="store_true")
-        add_column_args(p.add_argument_group("columns"))
-        add_tokenization_args(p.add_argument_group("tokenization"))
+        options.add_options(p, TrainOptions, skip=dpo_only if name == "sft" else ())
         p.set_defaults(func=run_train, mode="dpo" if name == "train" else "sft")
 
 
 def run_train(args) -> int:
     from prefrank.dpo.trainer import TrainOptions, train
-    dpo = dict(ref_model=args.ref_model, beta=args.beta, loss_type=args.loss_type,
-               label_smoothing=args.label_smoothing, gamma=args.gamma) if args.mode == "dpo" else {}
-    opts = TrainOptions(model=args.model, data=args.data, out=args.out, mode=args.mode, val_data=args.val_data,
-                        val_fraction=args.val_fraction, lr=args.lr, warmup_steps=args.warmup_steps,
-                        optimizer=args.optimizer,
-                        weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
-                        batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
-                        eval_pairs=args.eval_pairs, seed=args.seed, **tokenization_from_args(args),
-                        columns=columns_from_args(args), device=args.device, resume=args.resume,
-                        judge_model=args.judge_model, judge_prompts=args.judge_prompts,
-                        judge_max_new_tokens=args.judge_max_new_tokens,
-                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **dpo)
+    opts = options.from_args(TrainOptions, args, mode=args.mode, columns=columns_from_args(args))
     train(opts, log=lambda m: print(m, file=sys.stderr))
-    print(f"{args.mode} -> {args.out}/final (metrics: {args.out}/metrics.jsonl)", file=sys.stderr)
+    print(f"{opts.mode} -> {opts.out}/final (metrics: {opts.out}/metrics.jsonl)", file=sys.stderr)
     return 0
 
 
@@ -443,10 +340,10 @@ def add_demo_parser(sub):
                        description=run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="prefrank-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="DPO steps (default: %(default)s)")
-    p.add_argument("--eval-every", type=_positive_int, default=30, help="(default: %(default)s)")
-    p.add_argument("--train-pairs", type=_positive_int, default=2048, help="(default: %(default)s)")
-    p.add_argument("--val-pairs", type=_positive_int, default=512, help="(default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=300, help="DPO steps (default: %(default)s)")
+    p.add_argument("--eval-every", type=positive_int, default=30, help="(default: %(default)s)")
+    p.add_argument("--train-pairs", type=positive_int, default=2048, help="(default: %(default)s)")
+    p.add_argument("--val-pairs", type=positive_int, default=512, help="(default: %(default)s)")
     p.set_defaults(func=run_demo)
 
 
@@ -464,6 +361,13 @@ def add_merge_parser(sub):
                        "otherwise rerun `prefrank score ... --resume`.")
     p.add_argument("out", help="the --out of the scoring run")
     p.set_defaults(func=run_merge)
+
+
+def option_flags() -> dict[str, str]:
+    """{option name: flag} of every command's options (for error messages)."""
+    from prefrank.dpo.trainer import TrainOptions
+    from prefrank.pipeline import ScoreOptions
+    return options.flags(ScoreOptions, TrainOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,8 +390,8 @@ def main(argv=None) -> int:
     transformers.logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (InputError, ValueError) as e:
-        print(f"prefrank {args.command}: error: {e}", file=sys.stderr)
+    except InputError as e:  # the user's mistake: one line, the options named by their flags
+        print(f"prefrank {args.command}: error: {e.text(option_flags())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefrank: interrupted", file=sys.stderr)

@@ -8,55 +8,135 @@ Formats (auto-detected per row, after the column mapping in `Columns`):
                   common prefix cut back to the end of the last "\\n\\nAssistant:", else to the
                   last whitespace (the completions then start with that whitespace)
   conversational  prompt / chosen / rejected: lists of {role, content} messages (prompt may be
-                  absent: the shared leading messages are the prompt)
+                  absent: the shared leading messages are the prompt); with `turn`, each
+                  conversation is first cut after its turn-th user message's answer
 K completions per prompt (Columns.completions set): a list of completions (texts or message lists)
-and a list of human scores, one per completion, higher is better; a dotted column reads a field of
-each listed object (UltraFeedback: completions.response and completions.overall_score).
-Votes give a pair's `alpha`, the share of raters preferring the chosen completion (ties count half):
-  --vote-cols a,b,c  PandaLM coding per column: 0 tie, 1 the chosen column, 2 the rejected column
-  `votes` column     a list of per-rater shares for chosen: 1, 0, or 0.5 for a tie
-  `alpha` column     the share itself
+and a list of human scores, one per completion (higher is better, or lower with scores_order
+"lower-better": then they are stored negated); a dotted column reads a field of each listed
+object (UltraFeedback: completions.response and completions.overall_score).
+The raters' verdict on a pair gives its `alpha`, the share of votes for the chosen completion
+(ties count half):
+  vote columns   Columns.votes, one vote each, in a coding of VOTE_CODINGS (a label column is
+                 one vote column); with Columns.group_by, the votes of all rows of a pair
+  `votes` column a list of per-rater shares for the first completion: 1, 0, or 0.5 for a tie
+  `alpha` column the share itself
+The chosen completion is the raters' choice: a pair with alpha < 0.5 is reoriented (chosen and
+rejected swapped, alpha -> 1 - alpha, `reoriented` set) unless Columns.keep_column_order. A pair
+whose votes tie exactly keeps alpha = 0.5 (the analysis leaves it out of rankings).
+Named mappings for published datasets (presets) live in prefrank.formats.
 """
 import gzip
+import hashlib
 import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import re
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
+
+from prefrank import formats
+from prefrank.errors import InputError, RowError
+from prefrank.options import name_list, option, options
 
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-class InputError(Exception):
-    """A bad invocation (missing file, unknown dataset, bad option): reported in one line."""
+# A vote's share for the first candidate column (chosen), by coding; ties count half.
+VOTE_CODINGS = {
+    "1/2": {1: 1.0, 2: 0.0, 0: 0.5},  # PandaLM, LLMBar, AlpacaFarm: 1 = the first, 2 = the second, 0 = tie
+    "0/1": {0: 1.0, 1: 0.0},  # PKU-SafeRLHF better_response_id: 0 = the first, 1 = the second
+    "1/0": {1: 1.0, 0: 0.0},  # SHP labels, booleans: 1 (true) = the first, 0 (false) = the second
+    "names": {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5},  # MT-Bench, Chatbot Arena winner
+}
+VOTE_CODING_HELP = {
+    "1/2": "1 = the first candidate (the chosen column), 2 = the second (the rejected column), 0 = tie",
+    "0/1": "0 = the first candidate, 1 = the second",
+    "1/0": "1 or true = the first candidate, 0 or false = the second",
+    "names": "model_a = the first candidate, model_b = the second, tie or 'tie (bothbad)' = tie",
+}
+SCORES_ORDERS = ("higher-better", "lower-better")
 
 
-@dataclass
+@options
 class Columns:
-    """Where each field lives in the input rows."""
-    prompt: list[str] | None = None  # None: "prompt" when present, else the implicit format
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    id: str = "id"
-    votes: list[str] | None = None  # PandaLM-style vote columns
-    completions: str | None = None  # K-wise rows: the list of completions (None: a chosen/rejected pair)
-    scores: str = "scores"  # K-wise rows: human scores, one per completion, higher is better
-    completions_include_prompt: bool = False  # chosen/rejected repeat the prompt: strip it
-    prompt_separator: str = "\n\n"  # joins several prompt columns (empty ones skipped)
+    """Where each field lives in the input rows, and how the raters' verdict reads (the column
+    options of every command that reads data)."""
+    format: str | None = option(
+        None, "a published dataset's column mapping (listed in `prefrank score --help`; README.md gives the "
+        "columns each reads); auto: the one the first row's columns match, else the default mapping; column "
+        "options given with it override its fields", choices=["auto", *formats.PRESETS], metavar="NAME",
+        group="columns", default_text="auto on the command line when no column option is given")
+    prompt: list[str] | None = option(
+        None, "prompt column(s), joined by blank lines when several (empty ones skipped)", flag="--prompt-cols",
+        type=name_list, group="columns", default_text="'prompt' if present, else the implicit HH format")
+    chosen: str = option("chosen", "the chosen completion, or with votes the first candidate (the raters decide "
+                         "which is chosen)", flag="--chosen-col", group="columns")
+    rejected: str = option("rejected", "the rejected completion, or with votes the second candidate",
+                           flag="--rejected-col", group="columns")
+    id: str | None = option(None, "row id column, which must exist", flag="--id-col", group="columns",
+                            default_text="'id' when present, else the row's index")
+    votes: list[str] | None = option(
+        None, "vote columns, one vote each in --vote-coding (a label column naming the better candidate is one "
+        "vote column; PandaLM: annotator1,annotator2,annotator3); alpha = the share of votes for the chosen "
+        "column, ties half. Without it, an 'alpha' column, or a 'votes' list of 1/0/0.5, is used when present",
+        flag="--vote-cols", type=name_list, group="columns")
+    vote_coding: str = option("1/2", "what a vote says: " + "; ".join(
+        f"{name}: {text}" for name, text in VOTE_CODING_HELP.items()), choices=list(VOTE_CODINGS), group="columns")
+    group_by: list[str] | None = option(
+        None, "rows that agree on these columns are votes on one pair (one output row per pair, in the order "
+        "of each pair's first row; 'a+b' is the unordered pair of columns a and b, so a pair shown in either "
+        "order is one pair); their prompt and candidates must agree (swapped candidates flip a row's votes), "
+        "else the pair is an error", type=name_list, group="columns")
+    turn: str | None = option(None, "conversational rows: each conversation is cut after the answer to the user "
+                              "message this column numbers (MT-Bench, Chatbot Arena: turn)", flag="--turn-col",
+                              group="columns")
+    keep_column_order: bool = option(
+        False, "keep --chosen-col as chosen even where the votes prefer --rejected-col (the analysis then warns "
+        "with the count); by default such pairs are swapped and marked reoriented", group="columns")
+    completions: str | None = option(
+        None, "K completions per prompt: the column with the list of completions (a dotted name reads a field "
+        "of each listed object, e.g. completions.response for UltraFeedback); the table then holds lists "
+        "(logps, n_tokens, human_scores)", flag="--completions-col", group="columns")
+    human_scores: str = option("scores", "with --completions-col: human scores, one per completion "
+                               "(UltraFeedback: completions.overall_score)", flag="--scores-col", group="columns")
+    scores_order: str = option("higher-better", "higher-better, or lower-better for ranks (Nectar: answers.rank; "
+                               "stored negated in human_scores)", choices=SCORES_ORDERS, group="columns")
+    completions_include_prompt: bool = option(
+        False, "chosen/rejected start with the prompt: strip it (rows where they don't are errors)",
+        group="columns")
+    prompt_separator: str = option("\n\n", "joins several prompt columns (empty ones skipped)", cli=False)
+
+    def __post_init__(self):
+        if self.vote_coding not in VOTE_CODINGS:
+            raise InputError(f"<vote_coding> {self.vote_coding!r}: expected one of {', '.join(VOTE_CODINGS)}")
+        if self.scores_order not in SCORES_ORDERS:
+            raise InputError(f"<scores_order> {self.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
+        if self.group_by and (self.completions is not None or not self.votes):
+            raise InputError("<group_by> pools the votes of a pair's rows: it needs vote columns (<votes>) and "
+                             "pairs (not <completions>)")
 
 
 @dataclass
 class Example:
-    index: int  # position in the input, 0-based
+    index: int  # position in the output: the input row, or with group_by the pair (groups in first-row order)
     id: str
     prompt: str | list | None = None  # text, or a list of chat messages
     completions: list = field(default_factory=list)  # [chosen, rejected], or K: texts or message lists
     alpha: float | None = None  # pairs: share of raters preferring chosen
-    scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
+    n_votes: int | None = None  # pairs: the votes alpha comes from (None: an alpha column, or no votes)
+    reoriented: bool = False  # the raters preferred the `rejected` column: the two were swapped
+    multi_turn: bool = False  # a completion holds more than one message (later turns, earlier answers)
+    human_scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
     implicit: bool = False  # the prompt was split off full transcripts (no prompt in the row)
     error: str | None = None
+
+    @property
+    def tie(self) -> bool | None:
+        """The raters tied (alpha = 0.5: exact, a share of votes); None without alpha."""
+        return None if self.alpha is None else self.alpha == 0.5
 
 
 @dataclass
@@ -67,47 +147,142 @@ class BadRow:
 
 # ---------------------------------------------------------------- reading rows
 
-def _open_text(path: Path):
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write first: skipped
+_UNREADABLE = (OSError, EOFError, zlib.error)  # a truncated or damaged file (gzip raises all three)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _open_text(path: Path, encoding: str, newline: str | None = None):
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding=encoding, newline=newline)
+    return open(path, encoding=encoding, newline=newline)
+
+
+def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
+    """One JSON line (None if blank); a line that cannot be decoded or parsed is a BadRow."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRow(f"line {line_no}: invalid UTF-8 (byte {e.start} of the line)")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return BadRow(f"line {line_no}: JSON nested too deeply")
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return BadRow(f"line {line_no}: invalid JSON ({e})")
 
 
 def _json_lines(path: Path) -> Iterator[dict | BadRow]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
+    """Rows of a JSON-lines file, each line decoded on its own: one bad line is one bad row."""
+    line_no = 0
+    with _open_binary(path) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                row = _json_line(raw.removeprefix(BOM) if line_no == 1 else raw, line_no)
+                if row is not None:
+                    yield row
+        except _UNREADABLE as e:
+            raise InputError(f"{path}: unreadable after {line_no} lines: {_one_line(e)}") from None
 
 
-def _first_char(path: Path) -> str:
-    with _open_text(path) as f:
-        while True:
-            c = f.read(1)
-            if not c or not c.isspace():
-                return c
+def _first_byte(path: Path) -> bytes:
+    """The first byte that is not whitespace (after a BOM)."""
+    try:
+        with _open_binary(path) as f:
+            head = f.read(4096).removeprefix(BOM)
+            while head and not head.lstrip():
+                head = f.read(4096)
+            return head.lstrip()[:1]
+    except _UNREADABLE as e:
+        raise InputError(f"{path}: unreadable: {_one_line(e)}") from None
 
 
 def _json_file(path: Path) -> Iterator[dict | BadRow]:
-    if _first_char(path) != "[":  # JSON lines saved as .json
-        yield from _json_lines(path)
-        return
-    with _open_text(path) as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    yield from rows
+    if _first_byte(path) != b"[":  # JSON lines saved as .json
+        return _json_lines(path)
+    try:
+        with _open_binary(path) as f:
+            rows = json.loads(f.read().removeprefix(BOM).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:
+        raise InputError(f"{path}: invalid JSON ({e})") from None
+    except _UNREADABLE as e:
+        raise InputError(f"{path}: unreadable: {_one_line(e)}") from None
+    return iter(rows)
+
+
+def _csv_file(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
+    """Rows of a CSV / TSV file with a header line; every cell is a string. A record with the
+    wrong number of fields, or one the csv module cannot parse, is a BadRow in its place."""
+    import csv
+    csv.field_size_limit(2**31 - 1)  # completions can be far longer than the default 128 KiB
+    with _open_text(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's BOM
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        header = None
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # strict: the reader resumes on the next line
+                yield BadRow(f"line {reader.line_num}: invalid CSV ({e})")
+                continue
+            except (UnicodeDecodeError, *_UNREADABLE) as e:  # the text stream cannot go on past it
+                raise InputError(f"{path}: unreadable after line {reader.line_num}: {_one_line(e)}") from None
+            if header is None:
+                header = values
+                if len(set(header)) != len(header):
+                    raise InputError(f"{path}: the header names a column twice: {header}")
+                continue
+            if not values:  # a blank line
+                continue
+            if len(values) != len(header):
+                yield BadRow(f"line {reader.line_num}: {len(values)} fields where the header has {len(header)}")
+                continue
+            yield dict(zip(header, values))
 
 
 def _parquet_file(path: Path) -> Iterator[dict]:
+    """Rows of a Parquet file, opened now (a damaged footer fails here), read a row group at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
+
+    def rows():
+        start = 0
+        for group in range(file.num_row_groups):
+            batches = file.iter_batches(batch_size=1024, row_groups=[group])
+            while True:
+                try:
+                    batch = next(batches, None)
+                    batch = None if batch is None else batch.to_pylist()
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    raise InputError(f"{path}: row group {group} is unreadable after row {start}: "
+                                     f"{_one_line(e)}") from None
+                if batch is None:
+                    break
+                yield from batch
+                start += len(batch)
+    return rows()
 
 
 def _hf_dataset(name: str, subset: str | None, split: str):
@@ -121,13 +296,23 @@ def _hf_dataset(name: str, subset: str | None, split: str):
             ds = datasets.load_dataset(name, subset, split=split, streaming=True)
     except Exception as e:  # hub unreachable, unknown name, missing split: one clear line
         raise InputError(f"cannot load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}") from None
-    return iter(ds)
+
+    def rows():
+        n = 0
+        try:
+            for row in ds:
+                yield row
+                n += 1
+        except Exception as e:  # a damaged data file in the folder: one clear line
+            raise InputError(f"dataset {name!r}: unreadable after {n} rows: {type(e).__name__}: "
+                             f"{_one_line(e)}") from None
+    return rows()
 
 
 def read_rows(source: str, *, split: str = "train", subset: str | None = None) -> Iterator[dict | BadRow]:
-    """Rows of a JSON / JSONL / JSONL.gz / Parquet file, or of a Hugging Face dataset (hub name
-    or local folder), streamed in input order. A missing or unreadable source raises InputError
-    here, before any row is read."""
+    """Rows of a JSON / JSONL / CSV / TSV (each optionally .gz) or Parquet file, or of a Hugging
+    Face dataset (hub name or local folder), streamed in input order. A missing or unreadable
+    source raises InputError here, before any row is read."""
     path = Path(source)
     name = path.name.lower()
     if path.is_file():
@@ -135,9 +320,12 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
             return _json_lines(path)
         if name.endswith((".json", ".json.gz")):
             return _json_file(path)
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+            return _csv_file(path, "\t" if ".tsv" in name else ",")
         if name.endswith(".parquet"):
             return _parquet_file(path)
-        raise InputError(f"{source}: unknown file type (expected .json, .jsonl, .jsonl.gz or .parquet)")
+        raise InputError(f"{source}: unknown file type (expected .json, .jsonl, .csv, .tsv, each optionally .gz, "
+                         f"or .parquet)")
     if path.is_dir() or (source.count("/") <= 1 and not source.startswith((".", "/", "~")) and not path.suffix):
         return _hf_dataset(source, subset, split)
     raise InputError(f"data file not found: {source}")
@@ -152,10 +340,6 @@ def count_rows(source: str) -> int | None:
 
 
 # ---------------------------------------------------------------- normalizing rows
-
-class RowError(ValueError):
-    """Why one row cannot be scored; becomes that row's `error`."""
-
 
 def _is_messages(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
@@ -175,6 +359,8 @@ def _field(row: dict, column: str):
     if head not in row:
         raise RowError(f"missing field {head!r}")
     value = row[head]
+    if value is None:  # present but null: never read as empty, absent or implicit
+        raise RowError(f"field {head!r} is null")
     if not rest:
         return value
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -208,7 +394,9 @@ def _completions(row: dict, cols: Columns) -> tuple[list, list[str]]:
 def _prompt(row: dict, cols: Columns):
     """The prompt's text or messages; None when it is implicit (shared by the completions)."""
     if cols.prompt is None:
-        return row.get("prompt")  # absent: implicit
+        return _field(row, "prompt") if "prompt" in row else None  # absent: implicit; null: an error
+    if not cols.prompt:
+        return None
     parts = [_field(row, c) for c in cols.prompt]
     if len(parts) == 1:
         return parts[0]
@@ -216,6 +404,27 @@ def _prompt(row: dict, cols: Columns):
         if not isinstance(p, str):
             raise RowError(f"field {c!r} must be a string, got {type(p).__name__}")
     return cols.prompt_separator.join(p for p in parts if p)
+
+
+def _integer(value, what: str) -> int:
+    """An integer cell: an int, an integral float, or the text of one (CSV cells are text)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+        raise RowError(f"{what!r} must be an integer; got {value!r}")
+    return int(number)
+
+
+def _cut_at_turn(conversation: list, turn: int, name: str) -> list:
+    """The conversation up to the answer to its turn-th user message (the rest is not judged)."""
+    users = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+    if turn < 1 or len(users) < turn:
+        raise RowError(f"{name!r} has {len(users)} user messages: it has no turn {turn}")
+    return conversation[:users[turn]] if len(users) > turn else conversation
 
 
 def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
@@ -228,6 +437,9 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
             if not _is_messages(c):
                 raise RowError(f"{name!r} must be a message list like the other completions")
             _check_messages(c, name)
+        if cols.turn is not None:
+            turn = _integer(_field(row, cols.turn), cols.turn)
+            completions = [_cut_at_turn(c, turn, name) for c, name in zip(completions, names)]
         if prompt is None:
             shared = 0
             while all(len(c) > shared and c[shared] == completions[0][shared] for c in completions):
@@ -251,32 +463,133 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
     return prompt, completions, False
 
 
+def _check_completions(completions: list, pair: bool):
+    for c in completions:
+        if not (c.strip() if isinstance(c, str) else any(m["content"].strip() for m in c)):
+            raise RowError("empty or whitespace-only completion")
+    for i, j in itertools.combinations(range(len(completions)), 2):
+        if completions[i] == completions[j]:
+            raise RowError("chosen and rejected are identical" if pair else f"completions {i} and {j} are identical")
+
+
 def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
-    scores = _field(row, cols.scores)
+    scores = _field(row, cols.human_scores)
     if (not isinstance(scores, list) or len(scores) != k
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in scores)):
-        raise RowError(f"{cols.scores!r} must be a list of {k} finite numbers (one per completion); got {scores!r}")
-    return [float(v) for v in scores]
+        raise RowError(f"{cols.human_scores!r} must be a list of {k} finite numbers (one per completion); got {scores!r}")
+    sign = -1.0 if cols.scores_order == "lower-better" else 1.0  # stored so that higher is better
+    return [sign * float(v) for v in scores]
 
 
-def _alpha(row: dict, cols: Columns) -> float | None:
+
+
+def _vote_share(value, coding: str, column: str) -> float:
+    """One vote's share for the first candidate. CSV cells are text: numeric codings read the
+    number it spells ("2", "2.0"), and 0/1, 1/0 also "true" / "false"."""
+    shares = VOTE_CODINGS[coding]
+    key = value
+    if coding != "names":
+        if isinstance(key, str):
+            text = key.strip().lower()
+            key = {"true": True, "false": False}.get(text, text)
+            if isinstance(key, str):
+                try:
+                    key = float(key)
+                except ValueError:
+                    pass
+        if isinstance(key, bool):
+            key = None if coding == "1/2" else int(key)
+        elif isinstance(key, float) and key.is_integer():
+            key = int(key)
+    if not isinstance(key, (int, str)) or isinstance(key, bool) or key not in shares:
+        raise RowError(f"{column!r}: {value!r} is not a vote in the {coding} coding ({VOTE_CODING_HELP[coding]})")
+    return shares[key]
+
+
+def _verdict(row: dict, cols: Columns) -> tuple[list[float] | None, float | None]:
+    """The raters' verdict on a pair: (vote shares for the first candidate, or None; a given alpha, or None)."""
     if cols.votes:
-        votes = [_field(row, c) for c in cols.votes]
-        if any(v not in (0, 1, 2) or isinstance(v, bool) for v in votes):
-            raise RowError(f"votes in {cols.votes} must be 0 (tie), 1 (chosen) or 2 (rejected); got {votes}")
-        return (votes.count(1) + 0.5 * votes.count(0)) / len(votes)
-    if "alpha" in row and row["alpha"] is not None:
-        a = row["alpha"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+        return [_vote_share(_field(row, c), cols.vote_coding, c) for c in cols.votes], None
+    a = row.get("alpha")
+    if a is not None and a != "":  # an empty CSV cell is no alpha
+        try:
+            value = float(a) if isinstance(a, str) else a
+        except ValueError:
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise RowError(f"'alpha' must be a number in [0, 1]; got {a!r}")
-        return float(a)
-    if "votes" in row and row["votes"] is not None:
+        return None, float(value)
+    if row.get("votes") is not None:
         votes = row["votes"]
         if (not isinstance(votes, list) or not votes
                 or any(isinstance(v, bool) or v not in (0, 0.5, 1) for v in votes)):
             raise RowError(f"'votes' must be a non-empty list of 1 (chosen), 0 (rejected) or 0.5 (tie); got {votes!r}")
-        return sum(votes) / len(votes)
-    return None
+        return [float(v) for v in votes], None
+    return None, None
+
+
+def _orient(example: Example, cols: Columns, shares: list[float] | None, alpha: float | None):
+    """Set the pair's alpha from its votes (or a given alpha) and make the raters' choice the chosen
+    completion: alpha < 0.5 swaps the two (unless keep_column_order). Swapping flips each vote
+    (exact for 1, 0, 0.5), so the new alpha is computed, not 1 - alpha rounded."""
+    if shares is not None:
+        alpha = sum(shares) / len(shares)
+        example.n_votes = len(shares)
+    if alpha is not None and alpha < 0.5 and not cols.keep_column_order:
+        example.completions.reverse()
+        example.reoriented = True
+        alpha = 1.0 - alpha if shares is None else sum(1.0 - s for s in shares) / len(shares)
+    example.alpha = alpha
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(value, what: str):
+    """JSON can escape a lone surrogate (\\ud800), which is no Unicode text: no tokenizer or Parquet
+    file takes it. Looks through nested messages without recursion (any depth)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if match := _SURROGATE.search(v):
+                raise RowError(f"{what} holds a lone surrogate (\\u{ord(match.group()):04x}): not valid Unicode")
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+
+
+def _normalize(row: dict, cols: Columns) -> tuple:
+    """(prompt, completions, whether the prompt was implicit, vote shares, given alpha) of one row,
+    K-wise rows with their human scores in place of the shares; a RowError says why the row
+    cannot be used."""
+    if cols.id is not None:
+        _field(row, cols.id)  # a named id column must be there, and not null
+    _check_unicode(row.get(cols.id or "id"), "the id")
+    prompt, completions, implicit = _prompt_and_completions(row, cols)
+    _check_unicode(prompt, "the prompt")
+    _check_unicode(completions, "a completion")
+    _check_completions(completions, cols.completions is None)
+    if cols.completions is not None:
+        return prompt, completions, implicit, _human_scores(row, cols, len(completions)), None
+    return (prompt, completions, implicit) + _verdict(row, cols)
+
+
+def _finish(example: Example, cols: Columns, prompt, completions, implicit, shares, alpha) -> Example:
+    example.prompt, example.completions, example.implicit = prompt, list(completions), implicit
+    example.multi_turn = any(isinstance(c, list) and len(c) > 1 for c in completions)
+    if cols.completions is None:
+        _orient(example, cols, shares, alpha)
+    else:
+        example.human_scores = shares
+    return example
+
+
+def _row_id(index: int, row, cols: Columns) -> str:
+    """The row's id, else its index (also for an id that is no valid Unicode: _normalize refuses it)."""
+    row_id = row.get(cols.id or "id") if isinstance(row, dict) else None
+    return str(index) if row_id is None or _SURROGATE.search(str(row_id)) else str(row_id)
 
 
 def to_example(index: int, row, cols: Columns) -> Example:
@@ -285,23 +598,119 @@ def to_example(index: int, row, cols: Columns) -> Example:
         return Example(index, str(index), error=row.message)
     if not isinstance(row, dict):
         return Example(index, str(index), error=f"row is a JSON {type(row).__name__}, not an object")
-    row_id = row.get(cols.id)
-    example = Example(index, str(index) if row_id is None else str(row_id))
+    example = Example(index, _row_id(index, row, cols))
     try:
-        example.prompt, example.completions, example.implicit = _prompt_and_completions(row, cols)
-        if any(not c for c in example.completions):
-            raise RowError("empty completion")
-        for i, j in itertools.combinations(range(len(example.completions)), 2):
-            if example.completions[i] == example.completions[j]:
-                raise RowError("chosen and rejected are identical" if cols.completions is None
-                               else f"completions {i} and {j} are identical")
-        if cols.completions is None:
-            example.alpha = _alpha(row, cols)
-        else:
-            example.scores = _human_scores(row, cols, len(example.completions))
+        return _finish(example, cols, *_normalize(row, cols))
     except RowError as e:
         example.error = str(e)
     return example
+
+
+# ---------------------------------------------------------------- votes grouped into pairs
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _group_key(row: dict, cols: Columns) -> bytes:
+    """The pair a row votes on: its group_by values ("a+b": the two as an unordered pair), hashed
+    (128 bits: the key of the spill, whatever the size of the values)."""
+    parts = []
+    for name in cols.group_by:
+        values = [_field(row, c) for c in name.split("+")]
+        parts.append(sorted(values, key=_canonical) if len(values) > 1 else values[0])
+    return hashlib.blake2b(_canonical(parts).encode(), digest_size=16).digest()
+
+
+def _spill_record(pos: int, row, cols: Columns) -> tuple[bytes, int, str]:
+    """(group key, input position, the row normalized as JSON). A row that cannot be keyed is a
+    group of its own; one that cannot be normalized makes its whole group an error."""
+    if isinstance(row, BadRow) or not isinstance(row, dict):
+        return b"row:%d" % pos, pos, json.dumps({"error": to_example(pos, row, cols).error})
+    record = {"id": _row_id(pos, row, cols)}
+    try:
+        key = _group_key(row, cols)
+    except RowError as e:
+        return b"row:%d" % pos, pos, json.dumps({**record, "error": str(e)})
+    try:
+        record["pair"] = _normalize(row, cols)
+    except RowError as e:
+        record["error"] = str(e)
+    return key, pos, json.dumps(record)
+
+
+def _merge_group(index: int, members, cols: Columns) -> Example:
+    """One pair from the rows of a group, in input order: the same prompt and completions in each
+    (in either order: a row with the two swapped has its votes flipped), all their votes pooled."""
+    example, first, shares, text = None, None, [], None
+    for _, pos, record in members:
+        record = json.loads(record)
+        if example is None:
+            example, first = Example(index, record.get("id", str(pos))), pos
+        if example.error:
+            continue
+        if "error" in record:
+            example.error = record["error"] if pos == first else f"row {pos} of the pair: {record['error']}"
+            continue
+        prompt, completions, implicit, row_shares, _ = record["pair"]
+        if text is None:
+            text = (prompt, completions, implicit)
+        elif prompt != text[0] or completions not in (text[1], text[1][::-1]):
+            example.error = (f"rows {first} and {pos} are one pair (same {', '.join(cols.group_by)}) but their "
+                             f"{'prompts' if prompt != text[0] else 'completions'} differ")
+            continue
+        elif completions != text[1]:  # the two candidates in the other order: the votes say the opposite
+            row_shares = [1.0 - s for s in row_shares]
+        shares += row_shares
+    return example if example.error else _finish(example, cols, *text, shares, None)
+
+
+def _grouped(rows, cols: Columns, limit: int | None) -> Iterator[Example]:
+    """Pairs from rows that each carry some of a pair's votes, in the order of each pair's first
+    row, for inputs of any size: a first pass normalizes every row and spills it, keyed by its
+    group, into an on-disk SQLite table; its external sort then returns the rows grouped, groups in
+    first-row order, rows in input order (the same order on every run: --resume and the ranks of a
+    torchrun job see the same pairs). Memory holds one group's votes at a time."""
+    import sqlite3
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="prefrank-groups-") as tmp:
+        db = sqlite3.connect(os.path.join(tmp, "rows.db"))
+        try:
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-4096"):
+                db.execute(f"PRAGMA {pragma}")  # a scratch file: no journal; a 4 MiB page cache
+            db.execute("CREATE TABLE rows (key BLOB, pos INTEGER, record TEXT)")
+            numbered = enumerate(rows)
+            while batch := [_spill_record(pos, row, cols) for pos, row in itertools.islice(numbered, 256)]:
+                db.executemany("INSERT INTO rows VALUES (?, ?, ?)", batch)
+            db.execute("CREATE INDEX rows_key ON rows (key, pos)")
+            cursor = db.execute("SELECT g.first, r.pos, r.record FROM rows r JOIN "
+                                "(SELECT key, MIN(pos) AS first FROM rows GROUP BY key) g ON r.key = g.key "
+                                "ORDER BY g.first, r.pos")
+            for index, (_, members) in enumerate(itertools.groupby(cursor, key=lambda member: member[0])):
+                if limit is not None and index >= limit:
+                    return
+                yield _merge_group(index, members, cols)
+        finally:
+            db.close()
+
+
+# ---------------------------------------------------------------- the input as Examples
+
+def preset_columns(name: str, **overrides) -> Columns:
+    """The named preset's column mapping (prefrank.formats), with `overrides` on top."""
+    if name not in formats.PRESETS:
+        raise InputError(f"unknown format {name!r}: expected auto or one of {', '.join(formats.PRESETS)}")
+    return Columns(**{**formats.PRESETS[name].columns, **overrides, "format": name})
+
+
+def resolve_columns(cols: Columns, row: dict | None) -> Columns:
+    """With format "auto": the preset that the first row's columns select (prefrank.formats), or
+    the default mapping; any other mapping as it is."""
+    if cols.format != "auto":
+        return cols
+    name = formats.detect(row) if row is not None else None
+    return preset_columns(name, keep_column_order=cols.keep_column_order) if name else \
+        replace(Columns(), keep_column_order=cols.keep_column_order)
 
 
 def check_columns(row: dict, cols: Columns):
@@ -310,27 +719,45 @@ def check_columns(row: dict, cols: Columns):
     if cols.completions is None:
         named = (cols.prompt or []) + [cols.chosen, cols.rejected] + (cols.votes or [])
     else:
-        named = (cols.prompt or []) + [cols.completions, cols.scores]
+        named = (cols.prompt or []) + [cols.completions, cols.human_scores]
+    named += ([cols.turn] if cols.turn else []) + [c for g in cols.group_by or [] for c in g.split("+")]
+    named += [cols.id] if cols.id is not None else []
     missing = [c for c in named if c.partition(".")[0] not in row]
     if missing:
-        hint = " (K completions per prompt? pass --completions-col)" if cols.completions is None and "completions" in row else ""
+        kwise = cols.completions is None and "completions" in row
+        hint = " (K completions per prompt? pass <completions>)" if kwise else ""
         raise InputError(f"unknown column(s) {', '.join(map(repr, missing))}: the first row has "
                          f"{', '.join(map(repr, row)) or 'no fields'}{hint}")
 
 
+def open_examples(source: str, cols: Columns, *, split: str = "train", subset: str | None = None,
+                  limit: int | None = None) -> tuple[Columns, Iterator[Example]]:
+    """The column mapping the input is read with (format "auto" resolved) and its Examples, in
+    input order: one per row, or with group_by one per pair (`limit`: the first so many). The
+    source is opened and read up to its first row now (InputError if it cannot be, or if a named
+    column is missing there); the rest is read as the iterator is consumed."""
+    rows = read_rows(source, split=split, subset=subset)
+    head = []
+    for row in rows:  # the first row that is an object (malformed lines before it are kept)
+        head.append(row)
+        if isinstance(row, dict):
+            break
+    first = head[-1] if head and isinstance(head[-1], dict) else None
+    cols = resolve_columns(cols, first)
+    if first is not None:
+        check_columns(first, cols)
+    rows = itertools.chain(head, rows)
+    return cols, (_grouped(rows, cols, limit) if cols.group_by else _examples(rows, cols, limit))
+
+
 def read_examples(source: str, cols: Columns, *, split: str = "train", subset: str | None = None,
                   limit: int | None = None) -> Iterator[Example]:
-    """data → Examples, in input order, one per row. The source is opened now (InputError if it
-    cannot be); rows are read as the iterator is consumed."""
-    return _examples(read_rows(source, split=split, subset=subset), cols, limit)
+    """data → Examples (see open_examples)."""
+    return open_examples(source, cols, split=split, subset=subset, limit=limit)[1]
 
 
 def _examples(rows, cols: Columns, limit: int | None) -> Iterator[Example]:
-    checked = False
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             return
-        if not checked and isinstance(row, dict):
-            check_columns(row, cols)
-            checked = True
         yield to_example(index, row, cols)

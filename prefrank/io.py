@@ -6,26 +6,40 @@ Columns (one row per input row):
   n_chosen, n_rejected                completion tokens scored
   ref_logp_chosen, ref_logp_rejected  the same under the reference model (with --ref-model)
   alpha                               share of raters preferring chosen (null without votes)
+  n_votes                             the votes alpha comes from (null without vote columns or a votes list)
+  tie                                 the raters tied: alpha = 0.5 (null without alpha)
+  reoriented                          the raters preferred the input's rejected column: the two were swapped
+  multi_turn                          a completion holds more than one message (a later turn, with its
+                                      model's own earlier answers)
   truncated                           the pair was cut to fit (--truncate keep-end)
   status, error                       "ok" / "error" and the reason
   token_logps_chosen, ...             per-token log-probs, float32 lists (with --per-token)
 K-wise tables (K completions per prompt) hold lists instead, one element per completion:
-  logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha.
+  logps, ref_logps, n_tokens, token_logps, ref_token_logps, and human_scores in place of alpha,
+  n_votes, tie and reoriented (higher is better: ranks are stored negated).
+Tables written before n_votes, tie, reoriented and multi_turn existed still load (PAIR_EXTRAS).
 Rows are written as parts (one per chunk of input rows) that a killed run keeps and --resume
-reuses; the final table is assembled from them under a temporary name and renamed when complete,
-so a crashed run never leaves a partial table under the final name.
+reuses once their checksums verify; the final table is assembled from verified parts under a
+temporary name and renamed when complete, so a crashed run never leaves a partial table under the
+final name. One run at a time writes an output (OutputLock), and an output may not be, or sit
+inside, one of the run's inputs (check_output).
 """
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefrank.data import InputError
+from prefrank.errors import InputError, WriteError
 
 COMPLETION_NAMES = ("chosen", "rejected")  # completion k of a pair
 
@@ -54,22 +68,53 @@ def _typed_fields(kind: str, kwise: bool) -> list[tuple[str, pa.DataType]]:
     return [(pair_pattern.format(name), element) for name in COMPLETION_NAMES]
 
 
+# The raters' verdict beside alpha, in pair tables; tables of older prefrank versions lack them.
+PAIR_EXTRAS = {"n_votes": pa.int64(), "tie": pa.bool_(), "reoriented": pa.bool_()}
+
+
 def table_schema(with_ref: bool, per_token: bool, kwise: bool = False) -> pa.Schema:
     kinds = ["logp"] + (["ref_logp"] if with_ref else []) + ["n"]
     if per_token:
         kinds += ["token_logps"] + (["ref_token_logps"] if with_ref else [])
     fields = [("id", pa.string())] + [f for kind in kinds for f in _typed_fields(kind, kwise)]
-    fields += [("human_scores", pa.list_(pa.float64()))] if kwise else [("alpha", pa.float64())]
-    fields += [("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
+    if kwise:
+        fields += [("human_scores", pa.list_(pa.float64()))]
+    else:
+        fields += [("alpha", pa.float64())] + list(PAIR_EXTRAS.items())
+    fields += [("multi_turn", pa.bool_()), ("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
     return pa.schema(fields)
+
+
+def _temporary(path: Path, suffix: str = ".tmp") -> Path:
+    """A name beside `path` that no other process uses (pid and random)."""
+    return path.with_name(f".{path.name}{suffix}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def _write_atomic(path: Path, data: bytes):
+    """`path` holds `data` entirely or not at all (written under a temporary name, then renamed)."""
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; free space (or fix the folder) and rerun "
+                         f"with <resume>: what is written so far is kept") from None
 
 
 class Parts:
     """A score table under construction: OUT.parts/ holds one Parquet part per chunk of input rows
     (part-000012.parquet: rows 12·chunk_rows ...), each written under a temporary name and renamed,
-    so a part is either complete or absent; a manifest of the run, so that --resume continues
-    only the same run; the sidecar's static part; and one done-RANK.json per process that read the
-    whole input. merge() writes OUT in input order, then the sidecar, then removes the folder."""
+    then its record (part-000012.json: the sha256 of the part's bytes, its row ids' hash and its
+    statistics), so a part counts only once its bytes verify against its record; a manifest
+    of the run, so that --resume continues only the same run; the sidecar's static part; and one
+    done-RANK.json per process that read the whole input. merge() verifies each part before reading
+    it, writes OUT in input order, then the sidecar, then removes the folder."""
 
     def __init__(self, out: str):
         self.out = Path(out)
@@ -78,10 +123,11 @@ class Parts:
     def part(self, chunk: int) -> Path:
         return self.dir / f"part-{chunk:06d}.parquet"
 
+    def record(self, chunk: int) -> Path:
+        return self.part(chunk).with_suffix(".json")
+
     def _write_json(self, name: str, obj):
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, self.dir / name)
+        _write_atomic(self.dir / name, _json_bytes(obj))
 
     def read_json(self, name: str):
         return json.loads((self.dir / name).read_text())
@@ -91,22 +137,31 @@ class Parts:
         Returns whether the folder is new."""
         if self.dir.exists():
             if not resume:
-                raise InputError(f"{self.dir} holds parts of an earlier run: pass --resume to continue it, "
+                raise InputError(f"{self.dir} holds parts of an earlier run: pass <resume> to continue it, "
                                  f"or remove the folder")
             try:
                 old = self.read_json("manifest.json")
             except (OSError, ValueError):
                 raise InputError(f"{self.dir} has no readable manifest.json: not prefrank's parts") from None
+            manifest = json.loads(_json_bytes(manifest))  # as it was stored: tuples become lists
             differs = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             if differs:
-                raise InputError(f"--resume: the parts in {self.dir} come from a run with other "
-                                 f"{', '.join(differs)}; remove the folder or choose another --out")
+                raise InputError(f"<resume>: the parts in {self.dir} come from a run with other "
+                                 f"{', '.join(differs)}; remove the folder or choose another <out>")
             for stale in self.dir.glob("done-*.json"):
                 stale.unlink()
+            # temporaries of runs that died (this run holds the output's lock: no other is writing)
+            partials = self.out.parent.glob(glob.escape(f".{self.out.name}") + ".partial-*")
+            for stale in [*self.dir.glob(".*.tmp-*"), *partials]:
+                stale.unlink(missing_ok=True)
             created = False
         else:
-            self.dir.mkdir(parents=True)
-            self._write_json("manifest.json", manifest)
+            self.dir.mkdir()
+            try:
+                self._write_json("manifest.json", manifest)
+            except WriteError:
+                self.discard()
+                raise
             created = True
         self._write_json("sidecar.json", sidecar)
         return created
@@ -114,57 +169,175 @@ class Parts:
     def discard(self):
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def is_complete(self, chunk: int, ids: list[str]) -> bool:
-        """Does a readable part for `chunk` hold exactly these rows? (A truncated or corrupt part,
-        or one from other input, is not.)"""
+    def _verified(self, chunk: int) -> tuple[bytes, dict] | None:
+        """The bytes and record of `chunk`'s part if its bytes hash to its record, else None (absent,
+        truncated, damaged, or written by a run killed before the record)."""
         try:
-            part = pq.ParquetFile(self.part(chunk))
-            complete = (part.metadata.num_rows == len(ids) and b"prefrank" in (part.schema_arrow.metadata or {})
-                        and part.read(columns=["id"]).column("id").to_pylist() == ids)
-        except (OSError, ValueError, pa.ArrowException):
-            complete = False
-        return complete
+            record = json.loads(self.record(chunk).read_text())
+            data = self.part(chunk).read_bytes()
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("sha256") != hashlib.sha256(data).hexdigest():
+            return None
+        return data, record
+
+    def is_complete(self, chunk: int, ids: list[str]) -> bool:
+        """Does a verified part for `chunk` hold exactly these rows?"""
+        verified = self._verified(chunk)
+        return verified is not None and verified[1].get("ids") == _ids_digest(ids)
 
     def write(self, chunk: int, columns: dict[str, list], schema: pa.Schema, stats: dict):
         table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
-        table = table.replace_schema_metadata({"prefrank": json.dumps(stats)})
-        tmp = self.dir / f".{self.part(chunk).name}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.part(chunk))
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        data = buffer.getvalue().to_pybytes()
+        _write_atomic(self.part(chunk), data)
+        # the record comes after the part: a part without one is redone
+        self._write_json(self.record(chunk).name, {"sha256": hashlib.sha256(data).hexdigest(),
+                                                   "ids": _ids_digest(columns["id"]), "stats": stats})
 
     def mark_done(self, rank: int, n_chunks: int):
         self._write_json(f"done-{rank}.json", {"chunks": n_chunks})
 
-    def merge(self, schema: pa.Schema, seconds: float) -> dict:
-        """Write the final table from the parts, in input order, and its sidecar; returns the
-        run's totals (from the parts' statistics)."""
+    def merge(self, schema: pa.Schema) -> dict:
+        """Write the final table from the parts, in input order, each verified against its record
+        before it is read, and its sidecar; returns the run's totals (from the parts' statistics:
+        `seconds` sums the parts' own scoring times, whichever runs wrote them)."""
         done = [json.loads(p.read_text())["chunks"] for p in self.dir.glob("done-*.json")]
         if not done:
-            raise InputError(f"{self.dir}: no process finished reading the input; rerun with --resume")
+            raise InputError(f"{self.dir}: no process finished reading the input; rerun with <resume>")
         n_chunks = done[0]
-        missing = [c for c in range(n_chunks) if not self.part(c).exists()]
+        missing = [c for c in range(n_chunks) if not (self.part(c).exists() and self.record(c).exists())]
         if missing:
-            raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with --resume")
-        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "real_tokens": 0,
-                  "padded_tokens": 0, "methods": Counter(), "first_error": None}
-        tmp = self.out.with_name(self.out.name + ".partial")
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for c in range(n_chunks):
-                part = pq.read_table(self.part(c))
-                stats = json.loads(part.schema.metadata[b"prefrank"])
-                for key in totals:
-                    if key == "first_error":
-                        totals[key] = totals[key] or stats[key]
-                    elif key == "methods":
-                        totals[key].update(stats[key])
-                    else:
-                        totals[key] += stats[key]
-                writer.write_table(part.replace_schema_metadata(None).cast(schema))
-        os.replace(tmp, self.out)
-        totals["seconds"] = seconds
+            raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with <resume>")
+        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "reoriented": 0, "ties": 0,
+                  "multi_turn": 0, "real_tokens": 0, "padded_tokens": 0, "methods": Counter(), "seconds": 0.0,
+                  "first_error": None}
+        tmp = _temporary(self.out, ".partial")
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for c in range(n_chunks):
+                    verified = self._verified(c)
+                    if verified is None:
+                        raise InputError(f"{self.part(c)} does not match the checksum recorded when it was written "
+                                         f"(damaged or truncated): rerun with <resume>, which redoes it")
+                    data, record = verified
+                    for key, value in record["stats"].items():
+                        if key == "first_error":
+                            totals[key] = totals[key] or value
+                        elif key == "methods":
+                            totals[key].update(value)
+                        else:
+                            totals[key] += value
+                    writer.write_table(pq.read_table(pa.BufferReader(data)).cast(schema))
+            os.replace(tmp, self.out)
+        except OSError as e:
+            raise WriteError(f"cannot write {self.out}: {e.strerror or e}; free space and rerun with <resume> "
+                             f"(or `prefrank merge {self.out}`): the parts are kept") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         write_sidecar(self.out, {**self.read_json("sidecar.json"), "summary": totals})
         shutil.rmtree(self.dir)
         return totals
+
+
+class OutputLock:
+    """OUT.lock: one run at a time writes an output. Created exclusively (O_CREAT | O_EXCL) holding the
+    owner's pid, host and start time, removed when the run ends however it ends; a lock whose pid
+    no longer runs on this host is stale and taken over (a run killed with -9 leaves one); any other
+    makes the run stop with one line naming its owner."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.path = self.out.with_name(self.out.name + ".lock")
+        self.text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "nonce": secrets.token_hex(8)})
+        self.held = False
+
+    def acquire(self):
+        for _ in range(5):  # a few rounds: runs starting at once may take over the same stale lock
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            except OSError as e:
+                raise InputError(f"{self.out}: cannot create {self.path}: {e.strerror or e}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(self.text)
+            self.held = True
+            return
+        raise InputError(f"{self.out}: other runs keep taking {self.path}; start one run at a time")
+
+    def _take_over_if_stale(self):
+        try:
+            text = self.path.read_text()
+            owner = json.loads(text)
+            pid, host, started = int(owner["pid"]), str(owner["host"]), owner.get("started", "?")
+        except FileNotFoundError:  # its run just ended
+            return
+        except (OSError, ValueError, KeyError, TypeError):  # being written by a run starting now, or not ours
+            raise InputError(f"{self.out}: {self.path} exists but names no owner; remove it if no run is "
+                             f"writing {self.out}") from None
+        if host != socket.gethostname() or (pid != os.getpid() and _running(pid)):
+            raise InputError(f"{self.out} is locked by another run (pid {pid} on {host}, started {started}): "
+                             f"wait for it to finish, or remove {self.path} if that run is gone")
+        print(f"prefrank: taking over the stale lock {self.path} of pid {pid} (no longer running)", file=sys.stderr)
+        # Rename, then check: of several runs taking over the same lock, one moves it aside; a fresh
+        # lock moved by mistake (another run took over first) goes back.
+        aside = _temporary(self.path)
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if aside.read_text() == text:
+            aside.unlink()
+        else:
+            os.rename(aside, self.path)
+
+    def release(self):
+        if self.held:
+            try:
+                if self.path.read_text() == self.text:
+                    self.path.unlink()
+            except OSError:
+                pass
+            self.held = False
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_output(out: str, inputs: dict[str, str | None]):
+    """Refuse, before anything is loaded or written, an output that cannot be written, or that is,
+    or is inside, or contains one of the run's local inputs (`inputs`: option → path or hub id)."""
+    out = Path(out)
+    written = [out, Parts(str(out)).dir, sidecar_path(out), OutputLock(str(out)).path]
+    for option, source in inputs.items():
+        if source is None or not os.path.exists(source):
+            continue
+        read = Path(source).resolve()
+        for path in written:
+            target = path.resolve()
+            if (target == read or read in target.parents or target in read.parents
+                    or (path.exists() and os.path.samefile(path, read))):
+                raise InputError(f"<out> {out}: {path} is, is inside or contains the input {option} {source}: "
+                                 f"write the table elsewhere")
+    if out.is_dir():
+        raise InputError(f"<out> {out} is a directory: give the table's file name")
+    if not out.parent.is_dir():
+        raise InputError(f"<out> {out}: the folder {out.parent} does not exist")
+    if out.exists() and not (out.stat().st_mode & 0o222 and os.access(out, os.W_OK)):
+        raise InputError(f"<out> {out} is read-only: make it writable or choose another <out>")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"<out> {out}: cannot write in {out.parent}")
 
 
 def sidecar_path(table_path) -> Path:
@@ -173,11 +346,23 @@ def sidecar_path(table_path) -> Path:
 
 
 def write_sidecar(table_path, sidecar: dict):
-    sidecar_path(table_path).write_text(json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
+    _write_atomic(sidecar_path(table_path), _json_bytes(sidecar))
 
 
 def read_sidecar(table_path) -> dict:
     return json.loads(sidecar_path(table_path).read_text())
+
+
+def _ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+def hash_file(digest, path):
+    """Feed the bytes of the file at `path` to `digest` (a hashlib object), a MiB at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def input_hash(source: str) -> str | None:
@@ -189,7 +374,5 @@ def input_hash(source: str) -> str | None:
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(digest, file)
     return "sha256:" + digest.hexdigest()

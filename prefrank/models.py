@@ -5,14 +5,32 @@ pickled checkpoints are allowed explicitly. The adapter exposes what the KV-reus
 the decoder's final hidden states (post final norm) with an explicit cache, and the output head
 as (weight, bias, softcap, temperature) so log-probs never need the full logits.
 """
+import hashlib
 import inspect
 import os
+from pathlib import Path
 
 import torch
 
-from prefrank.data import InputError
+from prefrank.errors import InputError
+from prefrank.io import hash_file
+from prefrank.options import option, options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@options
+class LoadOptions:
+    """How models and the tokenizer load: the options `score`, `sft` and `train` share."""
+    tokenizer: str | None = option(None, "tokenizer folder or hub id", group="data and models", path=True,
+                                   default_text="the policy model's")
+    chat_template: str | None = option(None, "a Jinja chat template file for conversational rows, replacing the "
+                                       "tokenizer's own (needed when it has none)", group="data and models", path=True)
+    device: str = option("auto", "cpu, cuda, cuda:N", group="execution", decides_rows=False)
+    trust_remote_code: bool = option(False, "allow models and tokenizers that run their own Python code",
+                                     group="safety")
+    allow_pickle: bool = option(False, "allow pickled (non-safetensors) weights, which can execute code when "
+                                "loaded", group="safety")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -21,9 +39,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise InputError(f"--device {device!r}: {e}") from None
+        raise InputError(f"<device> {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"<device> {device}: CUDA is not available on this machine")
     return dev
 
 
@@ -31,7 +49,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+        raise InputError(f"<dtype> {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -43,13 +61,30 @@ def _check_source(path: str, what: str):
         raise InputError(f"{what} not found: {path}")
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer at `path`; `chat_template`: a Jinja file that replaces (or supplies) its chat
+    template, for conversational data on tokenizers that have none."""
     from transformers import AutoTokenizer
     _check_source(path, "tokenizer")
+    template = None
+    if chat_template is not None:
+        try:
+            template = open(chat_template, encoding="utf-8").read()
+        except OSError as e:
+            raise InputError(f"cannot read chat template {chat_template}: {e.strerror}") from None
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        try:  # parsed in the sandbox transformers renders in: a syntax error is the invocation's, not every row's
+            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise InputError(f"chat template {chat_template}, line {e.lineno}: {e.message}") from None
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {e}") from None
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
@@ -60,9 +95,46 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     except Exception as e:
-        hint = " (only safetensors weights load unless --allow-pickle)" if not allow_pickle else ""
-        raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {e}") from None
+        message = " ".join(str(e).split())
+        if "trust_remote_code" in message:
+            hint = " (its own Python code runs only with <trust_remote_code>)"
+        elif "safetensors" in message and not allow_pickle:
+            hint = " (only safetensors weights load unless <allow_pickle>)"
+        else:
+            hint = ""
+        raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {message}") from None
     return model.to(device).eval()
+
+
+def fingerprint(path: str) -> dict[str, dict]:
+    """What identifies the files of a model or tokenizer (a local folder, or a hub id's snapshot in the
+    local cache) without reading its weights: for each file, its size, mtime and the sha256 of its
+    safetensors header (tensor names, dtypes, shapes, offsets), or of the whole file for any other
+    file (configs, tokenizers, templates, code; pickled weights). Other weights under the same path
+    change the mtime at least. Measured on the 2-core development CPU: a folder with a 105 MB
+    safetensors file takes 0.07 ms (stories260K's: 0.09 ms), where a full sha256 of that file takes
+    67 ms (1.6 GB/s: ~10 s for 8B bf16 weights, ~90 s at 70B, more from a cold disk)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not a cached hub id (a loaded model always is): nothing to fingerprint
+            return {}
+    files = {}
+    for file in sorted(folder.iterdir()):
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        stat = file.stat()
+        digest = hashlib.sha256()
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as f:
+                head = f.read(8)  # the header's length, little-endian, then the JSON header (at most 100 MB)
+                digest.update(head + f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+        else:
+            hash_file(digest, file)
+        files[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return files
 
 
 def cache_argument(forward) -> str:
@@ -84,7 +156,7 @@ class CausalLM:
         self.decoder = model.base_model
         head = model.get_output_embeddings()
         if head is None or not isinstance(head, torch.nn.Linear):
-            raise InputError(f"{type(model).__name__}: no linear output head; use --method naive")
+            raise InputError(f"{type(model).__name__}: no linear output head; use <method> naive")
         self.weight, self.bias = head.weight, head.bias
         config = model.config.get_text_config()
         self.config = model.config
@@ -167,4 +239,4 @@ class CausalLM:
         err = (got - expected).abs().max().item()
         if not err <= tol:
             raise InputError(f"{type(self.model).__name__}: its logits are not (hidden @ lm_head) as prefrank "
-                             f"reads them (max log-prob difference {err:.3g}); use --method naive")
+                             f"reads them (max log-prob difference {err:.3g}); use <method> naive")

@@ -6,51 +6,68 @@ the parts become the table, in input order. Memory stays flat whatever the input
 killed run continues with `resume`; under torchrun the chunks are shared among the ranks. Bad
 rows are kept as `status=error` rows; `strict` stops at the first one.
 """
-import os
 import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 
 import torch
 
 from prefrank import __version__
-from prefrank.data import Columns, InputError, count_rows, read_examples
-from prefrank.io import Parts, completion_fields, input_hash, table_schema
-from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device, resolve_dtype
-from prefrank.scoring import resolve_method, score
-from prefrank.tokenization import tokenize_examples
+from prefrank.data import Columns, count_rows, open_examples
+from prefrank.errors import InputError, WriteError
+from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, completion_fields, input_hash,
+                         table_schema)
+from prefrank.models import DTYPES, CausalLM, LoadOptions, fingerprint, resolve_dtype
+from prefrank.options import option, options, positive_int, row_options
+from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, on_rank_0, process_device
+from prefrank.runtime import max_length as run_max_length
+from prefrank.scoring import METHODS, resolve_method, score
+from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 
-@dataclass
-class ScoreOptions:
-    data: str
-    model: str
-    out: str = "scores.parquet"
-    ref_model: str | None = None
-    tokenizer: str | None = None  # default: the policy model's
-    method: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    max_tokens_per_batch: int = 8192
-    chunk_rows: int = 2048
-    limit: int | None = None
-    split: str = "train"
-    subset: str | None = None
+@options
+class ScoreOptions(LoadOptions, TokenizeOptions):
+    """Everything a scoring run is told (the options of `prefrank score`)."""
+    data: str = option(help="input file or Hugging Face dataset", group="data and models", path=True)
+    model: str = option(help="policy model: local folder or hub id", group="data and models", path=True)
+    ref_model: str | None = option(None, "reference model, scored on the same token ids", group="data and models",
+                                   path=True)
+    out: str = option("scores.parquet", "output Parquet file, not an input or inside one; a sidecar OUT.meta.json "
+                      "records models, options, versions and the input's hash; OUT.lock keeps a second run off it "
+                      "while one writes it", group="data and models", decides_rows=False)
+    split: str = option("train", "dataset split for Hugging Face datasets", group="data and models")
+    subset: str | None = option(None, "dataset configuration name for Hugging Face datasets", group="data and models")
+    limit: int | None = option(None, "score only the first N rows (pairs with --group-by)", type=positive_int,
+                               group="data and models")
     columns: Columns = field(default_factory=Columns)
-    tokenization: str = "joint"  # TOKENIZATION_MODES
-    max_length: int | None = None  # default: the model's maximum positions
-    truncate: str = "none"
-    append_eos: bool = False
-    per_token: bool = False
-    strict: bool = False
-    resume: bool = False
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    compile: bool = False  # torch.compile the models' blocks (CausalLM.compile_blocks)
+    method: str = option(
+        "auto", "packed: each prompt and its completions in one row under a block mask (the prompt computed once, "
+        "one forward per batch); kv: the prompt's forward once, its KV cache reused by every completion (any "
+        "model with a cache); both take log-probs from hidden states without full logits; naive: the plain "
+        "full-logits oracle; auto: the first of packed, kv, naive that is exact for the model (packed needs sdpa "
+        "or eager attention, no ALiBi and, under a sliding window, sequences that fit it; kv needs no sliding "
+        "window), and kv over packed where packed's block mask would add over 20% of the matmul work in "
+        "attention (tiny hidden sizes, very long rows)", choices=METHODS, group="execution")
+    dtype: str = option("auto", "model dtype; log-probs accumulate in fp32 regardless",
+                        choices=("auto", *DTYPES), group="execution", default_text="auto = bf16 on CUDA, else fp32")
+    compile: bool = option(
+        False, "torch.compile the models' transformer blocks (one graph shared by all layers, dynamic shapes): "
+        "fuses the norms, rotary embeddings and activations that eager runs as separate kernels (packed scoring "
+        "on an H100: 14% faster at 8B, 17-28% at 1B); the first batches wait for the compile (seconds to a "
+        "minute), so it pays on long runs, mostly on GPUs; the packed and naive methods only", group="execution",
+        decides_rows=False)
+    max_tokens_per_batch: int = option(8192, "padded tokens per forward call", type=positive_int,
+                                       group="execution", decides_rows=False)
+    chunk_rows: int = option(2048, "rows read, length-sorted and written together (one part each)",
+                             type=positive_int, group="execution")
+    per_token: bool = option(False, "also write per-token log-prob lists", group="execution")
+    strict: bool = option(False, "stop at the first bad row instead of recording it", group="execution")
+    resume: bool = option(False, "continue an interrupted run: the parts in OUT.parts/ whose checksums verify are "
+                          "kept, the others scored (the run's input, options and model and tokenizer files must "
+                          "match)", group="execution", decides_rows=False)
 
 
 @dataclass
@@ -60,6 +77,9 @@ class Summary:
     errors: int = 0
     truncated: int = 0
     boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
+    reoriented: int = 0  # pairs whose raters preferred the rejected column (swapped)
+    ties: int = 0  # pairs whose raters tied (alpha = 0.5)
+    multi_turn: int = 0  # rows whose completions hold more than one message
     real_tokens: int = 0
     padded_tokens: int = 0
     methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
@@ -74,32 +94,19 @@ class Summary:
         if self.boundary_moved:
             text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
                      f"those ids are scored as the completions'")
+        verdict = [f"{n} {what}" for n, what in ((self.reoriented, "reoriented to the raters' choice"),
+                                                  (self.ties, "tied (alpha = 0.5)"),
+                                                  (self.multi_turn, "multi-turn")) if n]
+        if verdict:
+            text += f"\nof the ok rows: {', '.join(verdict)}"
         if self.first_error:
             text += f"\nfirst error: {self.first_error}"
         return text
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size): torch.distributed under torchrun (gloo on CPU, nccl on CUDA), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        # generous timeout: ranks wait for each other only at the start and at the end
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int):
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
 def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
-    lm = CausalLM(load_model(path, dtype=dtype, device=device, trust_remote_code=opts.trust_remote_code,
-                             allow_pickle=opts.allow_pickle))
+    """A model to score with, checked for the method (and the policy's vocabulary), compiled if asked."""
+    lm = load_lm(path, opts, device, dtype)
     if vocab_size is not None and lm.vocab_size != vocab_size:
         raise InputError(f"reference model {path!r} has vocabulary {lm.vocab_size}, the policy {vocab_size}: "
                          f"both are scored on the same token ids and must share a vocabulary")
@@ -110,37 +117,61 @@ def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
     return lm
 
 
-def _tokenize_chunk(examples, tokenizer, opts, max_length):
-    """Token ids for each valid example; errors recorded on the example itself."""
-    tokenized = tokenize_examples(examples, tokenizer, mode=opts.tokenization, max_length=max_length,
-                                  truncate=opts.truncate, append_eos=opts.append_eos)
-    if opts.strict:
-        bad = next((ex for ex in examples if ex.error is not None), None)
-        if bad is not None:
-            raise InputError(f"row {bad.index} (id {bad.id}): {bad.error} (--strict)")
-    return tokenized
+def _tokenize_chunk(examples, tokenizer, opts, max_length) -> tuple[dict, dict[int, str]]:
+    """Token ids of the chunk's valid examples, and every row's error (its data's, or why it
+    cannot be tokenized), by input index."""
+    tokenized, errors = tokenize_examples(examples, tokenizer, max_length=max_length, **opts.tokenize_kwargs)
+    errors = {ex.index: ex.error for ex in examples if ex.error is not None} | errors
+    if opts.strict and errors:
+        bad = next(ex for ex in examples if ex.index in errors)
+        raise InputError(f"row {bad.index} (id {bad.id}): {errors[bad.index]} (<strict>)")
+    return tokenized, errors
 
 
-def _chunk_columns(examples, tokenized, policy, ref, per_token, kwise) -> dict[str, list]:
-    """One table row per example, in input order; scores are flat over the valid examples."""
-    models = {"": policy} if ref is None else {"": policy, "ref_": ref}
-    first_seq, n_seqs = {}, 0  # where each item's completions start in the flat score order
+def _first_seqs(tokenized) -> dict[int, int]:
+    """Where each item's completions start in the flat score order."""
+    first_seq, n_seqs = {}, 0
     for index, item in tokenized.items():
         first_seq[index], n_seqs = n_seqs, n_seqs + len(item.completion_ids)
+    return first_seq
+
+
+def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
+    """The errors of the rows with a NaN or infinite log-prob sum under any model (float16
+    overflow, say), naming the model and completion: such a number is never written as a score.
+    The sums cover every token: float64 sums of finite fp32 log-probs are finite."""
+    first_seq = _first_seqs(tokenized)
+    finite = {model: torch.isfinite(s.logps) for model, s in sums.items()}
+    errors = {}
+    for index, item in tokenized.items():
+        seqs = range(first_seq[index], first_seq[index] + len(item.completion_ids))
+        bad = [f"{model} {COMPLETION_NAMES[k] if not kwise else f'completion {k}'} {float(s.logps[seq])}"
+               for model, s in sums.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
+        if bad:
+            errors[index] = (f"non-finite log-prob ({', '.join(bad)}): the model overflows in its dtype? "
+                             f"try the bfloat16 or float32 dtype")
+    return errors
+
+
+def _chunk_columns(examples, tokenized, errors, policy, ref, per_token, kwise) -> dict[str, list]:
+    """One table row per example, in input order; sums are flat over the tokenized examples."""
+    models = {"": policy} if ref is None else {"": policy, "ref_": ref}
+    first_seq = _first_seqs(tokenized)
     rows = []
     for ex in examples:
-        item = tokenized.get(ex.index)
-        row = {"id": ex.id, "truncated": item is not None and item.truncated,
-               "status": "ok" if item is not None else "error", "error": ex.error}
-        row.update({"human_scores": ex.scores} if kwise else {"alpha": ex.alpha})
+        item = None if ex.index in errors else tokenized[ex.index]
+        row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
+               "status": "ok" if item is not None else "error", "error": errors.get(ex.index)}
+        row.update({"human_scores": ex.human_scores} if kwise else
+                   {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
         seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
         row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
-        for prefix, scores in models.items():
-            row.update(completion_fields(prefix + "logp", None if seqs is None else [float(scores.logps[s]) for s in seqs],
+        for prefix, sums in models.items():
+            row.update(completion_fields(prefix + "logp", None if seqs is None else [float(sums.logps[s]) for s in seqs],
                                          kwise))
             if per_token:
                 row.update(completion_fields(prefix + "token_logps",
-                                             None if seqs is None else [scores.token_logps[s] for s in seqs], kwise))
+                                             None if seqs is None else [sums.token_logps[s] for s in seqs], kwise))
         rows.append(row)
     return {name: [r[name] for r in rows] for name in rows[0]}
 
@@ -156,29 +187,47 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
     The input is read in chunks of `chunk_rows` rows; chunk c is scored by rank c mod world size
     and written as its own part, so any number of processes, and any resumed run, produce the
-    same table. Rank 0 assembles it when every rank has finished."""
+    same table. Rank 0 assembles it when every rank has finished, and holds the output's lock from
+    the start to the end (the ranks share the parts folder)."""
     rank, world = distributed()
-    examples = read_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset, limit=opts.limit)
-    device = resolve_device(opts.device)
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = process_device(opts.device, world)
+    lock = OutputLock(opts.out)
+
+    def guard_output():  # before anything is loaded
+        check_output(opts.out, {"<data>": opts.data, "<model>": opts.model, "<ref_model>": opts.ref_model,
+                                "<tokenizer>": opts.tokenizer, "<chat_template>": opts.chat_template})
+        lock.acquire()
+
+    on_rank_0(guard_output, rank, world, device)
+    try:
+        return _score(opts, rank, world, device, progress)
+    finally:
+        lock.release()
+
+
+def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, progress: bool) -> Summary | None:
+    mapping, examples = open_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset,
+                                      limit=opts.limit)
+    opts = replace(opts, columns=mapping)  # the sidecar records the mapping used ("auto" resolved)
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype)
-    tokenizer = load_tokenizer(opts.tokenizer or opts.model, trust_remote_code=opts.trust_remote_code)
+    tokenizer = load_run_tokenizer(opts, opts.model)
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
-    limits = [m for m in (opts.max_length, policy_lm.max_positions, ref_lm and ref_lm.max_positions) if m]
-    max_length = min(limits) if limits else None
+    max_length = run_max_length(opts.max_length, policy_lm, ref_lm)
     kwise = opts.columns.completions is not None
     schema = table_schema(ref_lm is not None, opts.per_token, kwise)
 
     parts = Parts(opts.out)
     created = False
-    if rank == 0:
-        sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
-        created = parts.prepare(_manifest(sidecar), sidecar, opts.resume)
-    _barrier(world)
 
-    total = [n for n in (opts.limit, count_rows(opts.data)) if n is not None]
+    def prepare():
+        nonlocal created
+        sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
+        created = parts.prepare(_manifest(opts, sidecar), sidecar, opts.resume)
+
+    on_rank_0(prepare, rank, world, device)
+
+    total = [n for n in (opts.limit, None if opts.columns.group_by else count_rows(opts.data)) if n is not None]
     bar = _progress(min(total) if total else None) if progress and rank == 0 else None
     start = time.perf_counter()
     n_chunks = tokens = 0
@@ -187,19 +236,25 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
             c, n_chunks = n_chunks, n_chunks + 1
             if c % world != rank or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
                 continue
-            tokenized = _tokenize_chunk(chunk, tokenizer, opts, max_length)
+            chunk_start = time.perf_counter()
+            tokenized, errors = _tokenize_chunk(chunk, tokenizer, opts, max_length)
             items = list(tokenized.values())
             policy = score(policy_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                            per_token=opts.per_token)
             ref = ref_lm and score(ref_lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                    per_token=opts.per_token)
-            stats = _chunk_stats(chunk, items, [policy, ref] if ref else [policy])
-            parts.write(c, _chunk_columns(chunk, tokenized, policy, ref, opts.per_token, kwise), schema, stats)
+            errors |= _non_finite(tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
+            columns = _chunk_columns(chunk, tokenized, errors, policy, ref, opts.per_token, kwise)
+            stats = _chunk_stats(chunk, tokenized, errors, [policy, ref] if ref else [policy],
+                                 time.perf_counter() - chunk_start)
+            parts.write(c, columns, schema, stats)
             if bar is not None:
                 tokens += stats["real_tokens"]
                 bar.update(len(chunk) * world)
                 bar.set_postfix(tok_s=f"{tokens * world / (time.perf_counter() - start):.0f}")
-    except InputError:  # a bad invocation or --strict: nothing worth resuming from a new run
+    except WriteError:  # a full disk, say: the parts written so far stay for --resume
+        raise
+    except InputError:  # a bad invocation, unreadable input or --strict: nothing worth resuming from a new run
         if created:
             parts.discard()
         raise
@@ -207,35 +262,50 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
         if bar is not None:
             bar.close()
     parts.mark_done(rank, n_chunks)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         return None
-    return Summary(**parts.merge(schema, seconds=time.perf_counter() - start))
+    return Summary(**parts.merge(schema))
 
 
 def merge_parts(out: str) -> Summary:
-    """Assemble OUT from OUT.parts/ (after a run whose rank 0 did not get to it)."""
+    """Assemble OUT from OUT.parts/ (after a run whose rank 0 did not get to it), holding OUT's lock."""
     parts = Parts(out)
     if not parts.dir.exists():
         raise InputError(f"no parts to merge: {parts.dir} does not exist")
-    options = parts.read_json("sidecar.json")["table"]
-    return Summary(**parts.merge(table_schema(**options), seconds=0.0))
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        options = parts.read_json("sidecar.json")["table"]
+        return Summary(**parts.merge(table_schema(**options)))
+    finally:
+        lock.release()
 
 
-def _chunk_stats(chunk, items, scores) -> dict:
-    return {"rows": len(chunk), "ok": len(items), "errors": len(chunk) - len(items),
-            "truncated": sum(it.truncated for it in items), "boundary_moved": sum(it.boundary_moved for it in items),
-            "real_tokens": sum(s.counts.real for s in scores), "padded_tokens": sum(s.counts.padded for s in scores),
-            "methods": dict(Counter(s.method for s in scores)),
-            "first_error": next((f"row {ex.index} (id {ex.id}): {ex.error}" for ex in chunk if ex.error), None)}
+def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> dict:
+    """A part's statistics; `seconds` is its own scoring time."""
+    ok_rows = [ex for ex in chunk if ex.index not in errors]
+    ok = [tokenized[ex.index] for ex in ok_rows]
+    return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
+            "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
+            "reoriented": sum(ex.reoriented for ex in ok_rows), "ties": sum(bool(ex.tie) for ex in ok_rows),
+            "multi_turn": sum(ex.multi_turn for ex in ok_rows),
+            "real_tokens": sum(s.counts.real for s in sums), "padded_tokens": sum(s.counts.padded for s in sums),
+            "methods": dict(Counter(s.method for s in sums)), "seconds": seconds,
+            "first_error": next((f"row {ex.index} (id {ex.id}): {errors[ex.index]}" for ex in chunk
+                                 if ex.index in errors), None)}
 
 
-def _manifest(sidecar: dict) -> dict:
-    """What must match for --resume to continue a run: everything that decides the rows."""
-    options = {k: v for k, v in sidecar["options"].items()
-               if k not in ("out", "resume", "device", "max_tokens_per_batch", "compile")}
-    return {"input": sidecar["input"], "options": options, "dtype": sidecar["dtype"],
-            "max_length": sidecar["max_length"], "table": sidecar["table"]}
+def _manifest(opts: ScoreOptions, sidecar: dict) -> dict:
+    """What must match for --resume to continue a run: every option that decides the rows (local
+    paths resolved: a relative path to the same file is the same input), the input's contents and
+    the model and tokenizer files' fingerprints; keyed as a refusal names them (<name>: an option)."""
+    manifest = {f"<{name}>": value for name, value in row_options(opts).items()}
+    manifest.update({"contents of <data>": sidecar["input"]["hash"], "model dtype": sidecar["dtype"],
+                     "maximum length": sidecar["max_length"]})
+    for name, files in sidecar["files"].items():
+        manifest.update({f"{file} of <{name}>": fp for file, fp in files.items()})
+    return manifest
 
 
 def _model_info(lm: CausalLM | None, path: str | None):
@@ -265,6 +335,9 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "max_length": max_length,
         "options": asdict(opts),
         "input": {"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},
+        # the tokenizer's files are the policy's unless --tokenizer names others
+        "files": {name: fingerprint(getattr(opts, name)) for name in ("model", "ref_model", "tokenizer")
+                  if getattr(opts, name)},
         "table": {"with_ref": ref_lm is not None, "per_token": opts.per_token, "kwise": opts.columns.completions is not None},
         "world_size": world,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

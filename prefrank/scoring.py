@@ -27,7 +27,7 @@ import torch
 from prefrank import ops
 from prefrank.ops import IGNORE_INDEX
 from prefrank.batching import length_batches, pad
-from prefrank.data import InputError
+from prefrank.errors import InputError
 from prefrank.tokenization import Tokenized
 
 METHODS = ("auto", "packed", "kv", "naive")
@@ -51,7 +51,7 @@ class TokenCounts:
         self.padded += padded.numel()
 
 
-class Scores:
+class SequenceLogprobs:
     """Per completion, flattened in item order (item 0's completions first): float64 sums of the
     token log-probs, optionally the fp32 per-token log-probs, the token counts pushed through, and
     the method that computed them.
@@ -70,7 +70,7 @@ class Scores:
             for s, row, n in zip(seqs, token_lp.tolist(), lengths):
                 self.token_logps[s] += row[:n]
 
-    def finish(self) -> "Scores":
+    def finish(self) -> "SequenceLogprobs":
         self.logps = self.logps.cpu()
         return self
 
@@ -143,46 +143,46 @@ def continuation_pass(lm, batches: list[_PromptBatch], rows: list[tuple[int, int
     return lm.hidden(inputs, torch.cat([prompt_mask, cont_mask], 1), positions, cache), targets
 
 
-def _score_continuations(lm, batches: list[_PromptBatch], completions, scores: Scores, budget: int):
+def _score_continuations(lm, batches: list[_PromptBatch], completions, sums: SequenceLogprobs, budget: int):
     """Continuations batched by their own length across all the given prompt batches."""
     cont = [(b, r, s) for b, pb in enumerate(batches) for r, seqs in enumerate(pb.seqs) for s in seqs
             if len(completions[s]) > 1]
     for batch in length_batches([len(completions[s]) - 1 for _, _, s in cont], budget):
         seqs = [cont[x][2] for x in batch]
         hidden, targets = continuation_pass(lm, batches, [cont[x][:2] for x in batch], [completions[s] for s in seqs])
-        scores.counts.add([completions[s][:-1] for s in seqs], targets)
+        sums.counts.add([completions[s][:-1] for s in seqs], targets)
         lp = ops.logprobs_from_hidden(hidden.flatten(0, 1), lm.weight, targets.flatten(), **lm.head_kwargs)
-        scores.add(seqs, lp.view(len(seqs), -1), [len(completions[s]) - 1 for s in seqs])
+        sums.add(seqs, lp.view(len(seqs), -1), [len(completions[s]) - 1 for s in seqs])
 
 
 @torch.inference_mode()
 def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False,
-             cache_bytes: int = CACHE_BYTES) -> Scores:
+             cache_bytes: int = CACHE_BYTES) -> SequenceLogprobs:
     _, completions = _flatten(items)
-    scores = Scores(len(completions), per_token, lm.device, "kv")
+    sums = SequenceLogprobs(len(completions), per_token, lm.device, "kv")
     first_seq = _first_completion(items)
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
         prompts = [items[i].prompt_ids for i in batch]
         prompt_batch, last_hidden = prompt_pass(lm, prompts)
-        scores.counts.add(prompts, prompt_batch.mask)
+        sums.counts.add(prompts, prompt_batch.mask)
         prompt_batch.seqs = [list(range(first_seq[i], first_seq[i + 1])) for i in batch]
         flat = [s for row in prompt_batch.seqs for s in row]
         rows = torch.tensor([r for r, row in enumerate(prompt_batch.seqs) for _ in row], device=lm.device)
         first_targets = torch.tensor([completions[s][0] for s in flat], device=lm.device)
         first = ops.logprobs_from_hidden(last_hidden[rows], lm.weight, first_targets, **lm.head_kwargs)
-        scores.add(flat, first[:, None], [1] * len(flat))
+        sums.add(flat, first[:, None], [1] * len(flat))
         held.append(prompt_batch)
         # Score what the held caches serve, then free them: when they use their memory budget, or
         # when the next prompts are much longer, since every continuation attends over the
         # longest held prompt (shorter ones are padded).
         held_bytes += prompt_batch.nbytes
         if held_bytes >= cache_bytes or prompt_batch.mask.shape[1] > BAND * held[0].mask.shape[1] + 16:
-            _score_continuations(lm, held, completions, scores, budget)
+            _score_continuations(lm, held, completions, sums, budget)
             held, held_bytes = [], 0
     if held:
-        _score_continuations(lm, held, completions, scores, budget)
-    return scores.finish()
+        _score_continuations(lm, held, completions, sums, budget)
+    return sums.finish()
 
 
 def packed_rows(items: list[Tokenized]) -> list[list[int]]:
@@ -279,35 +279,35 @@ def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: tor
 
 
 @torch.inference_mode()
-def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> Scores:
+def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False) -> SequenceLogprobs:
     _, completions = _flatten(items)
-    scores = Scores(len(completions), per_token, lm.device, "packed")
+    sums = SequenceLogprobs(len(completions), per_token, lm.device, "packed")
     first_seq = _first_completion(items)
     rows = packed_rows(items)
     for batch in length_batches([len(r) for r in rows], budget):
         packed = packed_layout(lm, items, batch, rows)
-        scores.counts.add([rows[i] for i in batch], packed.ids)
+        sums.counts.add([rows[i] for i in batch], packed.ids)
         hidden = lm.hidden(packed.ids, packed.mask, packed.positions).flatten(0, 1)
         token_lp = ops.logprobs_from_hidden(hidden[packed.source], lm.weight, packed.targets, **lm.head_kwargs)
         seqs = [s for i in batch for s in range(first_seq[i], first_seq[i + 1])]
         lengths = [len(completions[s]) for s in seqs]
         table = torch.zeros(len(seqs), max(lengths), dtype=token_lp.dtype, device=lm.device)
         table[packed.owner, packed.rank] = token_lp
-        scores.add(seqs, table, lengths)
-    return scores.finish()
+        sums.add(seqs, table, lengths)
+    return sums.finish()
 
 
 @torch.inference_mode()
 def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False,
-                token_logprobs=full_logits_logprobs) -> Scores:
+                token_logprobs=full_logits_logprobs) -> SequenceLogprobs:
     """`token_logprobs(lm, ids, mask, targets) -> [B, T - 1]` computes each batch's per-token
     log-probs (bench/ plugs in peer libraries' log-prob paths here)."""
     owner, completions = _flatten(items)
-    scores = Scores(len(completions), per_token, lm.device, "naive")
+    sums = SequenceLogprobs(len(completions), per_token, lm.device, "naive")
     sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
     for batch in length_batches([len(s) for s in sequences], budget):
         ids, mask = pad([sequences[s] for s in batch], PAD_ID, device=lm.device)
-        scores.counts.add([sequences[s] for s in batch], ids)
+        sums.counts.add([sequences[s] for s in batch], ids)
         # Position t predicts token t + 1, a completion token when prompt_len <= t + 1 < seq_len;
         # shifting each row left by its prompt length lines the completion up at column 0.
         prompt_len = torch.tensor([len(items[owner[s]].prompt_ids) for s in batch], device=lm.device)[:, None]
@@ -319,8 +319,8 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
         cols = prompt_len - 1 + torch.arange(width, device=lm.device)
         valid = torch.arange(width, device=lm.device) < torch.tensor(lengths, device=lm.device)[:, None]
         completion_lp = token_lp.gather(1, cols.clamp(max=token_lp.shape[1] - 1))
-        scores.add(batch, torch.where(valid, completion_lp, 0.0), lengths)
-    return scores.finish()
+        sums.add(batch, torch.where(valid, completion_lp, 0.0), lengths)
+    return sums.finish()
 
 
 def unsupported(lm, method: str, items: list[Tokenized] | None = None) -> str | None:
@@ -367,7 +367,7 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
     attention would exceed PACKED_ATTENTION_LIMIT of the matmul work (small hidden sizes, long
     rows). Refuses an explicit method that cannot score them."""
     if method not in METHODS:
-        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+        raise InputError(f"<method> {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
         exact = [m for m in ("packed", "kv", "naive") if unsupported(lm, m, items) is None]
         if exact[:2] == ["packed", "kv"] and items and packed_attention_overhead(lm, items) > PACKED_ATTENTION_LIMIT:
@@ -375,12 +375,12 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
         return exact[0]
     problem = unsupported(lm, method, items)
     if problem:
-        raise InputError(f"--method {method} cannot score with {type(lm.model).__name__}: {problem} "
-                         f"(--method auto picks a method that can)")
+        raise InputError(f"<method> {method} cannot score with {type(lm.model).__name__}: {problem} "
+                         f"(<method> auto picks a method that can)")
     return method
 
 
-def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False) -> Scores:
+def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False) -> SequenceLogprobs:
     """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS)."""
     method = resolve_method(lm, method, items)
     return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token)

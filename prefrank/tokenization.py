@@ -26,10 +26,47 @@ The text rows of a chunk are encoded in one batch call (fast tokenizers encode a
 """
 from dataclasses import dataclass
 
-from prefrank.data import Example, RowError
+from prefrank.data import Example
+from prefrank.errors import InputError, RowError
+from prefrank.options import option, options, positive_int
 
 TOKENIZATION_MODES = ("joint", "trl", "separate")
 TRUNCATION_POLICIES = ("none", "keep-end")
+
+
+@options
+class TokenizeOptions:
+    """How rows become token ids: the options `score`, `sft` and `train` share."""
+    tokenization: str = option(
+        "joint", "joint: the ids of each prompt + completion as one text, the prompt being the ids the prompt "
+        "alone shares with every one of them (the scored ids are the data's own text); trl: TRL 1.16's "
+        "DPOTrainer ids (joint, with the EOS text appended to text completions and TRL's prompt extraction for "
+        "full transcripts); separate: prompt and completions tokenized apart (earlier prefrank tables; "
+        "SentencePiece tokenizers then start every completion with a spurious '▁')", choices=TOKENIZATION_MODES,
+        group="tokenization")
+    append_eos: bool = option(False, "score an EOS token after each completion (joint, separate; trl appends the "
+                              "EOS text itself)", group="tokenization")
+    max_length: int | None = option(None, "longest prompt + completion in tokens, at least 2", type=positive_int,
+                                    group="tokenization", default_text="the model's maximum positions")
+    truncate: str = option("none", "over-length rows: 'none' makes them errors; 'keep-end' cuts the prompt from "
+                           "the left (keeping BOS), then the completions from the right, and marks them truncated",
+                           choices=TRUNCATION_POLICIES, group="tokenization")
+
+    def __post_init__(self):
+        if self.tokenization not in TOKENIZATION_MODES:
+            raise InputError(f"<tokenization> {self.tokenization!r}: expected one of {', '.join(TOKENIZATION_MODES)}")
+        if self.truncate not in TRUNCATION_POLICIES:
+            raise InputError(f"<truncate> {self.truncate!r}: expected one of {', '.join(TRUNCATION_POLICIES)}")
+        if self.append_eos and self.tokenization == "trl":
+            raise InputError("<append_eos> with <tokenization> trl: that mode appends the EOS text itself")
+        if self.max_length is not None and self.max_length < 2:
+            raise InputError(f"<max_length> {self.max_length}: a scored sequence needs at least a prompt token and "
+                             f"a completion token (2)")
+
+    @property
+    def tokenize_kwargs(self) -> dict:
+        """The keyword arguments of tokenize_examples (max_length: the one the caller resolves)."""
+        return dict(mode=self.tokenization, truncate=self.truncate, append_eos=self.append_eos)
 
 
 @dataclass
@@ -59,10 +96,10 @@ def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
     """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
     (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
     _check_chat_template(tokenizer)
-    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    prompt = _apply_chat_template(tokenizer, example.prompt, tokenize=False, add_generation_prompt=True)
     completions = []
     for messages in example.completions:
-        full = tokenizer.apply_chat_template(example.prompt + messages, tokenize=False)
+        full = _apply_chat_template(tokenizer, example.prompt + messages, tokenize=False)
         if not full.startswith(prompt):
             raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
         completions.append(full[len(prompt):])
@@ -74,11 +111,19 @@ def _check_chat_template(tokenizer):
         raise RowError("conversational row, but the tokenizer has no chat template")
 
 
+def _apply_chat_template(tokenizer, messages: list, **kwargs):
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as e:  # the template refuses the row (raise_exception, the sandbox's SecurityError, ...)
+        message = " ".join(str(e).split())
+        raise RowError(f"the chat template failed on this row: {type(e).__name__}: {message}") from None
+
+
 def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
     """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them."""
     _check_chat_template(tokenizer)
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                              add_generation_prompt=generation_prompt)["input_ids"])
+    return list(_apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True,
+                                     add_generation_prompt=generation_prompt)["input_ids"])
 
 
 def _requests(example: Example, tokenizer, mode: str) -> list[tuple[str, bool]]:
@@ -95,7 +140,7 @@ def _requests(example: Example, tokenizer, mode: str) -> list[tuple[str, bool]]:
             prompt, completions = trl_extract_prompt([prompt + c for c in completions])
         eos = tokenizer.eos_token
         if eos is None:
-            raise RowError("--tokenization trl appends the EOS token's text, but the tokenizer has no EOS token")
+            raise RowError("the trl tokenization appends the EOS token's text, but the tokenizer has no EOS token")
         completions = [c if c.endswith(eos) else c + eos for c in completions]
     return [(prompt, True)] + [(prompt + c, True) for c in completions]
 
@@ -133,10 +178,12 @@ def _split(ids: list[list[int]], mode: str) -> tuple[list[int], list[list[int]],
 
 
 def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
-    """Cut the prompt from the left (keeping its first `kept_head` tokens, e.g. BOS), then, if a
-    completion still does not fit, the completions from the right."""
+    """Cut the prompt from the left (keeping its first `kept_head` tokens, e.g. BOS, and its last
+    token while the limit leaves room for it), then, if a completion still does not fit, the
+    completions from the right. Every sequence fits `max_length` (at least 2: TokenizeOptions) and
+    keeps a completion token."""
     longest = max(len(c) for c in completion_ids)
-    room = max(max_length - longest, kept_head + 1)
+    room = min(max(max_length - longest, kept_head + 1), max_length - 1)
     if len(prompt_ids) > room:
         prompt_ids = prompt_ids[:kept_head] + prompt_ids[len(prompt_ids) - (room - kept_head):]
     completion_room = max_length - len(prompt_ids)
@@ -147,7 +194,7 @@ def _finish(ids: list[list[int]], tokenizer, mode, max_length, truncate, append_
     prompt_ids, completion_ids, moved = _split(ids, mode)
     if append_eos:
         if tokenizer.eos_token_id is None:
-            raise RowError("--append-eos, but the tokenizer has no EOS token")
+            raise RowError("an EOS token is to be appended, but the tokenizer has none")
         completion_ids = [c + [tokenizer.eos_token_id] for c in completion_ids]
     if not prompt_ids:
         raise RowError("empty prompt and the tokenizer adds no BOS token: the first completion token "
@@ -158,8 +205,8 @@ def _finish(ids: list[list[int]], tokenizer, mode, max_length, truncate, append_
     longest = len(prompt_ids) + max(len(c) for c in completion_ids)
     if max_length is not None and longest > max_length:
         if truncate == "none":
-            raise RowError(f"{longest} tokens exceed the maximum length {max_length} "
-                           f"(pass --truncate keep-end or a larger --max-length)")
+            raise RowError(f"{longest} tokens exceed the maximum length {max_length} (truncate keep-end, or a larger "
+                           f"max length)")
         kept_head = 1 if prompt_ids[0] == tokenizer.bos_token_id else 0
         prompt_ids, completion_ids = _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head)
         truncated = True
@@ -170,10 +217,7 @@ def _finish(ids: list[list[int]], tokenizer, mode, max_length, truncate, append_
 
 def _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos):
     """({index: Tokenized}, {index: why not}) for the examples without an error."""
-    if mode not in TOKENIZATION_MODES:
-        raise ValueError(f"tokenization mode {mode!r}: expected one of {TOKENIZATION_MODES}")
-    if append_eos and mode == "trl":
-        raise ValueError("append_eos with the trl tokenization: that mode appends the EOS text itself")
+    TokenizeOptions(tokenization=mode, max_length=max_length, truncate=truncate, append_eos=append_eos)  # checks
     ids, errors, text_rows, requests = {}, {}, [], []
     for ex in examples:
         if ex.error is not None:
@@ -199,13 +243,11 @@ def _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos):
 
 
 def tokenize_examples(examples, tokenizer, *, mode: str = "joint", max_length: int | None = None,
-                      truncate: str = "none", append_eos: bool = False) -> dict[int, Tokenized]:
-    """Token ids of every valid example by `mode` (TOKENIZATION_MODES), keyed by its input index;
-    a row that cannot be tokenized gets its reason in `error`."""
-    tokenized, errors = _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos)
-    for ex in examples:
-        ex.error = errors.get(ex.index, ex.error)
-    return tokenized
+                      truncate: str = "none", append_eos: bool = False) -> tuple[dict[int, Tokenized], dict[int, str]]:
+    """Token ids of every example without an error, by `mode` (TOKENIZATION_MODES): ({input index:
+    Tokenized}, {input index: why that row cannot be tokenized}); examples with an error are in
+    neither."""
+    return _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos)
 
 
 def tokenize_example(example: Example, tokenizer, *, mode: str = "joint", max_length: int | None = None,

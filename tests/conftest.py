@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,10 @@ def default_cache(tmp_path_factory):
         os.environ.pop("PREFRANK_CACHE", None)
     else:
         os.environ["PREFRANK_CACHE"] = old
+
+
+def free_port() -> int:
+    """A free loopback port for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefrank.analysis import (bootstrap_ci, dpo_loss, flip_groups, idealized_correct, idealized_sweep,
+from prefrank.analysis import (bootstrap_ci, sigmoid_dpo_loss, flip_groups, idealized_correct, idealized_sweep,
                                load_pairs, ranking_correct, spearman, summarize, theorem41)
 from prefrank.cli import main
 from conftest import PANDALM, STORIES, needs_shared
@@ -73,8 +73,8 @@ def test_non_finite_inputs_are_rejected(bad):
 
 def test_dpo_loss_by_hand():
     # margin = β((pw - pl) - γ(rw - rl)) = 0.5 * ((-1 + 3) - 2 * (-2 + 2.5)) = 0.5
-    assert dpo_loss([-1.0], [-3.0], [-2.0], [-2.5], beta=0.5, gamma=2.0)[0] == pytest.approx(math.log1p(math.exp(-0.5)))
-    assert dpo_loss([-1e4], [0.0], [0.0], [0.0], beta=1.0)[0] == pytest.approx(1e4)  # stable for huge margins
+    assert sigmoid_dpo_loss([-1.0], [-3.0], [-2.0], [-2.5], beta=0.5, gamma=2.0)[0] == pytest.approx(math.log1p(math.exp(-0.5)))
+    assert sigmoid_dpo_loss([-1e4], [0.0], [0.0], [0.0], beta=1.0)[0] == pytest.approx(1e4)  # stable for huge margins
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -99,8 +99,8 @@ def test_theorem41_reports_a_broken_loss(monkeypatch):
     from prefrank.analysis import metrics
     args = ([-1.0, -5.0, -2.0], [-2.0, -4.0, -2.5], [-3.0, -3.0, -3.0], [-3.0, -3.0, -3.0])
     assert len(theorem41(*args, beta=1.0)["violations"]) == 0
-    honest = metrics.dpo_loss
-    monkeypatch.setattr(metrics, "dpo_loss", lambda *a, **k: honest(*a, **k) + np.array([0.0, 0.0, 5.0]))
+    honest = metrics.sigmoid_dpo_loss
+    monkeypatch.setattr(metrics, "sigmoid_dpo_loss", lambda *a, **k: honest(*a, **k) + np.array([0.0, 0.0, 5.0]))
     t = theorem41(*args, beta=1.0)
     assert t["violations"].tolist() == [2] and t["correct"].tolist() == [True, False, True]
 
@@ -162,12 +162,12 @@ def test_summary_on_a_table(tmp_path):
     path = write_scores(tmp_path / "s.parquet", pol, ref, alpha=[0.9, 0.8, 0.5, 1.0, 0.7],
                         status=["ok", "ok", "ok", "ok", "error"])
     s = summarize(load_pairs(path), beta=1.0, betas=[1.0], n_boot=200)
-    assert (s["n_pairs"], s["n_errors"]) == (4, 1)
-    assert s["ranking_accuracy"]["value"] == 0.75  # pairs 0, 2 (tie), 3
+    assert (s["n_pairs"], s["n_errors"], s["n_ties"], s["n_ranked"]) == (4, 1, 1, 3)  # pair 2: the raters tied
+    assert s["ranking_accuracy"]["value"] == 2 / 3  # pairs 0 and 3 of 0, 1, 3
     assert s["reference_ranking_accuracy"]["value"] == 1.0
-    # idealized at β = 1: (rw - rl) + log(α/(1-α)): 0 + 2.2 > 0, 1 + 1.39 > 0, 2 + 0 > 0, 1 + 6.9 > 0
-    assert s["idealized"]["raw"]["median"] == 1.0 and s["alignment_gap"]["raw"]["median"] == 0.25
-    assert [g["count"] for g in s["groups"]] == [3, 1, 0, 0]
+    # idealized at β = 1: (rw - rl) + log(α/(1-α)): 0 + 2.2 > 0, 1 + 1.39 > 0, 1 + 6.9 > 0
+    assert s["idealized"]["raw"]["median"] == 1.0 and s["alignment_gap"]["raw"]["median"] == pytest.approx(1 / 3)
+    assert [g["count"] for g in s["groups"]] == [2, 1, 0, 0]
     assert s["theorem41_violations"] == 0
 
 
@@ -201,6 +201,57 @@ def test_analyze_and_report_cli(tmp_path, capsys):
     assert "cannot read score table" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_displacement_against_brute_force(seed, tmp_path):
+    """Δ_w, Δ_l and the displacement shares, overall, per group and over checkpoints, against a
+    loop over the pairs written here."""
+    rng = np.random.default_rng(seed)
+    n = 80
+    ref = rng.normal(-30, 6, (n, 2))
+    pol = ref + rng.normal(-1, 3, (n, 2))  # mostly lower likelihoods, as after DPO
+    pol[:5] = ref[:5]  # no change: Δ = 0 is not a loss of likelihood
+    path = write_scores(tmp_path / "s.parquet", pol, ref)
+    s = summarize(load_pairs(path), beta=0.1, n_boot=10)
+    d = s["displacement"]
+    count = {"displaced": 0, "both": 0, "by_rejected": 0}
+    groups = {}
+    for (pw, pl), (rw, rl) in zip(pol, ref):
+        dw, dl = pw - rw, pl - rl
+        now, before = pw >= pl, rw >= rl
+        count["displaced"] += dw < 0
+        count["both"] += dw < 0 and dl < 0
+        count["by_rejected"] += now and dl < dw < 0
+        groups.setdefault((before, now), []).append((dw, dl))
+    assert d["share_chosen_displaced"] == pytest.approx(count["displaced"] / n)
+    assert d["share_both_decreased"] == pytest.approx(count["both"] / n)
+    assert d["share_ranked_right_by_rejected_falling"] == pytest.approx(count["by_rejected"] / n)
+    assert d["mean_delta_chosen"] == pytest.approx(float(np.mean(pol[:, 0] - ref[:, 0])))
+    assert d["median_delta_rejected"] == pytest.approx(float(np.median(pol[:, 1] - ref[:, 1])))
+    for g, key in zip(s["groups"], [(True, True), (True, False), (False, True), (False, False)]):
+        members = groups.get(key, [])
+        assert g["count"] == len(members)
+        if members:
+            assert g["share_chosen_displaced"] == pytest.approx(np.mean([dw < 0 for dw, _ in members]))
+            assert g["mean_delta_rejected"] == pytest.approx(np.mean([dl for _, dl in members]))
+        else:
+            assert g["share_chosen_displaced"] is None
+    later = write_scores(tmp_path / "s2.parquet", pol - 1.0, ref)
+    from prefrank.analysis import checkpoint_series
+    series = checkpoint_series([path, later], None, 0.1)
+    assert series[0]["displacement"] == pytest.approx(d)
+    assert series[1]["displacement"]["share_chosen_displaced"] == pytest.approx(np.mean(pol[:, 0] - 1 < ref[:, 0]))
+
+
+def test_report_shows_displacement(tmp_path):
+    rng = np.random.default_rng(5)
+    ref = rng.normal(-20, 5, (40, 2))
+    scores = write_scores(tmp_path / "s.parquet", ref + rng.normal(-1, 2, (40, 2)), ref)
+    assert main(["report", scores, "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Likelihood displacement" in text and "![likelihood displacement](displacement.png)" in text
+    assert (tmp_path / "rep" / "displacement.png").stat().st_size > 0
+
+
 def test_separate_reference_table(tmp_path):
     pol = write_scores(tmp_path / "p.parquet", [[-1, -2], [-3, -1]])
     ref = write_scores(tmp_path / "r.parquet", [[-2, -1], [-1, -2]], status=["ok", "error"])
@@ -224,21 +275,33 @@ def test_pandalm_scored_and_analyzed_end_to_end(tmp_path, capsys):
     out = tmp_path / "s.parquet"
     assert main(["score", "--data", str(PANDALM), "--model", str(STORIES), "--ref-model", str(ref_dir),
                  "--prompt-cols", "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
-                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx", "--limit", "80",
+                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx", "--limit", "100",
                  "--truncate", "keep-end", "--out", str(out)]) == 0
     assert main(["analyze", str(out), "--out", str(tmp_path / "a.json")]) == 0
     s = json.loads((tmp_path / "a.json").read_text())
     table = pq.read_table(out).to_pylist()
-    rows = json.load(open(PANDALM))[:80]
+    rows = json.load(open(PANDALM))[:100]
     ok = [r for r in table if r["status"] == "ok"]
-    assert s["n_pairs"] == len(ok) and s["n_pairs"] + s["n_errors"] == 80
-    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean([r["logp_chosen"] >= r["logp_rejected"] for r in ok]))
+    assert s["n_pairs"] == len(ok) and s["n_pairs"] + s["n_errors"] == 100
     votes = {str(r["idx"]): [r[f"annotator{j}"] for j in (1, 2, 3)] for r in rows}
-    for r in ok:
-        v = votes[r["id"]]
-        assert r["alpha"] == pytest.approx((v.count(1) + 0.5 * v.count(0)) / 3)
+    share1 = {i: (v.count(1) + 0.5 * v.count(0)) / 3 for i, v in votes.items()}  # the raters' share for response1
+    for r in ok:  # chosen is the raters' majority
+        assert r["alpha"] == pytest.approx(max(share1[r["id"]], 1 - share1[r["id"]]))
+        assert r["reoriented"] == (share1[r["id"]] < 0.5) and r["n_votes"] == 3 and r["tie"] == (r["alpha"] == 0.5)
+    untied = [r for r in ok if share1[r["id"]] != 0.5]
+    majority_first = [(r["logp_chosen"] >= r["logp_rejected"]) for r in untied]
+    assert s["n_ties"] == len(ok) - len(untied) > 0 and s["n_reoriented"] == sum(share1[r["id"]] < 0.5 for r in ok) > 0
+    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean(majority_first))
+    # the same run detected from the columns (the README's recipe) gives the same table
+    auto = tmp_path / "auto.parquet"
+    assert main(["score", "--data", str(PANDALM), "--model", str(STORIES), "--ref-model", str(ref_dir),
+                 "--limit", "100", "--truncate", "keep-end", "--out", str(auto)]) == 0
+    assert pq.read_table(auto).to_pylist() == table
     assert "idealized" in s and s["theorem41_violations"] == 0
-    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", str(PANDALM), "--prompt-cols",
-                 "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
-                 "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx"]) == 0
-    assert "Hardest pairs" in (tmp_path / "rep" / "report.md").read_text()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", str(PANDALM)]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Hardest pairs" in text and "| pairs reoriented to the raters' choice when scored" in text
+    hardest = s["difficulty"]["hardest"][0]
+    row = next(r for r in rows if str(r["idx"]) == hardest["id"])
+    majority = row["response1"] if share1[hardest["id"]] > 0.5 else row["response2"]
+    assert f"  - chosen: {majority.replace(chr(10), ' ')[:200]}" in text  # quoted as scored: the raters' choice

@@ -50,10 +50,14 @@ def test_embedded_default(default_cache, tmp_path, capsys):
     assert len(table) == len(rows) == 1000
     assert [r["id"] for r in table] == [r["id"] for r in rows]
     assert all(r["status"] == "ok" for r in table)
-    assert [r["alpha"] for r in table] == [r["alpha"] for r in rows]
-    for r, t in list(zip(rows, table))[:3]:
-        assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], r["chosen"]), abs=1e-4)
-        assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], r["rejected"]), abs=1e-4)
+    # the task's alpha is the raters' share for its chosen answer: the table's chosen is the raters' side
+    assert [r["alpha"] for r in table] == [max(r["alpha"], 1 - r["alpha"]) for r in rows]
+    assert [r["reoriented"] for r in table] == [r["alpha"] < 0.5 for r in rows]
+    swapped = next(i for i, r in enumerate(rows) if r["alpha"] < 0.5)
+    for r, t in [*zip(rows, table)][:3] + [(rows[swapped], table[swapped])]:
+        chosen, rejected = (r["rejected"], r["chosen"]) if r["alpha"] < 0.5 else (r["chosen"], r["rejected"])
+        assert t["logp_chosen"] == pytest.approx(float64_logp(model_path, r["prompt"], chosen), abs=1e-4)
+        assert t["logp_rejected"] == pytest.approx(float64_logp(model_path, r["prompt"], rejected), abs=1e-4)
     meta = read_sidecar(out)
     assert meta["method"] == "auto" and meta["summary"]["rows"] == 1000 and meta["input"]["hash"].startswith("sha256:")
     methods = meta["summary"]["methods"]  # the one chunk of 1000 rows: one scoring, by whichever method auto chose
@@ -72,7 +76,7 @@ def test_bad_rows_are_kept_in_order(model_dirs, tmp_path, capsys):
     assert len(table) == len(GOOD) + len(bad) + 2
     assert [r["status"] for r in table] == ["ok"] * 2 + ["error"] * 4 + ["ok"] * 4 + ["error"] * 2
     errors = [r["error"] for r in table if r["status"] == "error"]
-    for needle, message in zip(["missing field 'rejected'", "identical", "must be a string", "empty completion",
+    for needle, message in zip(["missing field 'rejected'", "identical", "must be a string", "empty or whitespace",
                                 "invalid JSON", "not an object"], errors):
         assert needle in message
     assert all(r["logp_chosen"] is None for r in table if r["status"] == "error")
@@ -80,7 +84,7 @@ def test_bad_rows_are_kept_in_order(model_dirs, tmp_path, capsys):
     code, err = run(["score", "--data", data, "--model", model_dirs[0], "--out", str(tmp_path / "x.parquet"),
                      "--strict"], capsys)
     assert code == 2 and "row 2 (id 2): missing field 'rejected' (--strict)" in err
-    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "s.parquet", "s.parquet.meta.json"]
 
 
 def test_reference_model_and_per_token(model_dirs, tmp_path, capsys):
@@ -138,6 +142,12 @@ def test_parquet_input_column_mapping_and_limit(model_dirs, tmp_path, capsys):
     (["--data", "D", "--model", "M", "--chosen-col", "nope"], "unknown column(s) 'nope'"),
     (["--data", "D", "--model", "M", "--ref-model", "/no/ref"], "model not found: /no/ref"),
     (["--data", "D", "--model", "M", "--method", "kv", "--compile"], "--method kv cannot score with"),
+    (["--data", "D", "--model", "M", "--group-by", "prompt"],
+     "--group-by pools the votes of a pair's rows: it needs vote columns (--vote-cols) and pairs (not "
+     "--completions-col)"),
+    (["--data", "D", "--model", "M", "--tokenization", "trl", "--append-eos"],
+     "--append-eos with --tokenization trl: that mode appends the EOS text itself"),
+    (["--data", "D", "--model", "M", "--max-length", "1"], "--max-length 1: a scored sequence needs at least"),
 ])
 def test_bad_invocations_exit_2_with_one_line(model_dirs, tmp_path, capsys, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
@@ -245,5 +255,35 @@ def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys, mo
     assert main(args) == 130
     monkeypatch.setattr(Parts, "write", real_write)
     code, err = run(args + ["--resume", "--tokenization", "trl"], capsys)
-    assert code == 2 and "other options" in err
+    assert code == 2 and "other --tokenization" in err
     assert run(args + ["--resume"], capsys)[0] == 0
+
+
+def test_an_internal_error_keeps_its_traceback(model_dirs, tmp_path, monkeypatch):
+    """Only the user's mistakes (InputError) become one line: a bug elsewhere surfaces with its
+    traceback, even when it is a ValueError."""
+    import prefrank.scoring
+
+    def broken(*args, **kwargs):
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(prefrank.scoring, "score_packed", broken)
+    monkeypatch.setattr(prefrank.scoring, "score_kv", broken)
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    with pytest.raises(ValueError, match="too many values to unpack"):  # not caught: Python prints its traceback
+        main(["score", "--data", data, "--model", model_dirs[0], "--out", str(tmp_path / "s.parquet")])
+
+
+def test_option_names_in_messages(capsys):
+    """Library messages name options (<name>): the Python API reads the parameter's name, the
+    command line its flag."""
+    from prefrank.cli import option_flags
+    from prefrank.errors import InputError
+    from prefrank.tokenization import TokenizeOptions
+    with pytest.raises(InputError) as caught:
+        TokenizeOptions(tokenization="trl", append_eos=True)
+    assert str(caught.value) == "append_eos with tokenization trl: that mode appends the EOS text itself"
+    assert caught.value.text(option_flags()) == ("--append-eos with --tokenization trl: that mode appends the EOS "
+                                                 "text itself")
+    assert InputError("a <token> that is no option, and <model>").text(option_flags()) == \
+        "a <token> that is no option, and --model"

@@ -1,10 +1,12 @@
 """Reading and normalizing preference rows: every format, every bad row kept as an error."""
 import gzip
 import json
+import os
 
 import pytest
 
-from prefrank.data import Columns, InputError, read_examples, read_rows, split_implicit_prompt, to_example
+from prefrank.data import VOTE_CODING_HELP, Columns, read_examples, read_rows, split_implicit_prompt, to_example
+from prefrank.errors import InputError
 from conftest import HH, PANDALM, needs_shared
 
 PAIR = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
@@ -46,7 +48,10 @@ def test_implicit_on_real_hh_rows():
     for i, row in enumerate(rows[:300]):
         ex = to_example(i, row, Columns())
         if ex.error:
-            assert ex.error == "chosen and rejected are identical", ex.error
+            common = os.path.commonprefix([row["chosen"], row["rejected"]])
+            cut = common.rfind("\n\nAssistant:") + len("\n\nAssistant:")
+            blank = not row["chosen"][cut:].strip() or not row["rejected"][cut:].strip()
+            assert ex.error == ("empty or whitespace-only completion" if blank else "chosen and rejected are identical")
             continue
         assert ex.prompt.endswith("\n\nAssistant:")
         assert ex.prompt + ex.completions[0] == row["chosen"] and ex.prompt + ex.completions[1] == row["rejected"]
@@ -66,19 +71,19 @@ def test_conversational_explicit_and_implicit():
 
 def test_column_mapping_and_pandalm_votes():
     row = {"instruction": "Fix this.", "input": "teh cat", "response1": "the cat", "response2": "teh cat",
-           "annotator1": 1, "annotator2": 0, "annotator3": 2, "idx": 5}
+           "annotator1": 1, "annotator2": 0, "annotator3": 1, "idx": 5}
     cols = Columns(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",
                    votes=["annotator1", "annotator2", "annotator3"])
     ex = to_example(0, row, cols)
     assert ex.prompt == "Fix this.\n\nteh cat" and ex.completions == ["the cat", "teh cat"]
-    assert ex.alpha == pytest.approx((1 + 0.5) / 3) and ex.id == "5"
+    assert ex.alpha == pytest.approx((2 + 0.5) / 3) and ex.id == "5" and ex.n_votes == 3 and not ex.reoriented
     ex = to_example(0, {**row, "input": ""}, cols)
     assert ex.prompt == "Fix this."
-    assert "must be 0 (tie)" in to_example(0, {**row, "annotator2": 7}, cols).error
+    assert "7 is not a vote in the 1/2 coding" in to_example(0, {**row, "annotator2": 7}, cols).error
 
 
 def test_alpha_and_votes_columns():
-    assert to_example(0, {**PAIR, "alpha": 0.25}, Columns()).alpha == 0.25
+    assert to_example(0, {**PAIR, "alpha": 0.75}, Columns()).alpha == 0.75
     assert to_example(0, {**PAIR, "votes": [1, 1, 0.5, 0]}, Columns()).alpha == pytest.approx(2.5 / 4)
     assert "'alpha' must be" in to_example(0, {**PAIR, "alpha": 1.5}, Columns()).error
     assert "'votes' must be" in to_example(0, {**PAIR, "votes": []}, Columns()).error
@@ -89,7 +94,10 @@ def test_alpha_and_votes_columns():
     ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
     ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
     ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string"),
-    ({"prompt": "p", "chosen": "", "rejected": "b"}, "empty completion"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "empty or whitespace-only completion"),
+    ({"prompt": "p", "chosen": "a", "rejected": " \n\t "}, "empty or whitespace-only completion"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "  "}],
+      "rejected": [{"role": "assistant", "content": "yo"}]}, "empty or whitespace-only completion"),
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
     ({"chosen": "same text", "rejected": "same text"}, "identical"),
     ([1, 2], "not an object"),
@@ -152,9 +160,9 @@ def test_bad_sources_are_input_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(InputError, match="not found"):
         list(read_rows(str(tmp_path / "missing.jsonl")))
-    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "x.xlsx").write_text("a,b\n")
     with pytest.raises(InputError, match="unknown file type"):
-        list(read_rows(str(tmp_path / "x.csv")))
+        list(read_rows(str(tmp_path / "x.xlsx")))
     with pytest.raises(InputError, match="cannot load dataset"):
         list(read_rows("no-such-org/no-such-dataset-prefrank"))
 
@@ -169,17 +177,21 @@ def test_pandalm_all_rows_normalize():
     for ex, row in zip(examples, rows):
         votes = [row[f"annotator{j}"] for j in (1, 2, 3)]
         if ex.error is None:
-            assert ex.alpha == pytest.approx((votes.count(1) + 0.5 * votes.count(0)) / 3)
+            share1 = (votes.count(1) + 0.5 * votes.count(0)) / 3  # the raters' share for response1
+            majority = [row["response1"], row["response2"]] if share1 >= 0.5 else [row["response2"], row["response1"]]
+            assert ex.alpha == pytest.approx(max(share1, 1 - share1)) and ex.reoriented == (share1 < 0.5)
+            assert ex.completions == majority and ex.n_votes == 3
         else:
             responses = (row["response1"], row["response2"])
             assert ((ex.error == "chosen and rejected are identical" and responses[0] == responses[1])
-                    or (ex.error == "empty completion" and "" in responses)
+                    or (ex.error == "empty or whitespace-only completion"
+                        and any(isinstance(r, str) and not r.strip() for r in responses))
                     or ("must be a string" in ex.error and not all(isinstance(r, str) for r in responses))), ex.error
 
 
 # ---------------------------------------------------------------- K completions per prompt
 
-KWISE = Columns(prompt=["instruction"], completions="completions.response", scores="completions.overall_score")
+KWISE = Columns(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score")
 
 
 def ultrafeedback_row(**changes):
@@ -193,7 +205,7 @@ def ultrafeedback_row(**changes):
 def test_kwise_nested_columns():
     ex = to_example(0, ultrafeedback_row(), KWISE)
     assert ex.error is None and ex.prompt == "Name a colour."
-    assert ex.completions == [" Red.", " Blue.", " A car.", " Green."] and ex.scores == [8.5, 6.0, 2.0, 8.5]
+    assert ex.completions == [" Red.", " Blue.", " A car.", " Green."] and ex.human_scores == [8.5, 6.0, 2.0, 8.5]
     assert ex.alpha is None
 
 
@@ -220,3 +232,78 @@ def test_kwise_flat_and_implicit_and_chat():
 def test_kwise_bad_rows(change, message):
     ex = to_example(0, ultrafeedback_row(**change), KWISE)
     assert ex.error is not None and message in ex.error, ex.error
+
+
+# ---------------------------------------------------------------- the raters' verdict
+
+TWO = {"prompt": "Q:", "first": " a", "second": " b"}
+TWO_COLS = dict(chosen="first", rejected="second")
+
+
+@pytest.mark.parametrize("coding, votes, share_first", [
+    ("1/2", [1], 1.0), ("1/2", [2], 0.0), ("1/2", [0], 0.5), ("1/2", [1, 2, 2], 1 / 3), ("1/2", ["2", "1.0"], 0.5),
+    ("0/1", [0], 1.0), ("0/1", [1], 0.0), ("0/1", [True], 0.0), ("0/1", ["false"], 1.0),
+    ("1/0", [1], 1.0), ("1/0", [0], 0.0), ("1/0", [False], 0.0), ("1/0", ["TRUE"], 1.0), ("1/0", [1.0], 1.0),
+    ("names", ["model_a"], 1.0), ("names", ["model_b"], 0.0), ("names", ["tie"], 0.5),
+    ("names", ["tie (bothbad)", "model_a", "model_a"], (0.5 + 2) / 3),
+])
+def test_vote_codings_and_orientation(coding, votes, share_first):
+    """alpha is the raters' share for the chosen completion, and chosen is the raters' side."""
+    cols = Columns(**TWO_COLS, votes=[f"v{i}" for i in range(len(votes))], vote_coding=coding)
+    row = {**TWO, **{f"v{i}": v for i, v in enumerate(votes)}}
+    ex = to_example(0, row, cols)
+    assert ex.error is None and ex.n_votes == len(votes)
+    assert ex.alpha == pytest.approx(max(share_first, 1 - share_first))
+    assert ex.completions == ([" a", " b"] if share_first >= 0.5 else [" b", " a"])
+    assert ex.reoriented == (share_first < 0.5)
+    kept = to_example(0, row, Columns(**TWO_COLS, votes=cols.votes, vote_coding=coding, keep_column_order=True))
+    assert (kept.completions, kept.alpha, kept.reoriented) == ([" a", " b"], pytest.approx(share_first), False)
+
+
+@pytest.mark.parametrize("coding, vote", [("1/2", 3), ("1/2", True), ("1/2", 1.5), ("1/2", "one"), ("0/1", 2),
+                                          ("1/0", "yes"), ("names", "model_c"), ("names", 1), ("1/2", None)])
+def test_bad_votes_are_row_errors(coding, vote):
+    ex = to_example(0, {**TWO, "v": vote}, Columns(**TWO_COLS, votes=["v"], vote_coding=coding))
+    if vote is None:  # present but null, as for any named field
+        assert ex.error == "field 'v' is null"
+    else:
+        assert ex.error == f"'v': {vote!r} is not a vote in the {coding} coding ({VOTE_CODING_HELP[coding]})"
+
+
+def test_alpha_and_votes_list_are_oriented_too():
+    ex = to_example(0, {**PAIR, "alpha": 0.25}, Columns())
+    assert (ex.completions, ex.alpha, ex.reoriented, ex.n_votes) == ([" No.", " Hi!"], 0.75, True, None)
+    ex = to_example(0, {**PAIR, "votes": [0, 0, 0.5]}, Columns())
+    assert (ex.completions, ex.alpha, ex.reoriented, ex.n_votes) == ([" No.", " Hi!"], 2.5 / 3, True, 3)
+    ex = to_example(0, {**PAIR, "votes": [0, 1]}, Columns())  # an exact tie: kept as given
+    assert (ex.completions, ex.alpha, ex.reoriented) == ([" Hi!", " No."], 0.5, False)
+    kept = to_example(0, {**PAIR, "alpha": 0.25}, Columns(keep_column_order=True))
+    assert (kept.completions, kept.alpha, kept.reoriented) == ([" Hi!", " No."], 0.25, False)
+
+
+def test_csv_and_tsv_read_like_jsonl(tmp_path):
+    """Cells are text: vote cells read as the numbers they spell, an alpha cell as a decimal, an
+    empty alpha cell as none; quoted fields keep commas and newlines; a record with the wrong
+    number of fields or a broken quote is an error row in its place."""
+    import csv
+    rows = [{"id": "a", "prompt": "Say, hi.", "chosen": " Hi,\nfriend!", "rejected": ' "No."', "alpha": "0.25"},
+            {"id": "b", "prompt": "Count.", "chosen": " 1 2", "rejected": " 3", "alpha": ""},
+            {"id": "c", "prompt": "Tab\there", "chosen": " x", "rejected": " y", "alpha": "1"}]
+    for name, delimiter in (("d.csv", ","), ("d.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+        got = list(read_examples(str(tmp_path / name), Columns()))
+        assert [(e.id, e.prompt, e.completions, e.alpha, e.reoriented) for e in got] == [
+            ("a", "Say, hi.", [' "No."', " Hi,\nfriend!"], 0.75, True), ("b", "Count.", [" 1 2", " 3"], None, False),
+            ("c", "Tab\there", [" x", " y"], 1.0, False)], name
+    (tmp_path / "v.csv").write_text('prompt,first,second,label\nQ,a,b,2\nQ,a,b\nQ,"a"x,b,1\nQ,c,d,1.0\n')
+    got = list(read_examples(str(tmp_path / "v.csv"), Columns(**TWO_COLS, votes=["label"])))
+    assert [e.index for e in got] == [0, 1, 2, 3]
+    assert (got[0].completions, got[0].alpha) == (["b", "a"], 1.0) and got[3].error is None
+    assert got[1].error == "line 3: 3 fields where the header has 4"
+    assert got[2].error.startswith("line 4: invalid CSV")
+    (tmp_path / "dup.csv").write_text("prompt,chosen,chosen\np,a,b\n")
+    with pytest.raises(InputError, match="names a column twice"):
+        read_examples(str(tmp_path / "dup.csv"), Columns())

@@ -2,6 +2,7 @@
 the files it wrote."""
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,6 +25,17 @@ def test_reduced_demo(default_cache, tmp_path, capsys):
     assert s["theorem41_violations"] == 0 and s["n_pairs"] == 128
     table = pq.read_table(out / "val_scores.parquet").to_pylist()
     rows = [json.loads(line) for line in open(out / "val.jsonl")]
-    assert s["ranking_accuracy"]["value"] == pytest.approx(sum(t["logp_chosen"] >= t["logp_rejected"] for t in table) / 128)
-    assert [t["alpha"] for t in table] == [r["alpha"] for r in rows]  # the known preference shares
+    untied = [t for t in table if t["alpha"] != 0.5]  # answers equally wrong: the raters are indifferent
+    assert s["n_ties"] == 128 - len(untied) and s["n_ranked"] == len(untied)
+    assert s["ranking_accuracy"]["value"] == pytest.approx(np.mean([t["logp_chosen"] >= t["logp_rejected"]
+                                                                    for t in untied]))
+    # the known preference shares, in the task's column order: its label noise is counted, not reoriented
+    assert [t["alpha"] for t in table] == [r["alpha"] for r in rows] and not any(t["reoriented"] for t in table)
+    assert s["n_chosen_rejected_by_raters"] == sum(r["alpha"] < 0.5 for r in rows) > 0
     assert "alignment gap" in (report / "report.md").read_text() and "Theorem 4.1" in demo["text"]
+
+
+def test_the_judge_reads_the_number_whatever_whitespace_precedes_it():
+    from prefrank.demo.run import answer_value
+    assert [answer_value(t) for t in (" 12", "12", "\n7", "  104x", " 9\n", "x12", "", " -3")] == \
+        [12, 12, 7, 104, 9, None, None, None]

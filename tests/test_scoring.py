@@ -168,7 +168,7 @@ def test_auto_picks_an_exact_method_for_the_model():
     """auto: packed for full-attention sdpa/eager models and for sliding windows the sequences fit;
     naive where they do not; kv for other attention implementations. Explicit methods that would
     be inexact are refused. Each choice matches float64."""
-    from prefrank.data import InputError
+    from prefrank.errors import InputError
     from prefrank.scoring import resolve_method
     from transformers import MistralConfig, MistralForCausalLM
     items = random_items(4, seed=5)
@@ -197,7 +197,7 @@ def test_auto_picks_an_exact_method_for_the_model():
 def test_alibi_models_refuse_packed_and_auto_takes_kv():
     """Falcon with ALiBi: transformers builds its biases from a 2-D mask, so packed's 4D block mask
     died inside the model ("too many values to unpack"); it is refused, and auto's kv equals float64."""
-    from prefrank.data import InputError
+    from prefrank.errors import InputError
     from prefrank.scoring import resolve_method
     from transformers import FalconConfig, FalconForCausalLM
     torch.manual_seed(0)
@@ -233,7 +233,7 @@ def test_compiled_blocks_equal_float64():
     """--compile: torch.compile'd transformer blocks (one graph for all layers, dynamic shapes) give
     float64's answers with packed and naive over batches of changing shape; kv is refused and auto
     avoids it; compile_blocks(False) restores the eager blocks."""
-    from prefrank.data import InputError
+    from prefrank.errors import InputError
     from prefrank.scoring import resolve_method
     model = tiny_model("llama").double()
     lm = CausalLM(model)

@@ -9,11 +9,13 @@ tokenizer, and real HH / PandaLM rows.
 """
 import gzip
 import json
+import os
 import random
 
 import pytest
 
-from prefrank.data import Columns, Example, RowError, read_examples
+from prefrank.data import Columns, Example, read_examples
+from prefrank.errors import RowError
 from prefrank.demo.default import build_tokenizer
 from prefrank.tokenization import TOKENIZATION_MODES, tokenize_example
 from conftest import HH, PANDALM, STORIES, needs_shared
@@ -194,9 +196,15 @@ def pandalm_rows():
 
 
 def usable(row):
-    """Text completions, non-empty and different: the rows any convention can score."""
+    """Text completions, not blank and different: the rows any convention can score (a
+    transcript's completion is what follows the last shared "\n\nAssistant:")."""
     texts = [row["chosen"], row["rejected"]]
-    return all(isinstance(t, str) and t for t in texts) and texts[0] != texts[1]
+    if not all(isinstance(t, str) for t in texts) or texts[0] == texts[1]:
+        return False
+    if "prompt" not in row:  # HH transcripts
+        cut = os.path.commonprefix(texts).rfind("\n\nAssistant:") + len("\n\nAssistant:")
+        texts = [t[cut:] for t in texts]
+    return all(t.strip() for t in texts)
 
 
 @needs_shared
@@ -219,7 +227,7 @@ def test_trl_mode_equals_trl_on_real_rows(source, stories_tok):
             assert "must be a string" in ex.error
         elif ex.error is not None:  # prefrank refuses empty and identical completions, which TRL would train on
             assert ((ex.error == "chosen and rejected are identical" and row["chosen"] == row["rejected"])
-                    or (ex.error == "empty completion" and "" in (row["chosen"], row["rejected"]))), ex.error
+                    or (ex.error == "empty or whitespace-only completion" and not usable(row))), ex.error
         else:
             item = tokenize_example(ex, stories_tok, mode="trl")
             same += (item.prompt_ids, item.completion_ids) == expected[i]

@@ -2,6 +2,7 @@
 lowers the loss on real pairs, and a resumed run equals an uninterrupted one."""
 import gzip
 import json
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from prefrank.data import Columns
 from prefrank.dpo.trainer import TrainOptions, dpo_step_loss, train
 from prefrank.models import CausalLM
+from prefrank.scoring import score
 from prefrank.tokenization import Tokenized
 from conftest import HH, STORIES, needs_shared
 from tiny_models import VOCAB, tiny_model
@@ -56,7 +58,10 @@ def test_shared_prompt_step_equals_unshared(arch, rtol):
 @pytest.fixture(scope="module")
 def hh_pairs(tmp_path_factory):
     rows = [json.loads(line) for line in gzip.open(HH / "helpful-base" / "test.jsonl.gz", "rt")]
-    rows = [r for r in rows if len(r["chosen"]) + len(r["rejected"]) < 900][:48]
+    def blank_answer(r):  # what follows the last shared "Assistant:" is only whitespace: an error row
+        cut = os.path.commonprefix([r["chosen"], r["rejected"]]).rfind("\n\nAssistant:") + len("\n\nAssistant:")
+        return not r["chosen"][cut:].strip() or not r["rejected"][cut:].strip()
+    rows = [r for r in rows if len(r["chosen"]) + len(r["rejected"]) < 900 and not blank_answer(r)][:48]
     path = tmp_path_factory.mktemp("hh") / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -212,3 +217,36 @@ def test_trainer_tokenizes_as_the_scorer_does(mode, hh_pairs, tmp_path):
         err = (scored - cached[:n]).abs().max().item()
         print(f"trained with {mode}, scored with {table_mode}: max |Δ| {err:.2e}")
         assert (err <= 1e-3) == (table_mode == mode)  # batch composition changes fp32 rounding
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_evaluation_reports_the_loss_the_run_trains_with(loss_type):
+    """The logged DPO loss is the configured loss type's, written out here from the log-probs."""
+    from prefrank.dpo.trainer import evaluate
+    lm = CausalLM(tiny_model("llama"))
+    g = torch.Generator().manual_seed(7)
+    items = [Tokenized(torch.randint(0, VOCAB, (5,), generator=g).tolist(),
+                       [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 4)]) for _ in range(6)]
+    ref = torch.randn(6, 2, generator=g, dtype=torch.float64) - 12
+    opts = TrainOptions(model="", data="", out="", beta=0.3, loss_type=loss_type)
+    got = evaluate(lm, items, ref, opts)["dpo_loss"]
+    pol = score(lm, items).logps.view(-1, 2).double()
+    n = torch.tensor([[3.0, 4.0]] * 6, dtype=torch.float64)
+    if loss_type == "ipo":
+        z = (pol[:, 0] / n[:, 0] - pol[:, 1] / n[:, 1]) - (ref[:, 0] / n[:, 0] - ref[:, 1] / n[:, 1])
+        expected = ((z - 1 / (2 * 0.3)) ** 2).mean()
+    else:
+        z = (pol[:, 0] - pol[:, 1]) - (ref[:, 0] - ref[:, 1])
+        expected = (torch.log1p(torch.exp(-0.3 * z)) if loss_type == "sigmoid" else torch.relu(1 - 0.3 * z)).mean()
+    assert got == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_tied_pairs_are_left_out_of_training(tmp_path):
+    from prefrank.demo.default import build_tokenizer
+    from prefrank.dpo.trainer import _load_items
+    rows = [{"prompt": "Q: 1+1=?\nA:", "chosen": " 2", "rejected": " 3", "alpha": a} for a in (0.9, 0.5, 0.75, 0.5)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logged = []
+    items = _load_items(str(path), build_tokenizer(), TrainOptions(model="", data="", out=""), None, logged.append)
+    assert len(items) == 2 and any("2 pairs" in m and "tied" in m for m in logged)

@@ -368,18 +368,20 @@ def test_score_table_is_the_reference(tmp_path):
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in make_pairs(20, seed=12)]
     for i in (2, 9):  # prompts of ~45 tokens: TRL drops them at max_length 40; the others fit whole
         pairs[i]["prompt"] = pairs[i]["prompt"] * 3
-    data, tied_data = tmp_path / "pairs.jsonl", tmp_path / "tied.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     tied = [dict(r) for r in pairs]
     tied[5]["rejected"] = tied[5]["chosen"]  # an error row for prefrank, a pair for TRL
-    tied_data.write_text("".join(json.dumps(r) + "\n" for r in tied))
+    voted = [{**r, "alpha": 0.2 if i == 3 else 0.9} for i, r in enumerate(pairs)]  # row 3: raters preferred rejected
+    sources = {"pairs": pairs, "tied": tied, "voted": voted}
+    for name, rows in sources.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tables = {}
-    options = {"trl": ["--tokenization", "trl"], "joint": [], "short": ["--tokenization", "trl", "--limit", "19"],
-               "tied": ["--tokenization", "trl"]}
-    for name, extra in options.items():
+    options = {"trl": ("pairs", ["--tokenization", "trl"]), "joint": ("pairs", []),
+               "short": ("pairs", ["--tokenization", "trl", "--limit", "19"]),
+               "tied": ("tied", ["--tokenization", "trl"]), "voted": ("voted", ["--tokenization", "trl"])}
+    for name, (source, extra) in options.items():
         tables[name] = tmp_path / f"{name}.parquet"
-        source = tied_data if name == "tied" else data
-        assert main(["score", "--data", str(source), "--model", str(model_dir), "--out", str(tables[name]), *extra]) == 0
+        assert main(["score", "--data", str(tmp_path / f"{source}.jsonl"), "--model", str(model_dir),
+                     "--out", str(tables[name]), *extra]) == 0
 
     def build(cls, dataset=None, **kwargs):
         return cls(model=AutoModelForCausalLM.from_pretrained(model_dir),
@@ -402,6 +404,8 @@ def test_score_table_is_the_reference(tmp_path):
         build(PrefrankDPOTrainer, ref_scores=str(tables["joint"]))
     with pytest.raises(ValueError, match=r"row 5 \(id '5'\) is an error row in the table \(chosen and rejected are "):
         build(PrefrankDPOTrainer, ref_scores=str(tables["tied"]), dataset=Dataset.from_list(tied))
+    with pytest.raises(ValueError, match=r"row 3 \(id '3'\) was reoriented to its raters' choice"):
+        build(PrefrankDPOTrainer, ref_scores=str(tables["voted"]), dataset=Dataset.from_list(voted))
     with pytest.raises(ValueError, match="precompute_ref_log_probs=True"):
         PrefrankDPOTrainer(model=tiny_model("llama"), args=config(tmp_path / "x"), ref_scores=str(tables["trl"]),
                            train_dataset=Dataset.from_list(pairs), processing_class=build_tokenizer())

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
-from prefrank.data import InputError
+from prefrank.errors import InputError
+from prefrank.io import PAIR_EXTRAS
 
 PAIRINGS = ("all", "best-worst", "best-random")
 
@@ -75,7 +76,7 @@ def implied_pairs(human, pairing: str = "all", rng: np.random.Generator | None =
     if pairing == "best-random":
         worse = [j for j in range(len(human)) if human[j] < human[best]]
         return [(best, int((rng or np.random.default_rng(0)).choice(worse)))]
-    raise ValueError(f"pairing {pairing!r}: expected one of {', '.join(PAIRINGS)}")
+    raise InputError(f"pairing {pairing!r}: expected one of {', '.join(PAIRINGS)}")
 
 
 def load_kwise(path: str) -> dict:
@@ -123,8 +124,8 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
     t = pq.read_table(path).to_pydict()
     rng = np.random.default_rng(seed)
     with_ref = "ref_logps" in t
-    out = {c: [] for c in ("id", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "alpha", "truncated",
-                           "status", "error")}
+    out = {c: [] for c in ("id", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "alpha", *PAIR_EXTRAS,
+                           "multi_turn", "truncated", "status", "error")}
     if with_ref:
         out["ref_logp_chosen"], out["ref_logp_rejected"] = [], []
     for r in range(len(t["id"])):
@@ -143,7 +144,9 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
             if with_ref:
                 out["ref_logp_chosen"].append(pick("ref_logps", i))
                 out["ref_logp_rejected"].append(pick("ref_logps", j))
-            out["alpha"].append(None)
+            for column in ("alpha", *PAIR_EXTRAS):  # human scores are no votes
+                out[column].append(False if column == "reoriented" else None)
+            out["multi_turn"].append(t["multi_turn"][r] if "multi_turn" in t else False)
             out["truncated"].append(t["truncated"][r])
             out["status"].append(t["status"][r])
             out["error"].append(t["error"][r])

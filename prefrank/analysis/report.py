@@ -6,6 +6,8 @@
                     Theorem 4.1 boundary -log σ(βc) (Fig. 3 style)
   groups.png        the four reference × policy correctness groups over checkpoints: share, mean
                     loss, mean margin (Fig. 2 style)
+  displacement.png  Δ log π of the rejected vs the chosen completion, policy against reference:
+                    likelihood displacement (Razin et al. 2025), four quadrants
   difficulty.png    histogram of c
 """
 import json
@@ -17,26 +19,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
-from prefrank.analysis.summary import load_pairs, summarize
+from prefrank.errors import InputError
+from prefrank.analysis.summary import load_pairs, ranked_pairs, summarize
 
 
-def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float) -> list[dict]:
-    """Per checkpoint score table: ranking accuracy, DPO loss and the four groups."""
+def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
+                      tie_band: float | None = None) -> list[dict]:
+    """Per checkpoint score table: ranking accuracy, DPO loss, likelihood displacement and the four
+    groups (over the pairs summarize() measures)."""
     series = []
     for path in paths:
-        p = load_pairs(path, ref_scores)
+        p = ranked_pairs(load_pairs(path, ref_scores), tie_band)
         if not p.has_ref:
-            raise ValueError(f"{path}: the groups need reference log-probs (--ref-scores or ref_ columns)")
+            raise InputError(f"{path}: the groups need reference log-probs (a reference score table, or ref_ columns)")
         theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
         margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-        series.append({"checkpoint": path, "ranking_accuracy": float(theorem["correct"].mean()),
+        correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
+        moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, correct)
+        series.append({"checkpoint": path, "ranking_accuracy": float(correct.mean()),
                        "dpo_loss_mean": float(theorem["loss"].mean()),
-                       "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l), theorem["correct"],
-                                                     theorem["loss"], margin)})
+                       "displacement": {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")},
+                       "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band),
+                                                     correct, theorem["loss"], margin, moved["delta_w"],
+                                                     moved["delta_l"])})
     return series
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -44,7 +54,7 @@ def _plt():
 
 
 def plot_accuracy(summary: dict, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     kinds = [("raw", "ranking_accuracy"), ("length_normalized", "ranking_accuracy_length_normalized")]
     for x, (kind, key) in enumerate(kinds):
@@ -70,7 +80,7 @@ def plot_accuracy(summary: dict, path: Path):
 
 
 def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     c, loss, correct = theorem["c"], theorem["loss"], theorem["correct"]
     ax.scatter(c[correct], loss[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
@@ -80,6 +90,9 @@ def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
     ax.set_xlabel(r"difficulty $c = \log\pi_{ref}(y_l|x) - \log\pi_{ref}(y_w|x)$")
     ax.set_ylabel(f"DPO loss (β = {beta:g})")
     ax.set_yscale("log")
+    shown = loss[loss > 0]  # the curve spans far more decades than the points: frame the points
+    if len(shown):
+        ax.set_ylim(shown.min() / 3, shown.max() * 3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -87,7 +100,7 @@ def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
 
 
 def plot_groups(series: list[dict], path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     x = np.arange(len(series))
     for g, name in enumerate(metrics.GROUPS):
@@ -103,8 +116,45 @@ def plot_groups(series: list[dict], path: Path):
     plt.close(fig)
 
 
+def plot_displacement(moved: dict, correct: np.ndarray, path: Path, ches: np.ndarray | None = None):
+    """Δ log π of the rejected vs the chosen completion, policy against reference (the four
+    quadrants: which of the two gained or lost likelihood), and with CHES, CHES vs Δ_w."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if ches is not None else 1, figsize=(11 if ches is not None else 6, 4.5),
+                             squeeze=False)
+    ax = axes[0, 0]
+    d_w, d_l = moved["delta_w"], moved["delta_l"]
+    ax.scatter(d_w[correct], d_l[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
+    ax.scatter(d_w[~correct], d_l[~correct], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axhline(0, color="k", lw=0.8)
+    if len(d_w):
+        lo, hi = min(d_w.min(), d_l.min()), max(d_w.max(), d_l.max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="Δ_l = Δ_w")
+    quadrants = [((d_w >= 0) & (d_l >= 0), 0.97, 0.97, "both gained"), ((d_w < 0) & (d_l >= 0), 0.03, 0.97,
+                 "chosen lost, rejected gained"), ((d_w < 0) & (d_l < 0), 0.03, 0.03, "both lost"),
+                 ((d_w >= 0) & (d_l < 0), 0.97, 0.03, "chosen gained, rejected lost")]
+    for mask, x, y, text in quadrants:
+        ax.text(x, y, f"{text}: {100 * mask.mean():.0f}%" if len(mask) else text, transform=ax.transAxes,
+                ha="right" if x > 0.5 else "left", va="top" if y > 0.5 else "bottom", fontsize=7)
+    ax.set_xlabel(r"$\Delta_w = \log\pi_\theta(y_w|x) - \log\pi_{ref}(y_w|x)$")
+    ax.set_ylabel(r"$\Delta_l = \log\pi_\theta(y_l|x) - \log\pi_{ref}(y_l|x)$")
+    ax.legend(fontsize=7, loc="center right")
+    if ches is not None:
+        ax = axes[0, 1]
+        ax.scatter(ches, d_w, s=6, alpha=0.5, color="tab:blue")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("CHES (reference model's hidden states)")
+        ax.set_ylabel(r"$\Delta_w$")
+        rho = metrics.spearman(ches, d_w)
+        ax.set_title(f"Spearman ρ = {'–' if rho is None else f'{rho:+.2f}'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_difficulty(c: np.ndarray, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(c, bins=50, color="tab:purple")
     ax.axvline(0, color="k", lw=1)
@@ -121,6 +171,16 @@ def _pct(x) -> str:
 
 def _headline(s: dict) -> list[str]:
     lines = ["| measure | value |", "|---|---|", f"| pairs scored (errors) | {s['n_pairs']} ({s['n_errors']}) |"]
+    if s["n_ties"]:
+        lines.append(f"| pairs the raters tied (α = 0.5) | {s['n_ties']}, " + (
+            "counted with the tie band |" if s["options"]["tie_band"] is not None else
+            f"left out: every measure below is over the other {s['n_ranked']} |"))
+    if s["n_reoriented"]:
+        lines.append(f"| pairs reoriented to the raters' choice when scored (their input's rejected column is "
+                     f"chosen here) | {s['n_reoriented']} |")
+    if s["n_chosen_rejected_by_raters"]:
+        lines.append(f"| **pairs whose chosen completion the raters rejected (α < 0.5), counted in column order** | "
+                     f"{s['n_chosen_rejected_by_raters']} |")
     for label, key in (("ranking accuracy R", "ranking_accuracy"),
                        ("length-normalized R~", "ranking_accuracy_length_normalized"),
                        ("reference model's R", "reference_ranking_accuracy"), ("reward accuracy", "reward_accuracy")):
@@ -151,19 +211,21 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
     kwise_summary = None
     if kwise.is_kwise_table(scores):
         if checkpoints or ref_scores:
-            raise ValueError("--checkpoints and --ref-scores take pair tables; convert K-wise tables with `prefrank pairs`")
+            raise InputError("checkpoints and reference score tables must be pair tables; convert K-wise tables with "
+                             "`prefrank pairs`")
         kwise_summary = kwise.summarize_kwise(scores, n_boot=options.get("n_boot", 1000), seed=options.get("seed", 0))
         lines += _kwise_headline(kwise_summary) + ["", "## All implied pairs", ""]
         implied = out / "implied_pairs.parquet"
         pq.write_table(pa.table(kwise.kwise_to_pair_table(scores)), implied)
         scores, examples = str(implied), None
-    pairs = load_pairs(scores, ref_scores)
-    summary = summarize(pairs, **options)
-    beta = summary["options"]["beta"]
+    all_pairs = load_pairs(scores, ref_scores)
+    summary = summarize(all_pairs, **options)
+    beta, tie_band = summary["options"]["beta"], summary["options"]["tie_band"]
+    pairs = ranked_pairs(all_pairs, tie_band)  # the pairs the summary measured
     plot_accuracy(summary, out / "accuracy.png")
     lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
-    if pairs.has_ref:
-        series = checkpoint_series(checkpoints or [scores], ref_scores, beta)
+    if pairs.has_ref and len(pairs.ids):
+        series = checkpoint_series(checkpoints or [scores], ref_scores, beta, tie_band)
         summary["series"] = series
         theorem = metrics.theorem41(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, beta)
         plot_loss_vs_c(theorem, beta, out / "loss_vs_c.png")
@@ -179,6 +241,10 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
                   "## Theorem 4.1: loss vs difficulty", "",
                   "A pair is ranked correctly exactly when its DPO loss is below the curve -log σ(βc).",
                   "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
+        correct = metrics.ranking_correct(pairs.pol_w, pairs.pol_l, pairs.alpha, tie_band)
+        moved = metrics.displacement(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, correct)
+        plot_displacement(moved, correct, out / "displacement.png")
+        lines += _displacement_section(summary)
         lines += _difficulty_section(summary["difficulty"], examples)
     if kwise_summary is not None:
         summary = {**kwise_summary, "implied_pairs": summary}
@@ -199,6 +265,25 @@ def _kwise_headline(k: dict) -> list[str]:
             fmt = (lambda v: "–" if v is None else f"{v:+.3f}") if key == "kendall_tau_b" else _pct
             lines.append(f"| {label}{note} | {fmt(m['value'])} (95% CI {fmt(lo)}–{fmt(hi)}) |")
     return lines
+
+
+def _displacement_section(s: dict) -> list[str]:
+    d = s["displacement"]
+    fmt = lambda v: "–" if v is None else f"{v:+.2f}"  # noqa: E731
+    lines = ["## Likelihood displacement", "",
+             f"Preference optimization can lower the likelihood of the chosen completion too (Razin et al., ICLR "
+             f"2025). Here the policy gives the chosen completion less likelihood than the reference did on "
+             f"{_pct(d['share_chosen_displaced'])} of the pairs, both completions lose likelihood on "
+             f"{_pct(d['share_both_decreased'])}, and {_pct(d['share_ranked_right_by_rejected_falling'])} are "
+             f"ranked right only because the rejected completion fell further than the chosen one (Δ_l < Δ_w < 0).",
+             "", "| | chosen (Δ_w) | rejected (Δ_l) |", "|---|---|---|",
+             f"| mean Δ log π, policy − reference | {fmt(d['mean_delta_chosen'])} | {fmt(d['mean_delta_rejected'])} |",
+             f"| median | {fmt(d['median_delta_chosen'])} | {fmt(d['median_delta_rejected'])} |", "",
+             "| group | pairs | chosen displaced (Δ_w < 0) | mean Δ_w | mean Δ_l |", "|---|---|---|---|---|"]
+    for g in s["groups"]:
+        lines.append(f"| {g['group']} | {g['count']} | {_pct(g['share_chosen_displaced'])} | "
+                     f"{fmt(g['mean_delta_chosen'])} | {fmt(g['mean_delta_rejected'])} |")
+    return lines + ["", "![likelihood displacement](displacement.png)", ""]
 
 
 def _difficulty_section(d: dict, examples) -> list[str]:

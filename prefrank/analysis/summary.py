@@ -4,14 +4,20 @@ The policy's log-probs come from a score table (`prefrank score`); the reference
 table's ref_ columns (scored with --ref-model) or from a second score table of the reference model
 (`ref_scores`), matched row by row. Only rows with status "ok" in every table enter the metrics;
 the others are counted in `n_errors`.
+
+Tied pairs (alpha = 0.5) have no preferred completion: Chen et al. define ranking accuracy and
+the idealized accuracy over triples (x, y_w, y_l) whose y_w the raters prefer, and their code
+drops ties (include_ties=False) before computing R*. So every measure here is taken over the
+untied pairs, and the ties are counted (`n_ties`); with a tie band they count instead, as correct
+when the model's (or the idealized model's) log-likelihoods lie within the band.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
-from prefrank.data import InputError
+from prefrank.errors import InputError
 
 
 @dataclass
@@ -26,6 +32,7 @@ class Pairs:
     ref_w: np.ndarray | None
     ref_l: np.ndarray | None
     alpha: np.ndarray | None
+    reoriented: np.ndarray  # bool: the scorer swapped the input's columns to the raters' choice
     n_rows: int
 
     @property
@@ -35,6 +42,16 @@ class Pairs:
     @property
     def has_ref(self) -> bool:
         return self.ref_w is not None
+
+    @property
+    def tie(self) -> np.ndarray:
+        """bool: the raters tied (alpha = 0.5; exact, as alpha is a share of votes)."""
+        return np.zeros(len(self.ids), bool) if self.alpha is None else self.alpha == 0.5
+
+    def subset(self, keep: np.ndarray) -> "Pairs":
+        """The pairs where `keep` is true (n_rows unchanged)."""
+        return Pairs(**{f.name: getattr(self, f.name) if f.name == "n_rows" or getattr(self, f.name) is None
+                        else getattr(self, f.name)[keep] for f in fields(self)})
 
 
 def _read(path: str) -> dict:
@@ -66,6 +83,7 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
     def column(values, dtype=np.float64):
         return np.array([v for v, keep in zip(values, ok) if keep], dtype=dtype)
 
+    reoriented = column(table["reoriented"], bool) if "reoriented" in table else np.zeros(int(ok.sum()), bool)
     alpha = column(table["alpha"]) if "alpha" in table else None  # null (no votes) reads as nan
     if alpha is not None and np.isnan(alpha).all():
         alpha = None
@@ -75,7 +93,12 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
                  pol_w=column(table["logp_chosen"]), pol_l=column(table["logp_rejected"]),
                  n_w=column(table["n_chosen"], np.int64), n_l=column(table["n_rejected"], np.int64),
                  ref_w=column(ref_cols[0]) if ref_cols else None, ref_l=column(ref_cols[1]) if ref_cols else None,
-                 alpha=alpha, n_rows=len(ok))
+                 alpha=alpha, reoriented=reoriented, n_rows=len(ok))
+
+
+def ranked_pairs(p: Pairs, tie_band: float | None = None) -> Pairs:
+    """The pairs every measure is taken over: without a tie band, those the raters did not tie."""
+    return p if tie_band is not None else p.subset(~p.tie)
 
 
 def _accuracy(correct, n_boot, seed) -> dict:
@@ -83,45 +106,53 @@ def _accuracy(correct, n_boot, seed) -> dict:
     return {"value": float(np.mean(correct)) if len(correct) else None, "ci95": [lo, hi]}
 
 
-def summarize(p: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, epsilon: float = metrics.DEFAULT_EPSILON,
+def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, epsilon: float = metrics.DEFAULT_EPSILON,
               gamma: float = 1.0, tie_band: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Every measurement the inputs allow: accuracies with bootstrap CIs; with a reference, DPO
     loss, Theorem 4.1 and the four groups; with a reference and alpha, idealized accuracy over
-    the β sweep and the alignment gap."""
+    the β sweep and the alignment gap. Taken over the untied pairs (all of them with a tie band);
+    the counts say how many pairs were tied, reoriented by the scorer, or kept with the raters'
+    rejected completion as chosen (alpha < 0.5: --keep-column-order, or an older table)."""
+    p = ranked_pairs(pairs, tie_band)
     norm_w, norm_l = metrics.length_normalized(p.pol_w, p.n_w), metrics.length_normalized(p.pol_l, p.n_l)
     observed = {
         "raw": metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band),
         "length_normalized": metrics.ranking_correct(norm_w, norm_l, p.alpha, tie_band),
     }
     out = {
-        "n_pairs": len(p.ids), "n_errors": p.n_errors,
+        "n_pairs": len(pairs.ids), "n_errors": pairs.n_errors, "n_ties": int(pairs.tie.sum()), "n_ranked": len(p.ids),
+        "n_reoriented": int(pairs.reoriented.sum()),
+        "n_chosen_rejected_by_raters": 0 if pairs.alpha is None else int((pairs.alpha < 0.5).sum()),
         "ranking_accuracy": _accuracy(observed["raw"], n_boot, seed),
         "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, seed),
         "options": {"beta": beta, "betas": list(betas), "epsilon": epsilon, "gamma": gamma, "tie_band": tie_band,
                     "bootstrap": n_boot, "seed": seed},
     }
-    if not p.has_ref:
+    if not p.has_ref or not len(p.ids):
         return out
-    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l)
+    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band)
     out["reference_ranking_accuracy"] = _accuracy(ref_correct, n_boot, seed)
     theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
     margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
     mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
     out["dpo_loss_mean"] = mean(theorem["loss"])
     if gamma != 1.0:
-        out["dpo_gamma_loss_mean"] = mean(metrics.dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
+        out["dpo_gamma_loss_mean"] = mean(metrics.sigmoid_dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
     out["reward_margin_mean"] = mean(margin)
     out["reward_accuracy"] = _accuracy(margin > 0, n_boot, seed)
     out["theorem41_violations"] = int(len(theorem["violations"]))
     out["theorem41_violating_ids"] = [str(i) for i in p.ids[theorem["violations"]][:20]]
     out["difficulty"] = _difficulty(p, theorem["c"])
-    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin)
+    moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, observed["raw"])
+    out["displacement"] = {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")}
+    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin, moved["delta_w"],
+                                        moved["delta_l"])
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
-    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, seed),
+    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, seed, tie_band),
                  "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon,
-                                                              n_boot, seed)}
+                                                              n_boot, seed, tie_band)}
     out["idealized"] = idealized
     out["alignment_gap"] = {
         kind: {stat: idealized[kind][stat] - out[key]["value"] for stat in ("min", "median", "max")}
@@ -138,7 +169,8 @@ def per_pair_table(p: Pairs, beta: float) -> dict[str, list]:
             "reward_margin": metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta).tolist(),
             "policy_correct": theorem["correct"].tolist(),
             "reference_correct": metrics.ranking_correct(p.ref_w, p.ref_l).tolist(),
-            "alpha": None if p.alpha is None else p.alpha.tolist()}
+            "alpha": None if p.alpha is None else p.alpha.tolist(), "tie": p.tie.tolist(),
+            "reoriented": p.reoriented.tolist()}
 
 
 def _difficulty(p: Pairs, c: np.ndarray, k: int = 5) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from prefrank.demo.task import ALPHABET, make_pairs
+from prefrank.demo.task import ALPHABET, COLUMNS, make_pairs
 
 VERSION = 2  # bump when the task, tokenizer, model or training changes: invalidates caches
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -64,7 +64,7 @@ def ensure_default(seed: int = 0, n_pairs: int = 1000, log=print) -> tuple[str, 
         f.writelines(json.dumps(r) + "\n" for r in make_pairs(steps * batch_size, seed=1_000_000 * (seed + 1)))
     train(TrainOptions(model=str(tmp / "init"), data=str(tmp / "sft.jsonl"), out=str(tmp / "sft"), mode="sft",
                        lr=3e-3, warmup_steps=20, batch_size=batch_size, max_steps=steps, eval_every=steps, eval_pairs=256,
-                       val_fraction=0.0, seed=seed, device="cpu"), log=log)
+                       val_fraction=0.0, seed=seed, device="cpu", columns=COLUMNS), log=log)
     final = tmp / "sft" / "final"
     with open(final / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in make_pairs(n_pairs, seed=seed))

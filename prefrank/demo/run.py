@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefrank.demo.task import make_pairs, quality
+from prefrank.demo.task import COLUMNS, make_pairs, quality
 
 
 def _write_jsonl(path: Path, rows):
@@ -38,11 +38,15 @@ def greedy_answers(model, tokenizer, problems) -> list[int | None]:
         out = model.generate(input_ids=torch.tensor(ids, device=model.device), max_new_tokens=4, do_sample=False,
                              pad_token_id=0, attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long,
                                                                         device=model.device))
-    answers = []
-    for row in out[:, len(ids[0]):].tolist():
-        match = re.match(r" (\d+)", tokenizer.decode(row, skip_special_tokens=True))
-        answers.append(int(match.group(1)) if match else None)
-    return answers
+    return [answer_value(tokenizer.decode(row, skip_special_tokens=True)) for row in out[:, len(ids[0]):].tolist()]
+
+
+def answer_value(text: str) -> int | None:
+    """The number a greedy answer starts with, whatever whitespace comes before it (the task's
+    answers are " 12", but a policy that drops the space, whose DPO gradient cancels between chosen
+    and rejected, still answers 12); None when it is no number."""
+    match = re.match(r"\s*(\d+)", text)
+    return int(match.group(1)) if match else None
 
 
 def ground_truth_judge(reference_model, tokenizer, problems):
@@ -63,8 +67,8 @@ def ground_truth_judge(reference_model, tokenizer, problems):
 
 def plot_trajectory(lines: list[dict], path: Path):
     """Ranking accuracy and win rate over training, against the distance from the reference."""
-    from prefrank.analysis.report import _plt
-    plt = _plt()
+    from prefrank.analysis.report import pyplot
+    plt = pyplot()
     steps = [line["step"] for line in lines]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     left.plot(steps, [line["val"]["ranking_accuracy"] for line in lines], marker="o", label="ranking accuracy (val)")
@@ -92,14 +96,15 @@ def summary_text(s: dict, lines: list[dict], beta: float) -> str:
     wrong = groups["ref incorrect, now correct"]["count"] + groups["ref incorrect, now incorrect"]["count"]
     flipped = groups["ref incorrect, now correct"]["count"]
     return (
-        f"After DPO (β = {beta:g}), the policy ranks {100 * s['ranking_accuracy']['value']:.1f}% of the validation "
-        f"pairs' chosen answers above the rejected ones; the reference ranked "
+        f"After DPO (β = {beta:g}), the policy ranks {100 * s['ranking_accuracy']['value']:.1f}% of the "
+        f"{s['n_ranked']} validation pairs' chosen answers above the rejected ones ({s['n_ties']} pairs whose "
+        f"raters are indifferent, α = 0.5, are left out); the reference ranked "
         f"{100 * s['reference_ranking_accuracy']['value']:.1f}%. A policy that optimized the DPO objective perfectly "
         f"would rank {100 * ideal['median']:.1f}% (idealized accuracy, median over β; {100 * ideal['min']:.1f}–"
         f"{100 * ideal['max']:.1f}%): an alignment gap of {100 * gap['median']:.1f} points. Of the {wrong} pairs the "
         f"reference ranked wrongly, DPO flipped {flipped} ({100 * flipped / max(wrong, 1):.0f}%): Theorem 4.1 says a "
         f"pair is ranked right only once its loss falls below -log σ(βc), which for hard pairs (large c) is a very "
-        f"small loss ({s['theorem41_violations']} violations of the theorem among {s['n_pairs']} pairs). Meanwhile "
+        f"small loss ({s['theorem41_violations']} violations of the theorem among {s['n_ranked']} pairs). Meanwhile "
         f"the win rate against the reference went from {first['judge']:.2f} to {last['judge']:.2f} (between "
         f"{min(line['judge'] for line in lines):.2f} and {max(line['judge'] for line in lines):.2f} along the way) "
         f"as the policy moved ‖θ − θref‖² = {last['param_sq_distance']:.3g} away from the reference.")
@@ -110,7 +115,6 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
              log=print) -> dict:
     from prefrank.analysis import write_report
     from prefrank.analysis.report import plot_groups
-    from prefrank.data import Columns
     from prefrank.demo.default import ensure_default
     from prefrank.dpo.trainer import TrainOptions, train
     from prefrank.models import load_model, load_tokenizer
@@ -134,12 +138,13 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
         shutil.rmtree(stale, ignore_errors=True)
     train(TrainOptions(model=reference_path, data=str(folder / "train.jsonl"), val_data=str(folder / "val.jsonl"),
                        out=str(run), beta=beta, lr=lr, batch_size=batch_size, max_steps=steps, epochs=100,
-                       eval_every=eval_every, eval_pairs=256, seed=seed, device="cpu"), log=log, judge=judge)
+                       eval_every=eval_every, eval_pairs=256, seed=seed, device="cpu", columns=COLUMNS), log=log,
+          judge=judge)
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
 
     log("prefrank demo: scoring the validation pairs under the final policy and the reference")
     score_dataset(ScoreOptions(data=str(folder / "val.jsonl"), model=str(run / "final"), ref_model=reference_path,
-                               out=str(scores), columns=Columns(), device="cpu"), progress=False)
+                               out=str(scores), columns=COLUMNS, device="cpu"), progress=False)
     summary = write_report(str(scores), str(folder / "report"), beta=beta)
     series = [{"checkpoint": f"step {line['step']}", "groups": line["val"]["groups"]} for line in lines]
     plot_groups(series, folder / "report" / "groups.png")

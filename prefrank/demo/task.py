@@ -11,7 +11,15 @@ exactly. That makes idealized ranking accuracy and win rates computable without 
 import math
 import random
 
+from prefrank.data import Columns
+
 ALPHABET = "0123456789+=?:QA \n"  # every character the task uses
+
+# `chosen` is the majority of the sampled votes, `alpha` the population's share for it: a chosen
+# answer the population rejects (alpha < 0.5) is the label noise the demo is about, so its rows
+# are read in column order (prefrank would otherwise make the alpha side chosen) and the analysis
+# counts those pairs.
+COLUMNS = Columns(keep_column_order=True)
 
 
 def prompt_text(a: int, b: int) -> str:

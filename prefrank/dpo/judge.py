@@ -8,7 +8,7 @@ Any Python callable judge(model, tokenizer) -> float serves as well (the demo's 
 """
 import torch
 
-from prefrank.data import InputError
+from prefrank.errors import InputError
 
 
 def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:

@@ -27,52 +27,74 @@ import torch
 from prefrank import ops
 from prefrank.ops import IGNORE_INDEX
 from prefrank.analysis import metrics
-from prefrank.data import Columns, InputError, read_examples
-from prefrank.dpo.loss import LOSS_TYPES, fused_linear_dpo_loss
-from prefrank.models import CausalLM, load_model, load_tokenizer, resolve_device
-from prefrank.pipeline import _barrier, distributed
+from prefrank.data import Columns, read_examples
+from prefrank.errors import InputError
+from prefrank.dpo.loss import LOSS_TYPES, dpo_loss, fused_linear_dpo_loss
+from prefrank.models import CausalLM, LoadOptions
+from prefrank.options import option, options, positive_float, positive_int, row_options
+from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, process_device
+from prefrank.runtime import max_length as run_max_length
 from prefrank.scoring import completion_hidden, score
-from prefrank.tokenization import tokenize_examples
+from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 OPTIMIZERS = ("adamw", "rmsprop")
 
 
-@dataclass
-class TrainOptions:
-    model: str
-    data: str
-    out: str
-    mode: str = "dpo"  # or "sft"
-    ref_model: str | None = None  # default: the initial policy, frozen
-    val_data: str | None = None
-    val_fraction: float = 0.1  # of `data`, when there is no val_data
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    gamma: float = 1.0
-    lr: float = 5e-6
-    warmup_steps: int = 0  # linear warm-up of the learning rate (a function of the step: resumes exactly)
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    eval_every: int = 50
-    eval_pairs: int = 256
-    max_steps: int | None = None
-    seed: int = 0
-    tokenization: str = "joint"  # TOKENIZATION_MODES, as for scoring
-    max_length: int | None = None
-    truncate: str = "none"
-    append_eos: bool = False
+@options
+class TrainOptions(LoadOptions, TokenizeOptions):
+    """Everything a training run is told (the options of `prefrank train` and `prefrank sft`).
+    `decides_rows` marks what the cached reference log-probs depend on."""
+    model: str = option(help="initial policy: local folder or hub id", group="data and models", path=True)
+    data: str = option(help="training pairs (any format `score` reads)", group="data and models", path=True)
+    out: str = option(help="output folder", group="data and models", decides_rows=False)
+    val_data: str | None = option(None, "validation pairs", group="data and models", path=True,
+                                  default_text="--val-fraction of --data")
+    val_fraction: float = option(0.1, "share of --data held out for validation when there is no --val-data",
+                                 group="data and models")
     columns: Columns = field(default_factory=Columns)
-    device: str = "auto"
-    resume: bool = False
-    judge_model: str | None = None  # a reward model: win rate against the reference at each evaluation
-    judge_prompts: int = 64
-    judge_max_new_tokens: int = 64
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    mode: str = option("dpo", "dpo or sft", cli=False)
+    ref_model: str | None = option(None, "reference model", group="DPO", path=True,
+                                   default_text="the initial policy, frozen")
+    beta: float = option(0.1, "β of the DPO loss", type=positive_float, group="DPO", decides_rows=False)
+    loss_type: str = option("sigmoid", "the DPO loss", choices=LOSS_TYPES, group="DPO", decides_rows=False)
+    label_smoothing: float = option(0.0, "cDPO's label smoothing (sigmoid, robust)", group="DPO",
+                                    decides_rows=False)
+    gamma: float = option(1.0, "DPO^gamma's reference scale (loss type gamma)", group="DPO", decides_rows=False)
+    lr: float | None = option(None, "learning rate", type=positive_float, group="training", decides_rows=False,
+                              default_text="5e-6 for train, 1e-5 for sft")
+    warmup_steps: int = option(0, "linear learning-rate warm-up (a function of the step: resumes exactly)",
+                               group="training", decides_rows=False)
+    optimizer: str = option("adamw", "", choices=OPTIMIZERS, group="training", decides_rows=False)
+    weight_decay: float = option(0.0, "", group="training", decides_rows=False)
+    epochs: int = option(1, "", type=positive_int, group="training", decides_rows=False)
+    max_steps: int | None = option(None, "stop after this many optimizer steps", type=positive_int,
+                                   group="training", decides_rows=False)
+    batch_size: int = option(8, "pairs per micro-batch (per process under torchrun)", type=positive_int,
+                             group="training", decides_rows=False)
+    grad_accum: int = option(1, "micro-batches per step", type=positive_int, group="training", decides_rows=False)
+    eval_every: int = option(50, "optimizer steps between evaluations (and checkpoints)", type=positive_int,
+                             group="training", decides_rows=False)
+    eval_pairs: int = option(256, "size of the fixed training subsample evaluated", type=positive_int,
+                             group="training", decides_rows=False)
+    seed: int = option(0, "of the split, the order and the model's randomness", group="training")
+    resume: bool = option(False, "continue from OUT/checkpoint", group="training", decides_rows=False)
+    judge_model: str | None = option(
+        None, "reward model (sequence classification, one output): at each evaluation the policy and the "
+        "reference sample a completion per prompt and the win rate is logged", group="judge", decides_rows=False)
+    judge_prompts: int = option(64, "prompts the judge compares", type=positive_int, group="judge",
+                                decides_rows=False)
+    judge_max_new_tokens: int = option(64, "", type=positive_int, group="judge", decides_rows=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in ("dpo", "sft"):
+            raise InputError(f"<mode> {self.mode!r}: expected dpo or sft")
+        if self.loss_type not in LOSS_TYPES:
+            raise InputError(f"<loss_type> {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"<optimizer> {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.lr is None:
+            self.lr = 5e-6 if self.mode == "dpo" else 1e-5
 
 
 # ---------------------------------------------------------------- one step's loss
@@ -105,14 +127,21 @@ def sft_step_loss(lm: CausalLM, items):
 
 # ---------------------------------------------------------------- data and reference
 
-def _load_items(path: str, tokenizer, opts, max_length, log):
+def _load_items(path: str, tokenizer, opts: TrainOptions, max_length, log):
+    """The usable pairs of `path` as token ids; rows that cannot be used, and pairs whose raters
+    tied (they state no preference to learn), are left out and counted in the log."""
     examples = list(read_examples(path, opts.columns))
-    items = list(tokenize_examples(examples, tokenizer, mode=opts.tokenization, max_length=max_length,
-                                   truncate=opts.truncate, append_eos=opts.append_eos).values())
-    bad = [ex for ex in examples if ex.error is not None]
-    if bad:
-        log(f"prefrank: {len(bad)} rows of {path} cannot be used and are left out "
-            f"(first: row {bad[0].index} (id {bad[0].id}): {bad[0].error})")
+    tokenized, errors = tokenize_examples(examples, tokenizer, max_length=max_length, **opts.tokenize_kwargs)
+    errors = {ex.index: ex.error for ex in examples if ex.error is not None} | errors
+    if errors:
+        first = next(ex for ex in examples if ex.index in errors)
+        log(f"prefrank: {len(errors)} rows of {path} cannot be used and are left out "
+            f"(first: row {first.index} (id {first.id}): {errors[first.index]})")
+    ties = [ex.index for ex in examples if ex.index in tokenized and ex.tie]
+    if ties:
+        log(f"prefrank: {len(ties)} pairs of {path} whose raters tied (alpha = 0.5) are left out: they state no "
+            f"preference")
+    items = [tokenized[ex.index] for ex in examples if ex.index in tokenized and not ex.tie]
     if not items:
         raise InputError(f"{path}: no usable pairs")
     return items
@@ -136,28 +165,31 @@ def _reference_logps(ref_lm, items, cache: Path, key: str) -> torch.Tensor:
     return logps
 
 
-def _items_key(*parts) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+def _reference_key(opts: TrainOptions, max_length) -> str:
+    """What the reference log-probs depend on: every option that decides the rows (options.py)."""
+    parts = {**row_options(opts), "max_length (resolved)": max_length}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(lm: CausalLM, items, ref_logps: torch.Tensor | None, beta: float) -> dict:
-    """Ranking accuracy, and with reference log-probs the DPO loss, reward accuracy and groups."""
+def evaluate(lm: CausalLM, items, ref_logps: torch.Tensor | None, opts: TrainOptions) -> dict:
+    """Ranking accuracy, and with reference log-probs the loss the run trains with, reward accuracy
+    and the four reference × policy groups."""
     was_training = lm.model.training
     lm.model.eval()
-    logps = score(lm, items).logps.view(-1, 2).numpy()
+    logps = score(lm, items).logps.view(-1, 2)
     lm.model.train(was_training)
-    correct = metrics.ranking_correct(logps[:, 0], logps[:, 1])
+    correct = metrics.ranking_correct(logps[:, 0].numpy(), logps[:, 1].numpy())
     out = {"pairs": len(items), "ranking_accuracy": float(correct.mean())}
     if ref_logps is not None:
+        lengths = torch.tensor([[len(c) for c in it.completion_ids] for it in items], dtype=torch.float64)
+        loss = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta=opts.beta,
+                        loss_type=opts.loss_type, label_smoothing=opts.label_smoothing, gamma=opts.gamma,
+                        chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1]).numpy()
         ref = ref_logps.numpy()
-        margin = metrics.dpo_margin(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta)
-        loss = metrics.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta)
+        margin = metrics.dpo_margin(logps[:, 0].numpy(), logps[:, 1].numpy(), ref[:, 0], ref[:, 1], opts.beta)
         out.update(dpo_loss=float(loss.mean()), reward_accuracy=float((margin > 0).mean()),
                    groups=metrics.flip_groups(metrics.ranking_correct(ref[:, 0], ref[:, 1]), correct, loss, margin))
     return out
@@ -172,11 +204,8 @@ def _squared_distance(model, ref_params) -> float | None:
 # ---------------------------------------------------------------- checkpoints
 
 def _optimizer(model, opts):
-    if opts.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    if opts.optimizer == "rmsprop":
-        return torch.optim.RMSprop(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    raise InputError(f"--optimizer {opts.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    optimizer = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[opts.optimizer]  # TrainOptions checks
+    return optimizer(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
 
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, state: dict):
@@ -223,30 +252,47 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
 
 # ---------------------------------------------------------------- the loop
 
-def train(opts: TrainOptions, log=print, judge=None) -> dict:
-    """Train, evaluating and checkpointing as configured; returns the last evaluation.
-    `judge(model, tokenizer) -> float`, if given, is called at every evaluation (e.g. a win rate
-    against the reference from a reward model or a ground truth) and logged as "judge"."""
-    if opts.mode == "dpo" and opts.loss_type not in LOSS_TYPES:
-        raise InputError(f"--loss-type {opts.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+@dataclass
+class _Run:
+    """What a training run holds from its setup to its end."""
+    opts: TrainOptions
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    log: object
+    model: torch.nn.Module
+    lm: CausalLM
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    train_items: list
+    val_items: list
+    eval_index: list[int]  # the fixed training subsample evaluated
+    ref_train: torch.Tensor | None  # [n, 2] reference log-probs (DPO)
+    ref_val: torch.Tensor | None
+    ref_params: list | None  # θref for ‖θ − θref‖² (when the shapes match)
+    judge: object
+    steps_per_epoch: int
+    total_steps: int
+    state: dict
+
+
+def _setup(opts: TrainOptions, log, judge) -> _Run:
+    """Processes, models, data, the reference log-probs (computed once, cached), the judge, the
+    optimizer, and the state a checkpoint resumes."""
     rank, world = distributed()
     out = Path(opts.out)
     if (out / "metrics.jsonl").exists() and not opts.resume:
-        raise InputError(f"{out} holds an earlier run: pass --resume to continue it, or choose another --out")
+        raise InputError(f"{out} holds an earlier run: pass <resume> to continue it, or choose another <out>")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
-    device = resolve_device(opts.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = process_device(opts.device, world)
     if rank != 0:
         log = lambda message: None  # noqa: E731  rank 0 speaks for all
-    model = load_model(opts.model, dtype=torch.float32, device=device, trust_remote_code=opts.trust_remote_code,
-                       allow_pickle=opts.allow_pickle)
-    tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
-    lm = CausalLM(model)
-    limits = [m for m in (opts.max_length, lm.max_positions) if m]
-    max_length = min(limits) if limits else None
+    lm = load_lm(opts.model, opts, device, torch.float32)  # fp32 master weights
+    model, tokenizer = lm.model, load_run_tokenizer(opts, opts.model)
+    max_length = run_max_length(opts.max_length, lm)
     train_items = _load_items(opts.data, tokenizer, opts, max_length, log)
     if opts.val_data:
         val_items = _load_items(opts.val_data, tokenizer, opts, max_length, log)
@@ -254,31 +300,26 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
         train_items, val_items = _split(train_items, opts)
     eval_index = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(opts.seed + 1))
     eval_index = eval_index[:opts.eval_pairs].tolist()
-    eval_train = [train_items[i] for i in eval_index]
 
-    ref_lm, ref_params = None, None
+    ref_lm = ref_train = ref_val = None
     if opts.mode == "dpo":
-        ref_model = (load_model(opts.ref_model, dtype=torch.float32, device=device,
-                                trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle)
-                     if opts.ref_model else copy.deepcopy(model)).eval().requires_grad_(False)
-        ref_lm = CausalLM(ref_model)
-        if [p.shape for p in ref_model.parameters()] == [p.shape for p in model.parameters()]:
-            ref_params = [p.detach().clone() for p in ref_model.parameters()]
-        key = _items_key(opts.ref_model or opts.model, opts.data, opts.val_data, opts.val_fraction, opts.seed,
-                         asdict(opts.columns), max_length, opts.truncate, opts.tokenization, opts.append_eos)
+        ref_lm = load_lm(opts.ref_model, opts, device, torch.float32) if opts.ref_model else CausalLM(
+            copy.deepcopy(model))
+        ref_lm.model.eval().requires_grad_(False)
+        cache, key = out / "reference_logps.safetensors", _reference_key(opts, max_length)
         if rank == 0:  # one process computes and caches them; the others read the cache
-            _reference_logps(ref_lm, train_items + val_items, out / "reference_logps.safetensors", key)
-        _barrier(world)
-        ref_all = _reference_logps(ref_lm, train_items + val_items, out / "reference_logps.safetensors", key)
+            _reference_logps(ref_lm, train_items + val_items, cache, key)
+        barrier(world)
+        ref_all = _reference_logps(ref_lm, train_items + val_items, cache, key)
         ref_train, ref_val = ref_all[:len(train_items)], ref_all[len(train_items):]
-        ref_eval_train = ref_train[eval_index]
-    else:
-        ref_params = [p.detach().clone() for p in model.parameters()]
+    reference = ref_lm.model if ref_lm else model
+    same_shapes = [p.shape for p in reference.parameters()] == [p.shape for p in model.parameters()]
+    ref_params = [p.detach().clone() for p in reference.parameters()] if same_shapes else None
 
     if opts.judge_model and judge is None:
         from prefrank.dpo.judge import reward_model_judge
         prompts = [tokenizer.decode(it.prompt_ids, skip_special_tokens=True)
-                   for it in (val_items or eval_train)[:opts.judge_prompts]]
+                   for it in (val_items or [train_items[i] for i in eval_index])[:opts.judge_prompts]]
         judge = reward_model_judge(opts.judge_model, ref_lm.model if ref_lm else copy.deepcopy(model).eval(), prompts,
                                    max_new_tokens=opts.judge_max_new_tokens, seed=opts.seed,
                                    trust_remote_code=opts.trust_remote_code)
@@ -291,63 +332,83 @@ def train(opts: TrainOptions, log=print, judge=None) -> dict:
     # One optimizer step takes batch_size × grad_accum pairs on each of the `world` processes.
     steps_per_epoch = max(1, len(train_items) // (opts.batch_size * opts.grad_accum * world))
     total_steps = min(opts.max_steps or 10**12, steps_per_epoch * opts.epochs)
+    return _Run(opts, rank, world, device, out, log, model, lm, tokenizer, optimizer, train_items, val_items,
+                eval_index, ref_train, ref_val, ref_params, judge, steps_per_epoch, total_steps, state)
 
-    def eval_and_log(step):
-        if rank != 0:
-            return None
-        record = {"step": step, "epoch": step / steps_per_epoch, "time": time.time(),
-                  "param_sq_distance": _squared_distance(model, ref_params),
-                  "train": evaluate(lm, eval_train, ref_eval_train if ref_lm else None, opts.beta),
-                  "val": evaluate(lm, val_items, ref_val if ref_lm else None, opts.beta) if val_items else None}
-        if judge is not None:
-            model.eval()
-            record["judge"] = judge(model, tokenizer)
-            model.train()
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(f"step {step}: train ranking accuracy {record['train']['ranking_accuracy']:.3f}"
-            + (f", DPO loss {record['train']['dpo_loss']:.4f}" if ref_lm else ""))
-        return record
 
-    record = eval_and_log(0) if state["step"] == 0 else None
+def _step(run: _Run) -> float:
+    """One optimizer step (its micro-batches split among the processes); returns the last loss."""
+    opts, step = run.opts, run.state["step"]
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    order = torch.randperm(len(run.train_items), generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
+    start = in_epoch * opts.batch_size * opts.grad_accum * run.world
+    run.optimizer.zero_grad(set_to_none=True)
+    for group in run.optimizer.param_groups:
+        group["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup_steps) if opts.warmup_steps else opts.lr
     # bf16 autocast on GPU (fp32 master weights and optimizer state); fp32 on CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else contextlib.nullcontext()
+    for micro in range(opts.grad_accum):
+        first = start + (micro * run.world + run.rank) * opts.batch_size  # the ranks split each micro-batch
+        index = order[first:first + opts.batch_size].tolist()
+        batch = [run.train_items[i] for i in index]
+        with autocast:
+            if opts.mode == "dpo":
+                loss, _ = dpo_step_loss(run.lm, batch, run.ref_train[index, 0], run.ref_train[index, 1], opts)
+            else:
+                loss, _ = sft_step_loss(run.lm, batch)
+        (loss / opts.grad_accum).backward()
+    if run.world > 1:
+        _average_gradients(run.model, run.world)
+    run.optimizer.step()
+    run.state["step"] = step + 1
+    return loss.item()
+
+
+def _evaluate(run: _Run) -> dict | None:
+    """Rank 0: one line of metrics.jsonl for the current step (the others return None)."""
+    if run.rank != 0:
+        return None
+    step, opts = run.state["step"], run.opts
+    eval_train = [run.train_items[i] for i in run.eval_index]
+    ref_eval = run.ref_train[run.eval_index] if run.ref_train is not None else None
+    record = {"step": step, "epoch": step / run.steps_per_epoch, "time": time.time(),
+              "param_sq_distance": _squared_distance(run.model, run.ref_params),
+              "train": evaluate(run.lm, eval_train, ref_eval, opts),
+              "val": evaluate(run.lm, run.val_items, run.ref_val, opts) if run.val_items else None}
+    if run.judge is not None:
+        run.model.eval()
+        record["judge"] = run.judge(run.model, run.tokenizer)
+        run.model.train()
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    run.log(f"step {step}: train ranking accuracy {record['train']['ranking_accuracy']:.3f}"
+            + (f", DPO loss {record['train']['dpo_loss']:.4f}" if ref_eval is not None else ""))
+    return record
+
+
+def train(opts: TrainOptions, log=print, judge=None) -> dict:
+    """Train, evaluating and checkpointing as configured; returns the last evaluation.
+    `judge(model, tokenizer) -> float`, if given, is called at every evaluation (e.g. a win rate
+    against the reference from a reward model or a ground truth) and logged as "judge"."""
+    run = _setup(opts, log, judge)
+    record = _evaluate(run) if run.state["step"] == 0 else None
+    run.model.train()
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", disable=None if rank == 0 else True)
-    while state["step"] < total_steps:
-        step = state["step"]
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
-        start = in_epoch * opts.batch_size * opts.grad_accum * world
-        optimizer.zero_grad(set_to_none=True)
-        for group in optimizer.param_groups:
-            group["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup_steps) if opts.warmup_steps else opts.lr
-        for micro in range(opts.grad_accum):
-            first = start + (micro * world + rank) * opts.batch_size  # the ranks split each micro-batch
-            index = order[first:first + opts.batch_size].tolist()
-            batch = [train_items[i] for i in index]
-            with autocast:
-                if opts.mode == "dpo":
-                    loss, _ = dpo_step_loss(lm, batch, ref_train[index, 0], ref_train[index, 1], opts)
-                else:
-                    loss, _ = sft_step_loss(lm, batch)
-            (loss / opts.grad_accum).backward()
-        if world > 1:
-            _average_gradients(model, world)
-        optimizer.step()
-        state["step"] = step + 1
+    bar = tqdm(total=run.total_steps, initial=run.state["step"], unit="step", disable=None if run.rank == 0 else True)
+    while run.state["step"] < run.total_steps:
+        loss = _step(run)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if state["step"] % opts.eval_every == 0 or state["step"] == total_steps:
-            record = eval_and_log(state["step"])
-            if rank == 0:
-                save_checkpoint(out, model, tokenizer, optimizer, {**state, "options": asdict(opts)})
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if run.state["step"] % opts.eval_every == 0 or run.state["step"] == run.total_steps:
+            record = _evaluate(run)
+            if run.rank == 0:
+                save_checkpoint(run.out, run.model, run.tokenizer, run.optimizer,
+                                {**run.state, "options": asdict(opts)})
     bar.close()
-    if rank == 0:
-        model.save_pretrained(out / "final")
-        tokenizer.save_pretrained(out / "final")
-    _barrier(world)
+    if run.rank == 0:
+        run.model.save_pretrained(run.out / "final")
+        run.tokenizer.save_pretrained(run.out / "final")
+    barrier(run.world)
     return record
 
 

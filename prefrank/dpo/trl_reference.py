@@ -117,22 +117,25 @@ def data_digest(dataset) -> str:
 
 def score_rows(lm, collate, rows: list[dict], max_length: int | None):
     """One part's columns and statistics: the reference log-probs of the tokens TRL scores (0 for
-    a sequence with none), their counts, whether the collator truncated the row."""
+    a sequence with none), their counts, whether the collator truncated the row (the columns the
+    token ids do not tell, such as alpha, are null)."""
+    start = time.perf_counter()
     pairs = collate_pairs(collate, rows)
     logps = torch.zeros(2 * len(rows), dtype=torch.float64)
-    scores = score(lm, pairs.items, budget=BUDGET) if pairs.items else None
-    if scores is not None:
-        logps[torch.tensor(pairs.sequence)] = scores.logps
+    sums = score(lm, pairs.items, budget=BUDGET) if pairs.items else None
+    if sums is not None:
+        logps[torch.tensor(pairs.sequence)] = sums.logps
     logps, tokens = logps.view(-1, 2).tolist(), torch.tensor(pairs.tokens).view(-1, 2).tolist()
     truncated = [max_length is not None and len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
                  > max_length for r in rows]
-    columns = {"id": [row_digest(r) for r in rows], "logp_chosen": [v[0] for v in logps],
-               "logp_rejected": [v[1] for v in logps], "n_chosen": [n[0] for n in tokens],
-               "n_rejected": [n[1] for n in tokens], "alpha": [None] * len(rows), "truncated": truncated,
-               "status": ["ok"] * len(rows), "error": [None] * len(rows)}
+    columns = {f.name: [None] * len(rows) for f in SCHEMA}
+    columns.update({"id": [row_digest(r) for r in rows], "logp_chosen": [v[0] for v in logps],
+                    "logp_rejected": [v[1] for v in logps], "n_chosen": [n[0] for n in tokens],
+                    "n_rejected": [n[1] for n in tokens], "truncated": truncated, "status": ["ok"] * len(rows)})
     stats = {"rows": len(rows), "ok": len(rows), "errors": 0, "truncated": sum(truncated), "boundary_moved": 0,
-             "real_tokens": scores.counts.real if scores else 0, "padded_tokens": scores.counts.padded if scores else 0,
-             "methods": {scores.method: 1} if scores else {}, "first_error": None}
+             "real_tokens": sums.counts.real if sums else 0, "padded_tokens": sums.counts.padded if sums else 0,
+             "methods": {sums.method: 1} if sums else {}, "seconds": time.perf_counter() - start,
+             "first_error": None}
     return columns, stats
 
 
@@ -148,7 +151,7 @@ def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world
         parts.prepare({"key": sidecar["key"]}, sidecar, resume=True)
     barrier()
     bar = tqdm(total=total, unit="pair", desc="prefrank: reference log-probs", disable=None if rank == 0 else True)
-    start, n_chunks = time.perf_counter(), 0
+    n_chunks = 0
     for c, rows in enumerate(chunks(dataset)):
         n_chunks = c + 1
         if c % world == rank and not parts.is_complete(c, [row_digest(r) for r in rows]):
@@ -159,7 +162,7 @@ def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world
     parts.mark_done(rank, n_chunks)
     barrier()
     if rank == 0:
-        parts.merge(SCHEMA, seconds=time.perf_counter() - start)
+        parts.merge(SCHEMA)
     barrier()
 
 
@@ -186,7 +189,9 @@ def reference_from_table(path, row_ids: list[str], rows: list[int], tokens: list
     needed = {"id", "status", "error", "n_chosen", "n_rejected", f"{prefix}logp_chosen", f"{prefix}logp_rejected"}
     if not needed <= names:
         raise ValueError(f"ref_scores {path}: not a prefrank score table (missing {', '.join(sorted(needed - names))})")
-    table = read_table(path, (f"{prefix}logp_chosen", f"{prefix}logp_rejected"))
+    # a table of votes may have swapped a pair to the raters' choice; TRL trains the columns as given
+    table = read_table(path, (f"{prefix}logp_chosen", f"{prefix}logp_rejected") + (
+        ("reoriented",) if "reoriented" in names else ()))
     if len(table["id"]) != len(row_ids):
         raise ValueError(f"ref_scores {path}: {len(table['id'])} rows for a dataset of {len(row_ids)}: "
                          f"the table must hold the dataset's rows, in order")
@@ -199,6 +204,10 @@ def reference_from_table(path, row_ids: list[str], rows: list[int], tokens: list
         if table["status"][r] != "ok":
             raise ValueError(f"ref_scores {path}: row {r} (id {row_ids[r]!r}) is an error row in the table "
                              f"({table['error'][r]}), and TRL trains on it")
+        if table.get("reoriented", [None] * len(row_ids))[r]:
+            raise ValueError(f"ref_scores {path}: row {r} (id {row_ids[r]!r}) was reoriented to its raters' choice "
+                             f"(its chosen is the data's rejected), and TRL trains on chosen as given: score the "
+                             f"table with --keep-column-order")
         if (table["n_chosen"][r], table["n_rejected"][r]) != (n_c, n_r):
             raise ValueError(f"ref_scores {path}: row {r} (id {row_ids[r]!r}) scored {table['n_chosen'][r]} chosen / "
                              f"{table['n_rejected'][r]} rejected tokens where TRL scores {n_c} / {n_r}: score the "

@@ -25,7 +25,6 @@ Same datasets, collator, reference handling and logged metrics as DPOTrainer; wh
 import functools
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,9 +36,9 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from prefrank import __version__
-from prefrank.data import InputError
 from prefrank.dpo import trl_reference
 from prefrank.dpo.loss import fused_linear_dpo_loss
+from prefrank.errors import InputError
 from prefrank.models import CausalLM
 from prefrank.scoring import completion_hidden, resolve_method, score, unsupported
 

@@ -1,0 +1,106 @@
+"""Named column mappings (presets) for published preference datasets, and their detection.
+
+A preset is nothing but the keyword arguments of a `prefrank.data.Columns` for one dataset's
+published schema; `data.read_examples` picks one from the columns of the first row when asked to
+(`--format auto`, the CLI's default when no column option is given), or uses the one named with
+`--format NAME`. A preset whose `detect` is None is never picked automatically: its mapping is the
+default one (HH, GPT-J), or another preset of the same dataset is the automatic choice (PKU-SafeRLHF
+picks better_response_id; `pku-saferlhf-safer` reads safer_response_id). The first preset (in this
+order) whose `detect` columns are all in the first row wins, so the more specific schemas come first.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    source: str  # where the dataset is published
+    columns: dict  # Columns fields
+    detect: tuple[str, ...] | None  # first-row columns that select it (None: only with --format)
+    note: str = ""  # what the mapping decides
+
+
+# AlpacaFarm's human annotations and cross-annotations: one vote per row, grouped into pairs
+_ALPACA_VOTES = dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
+                     vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"])
+_MT = dict(chosen="conversation_a", rejected="conversation_b", votes=["winner"], vote_coding="names", turn="turn")
+
+PRESETS = {
+    "anthropic-hh": Preset(
+        "Anthropic/hh-rlhf", {}, None,
+        "implicit: chosen/rejected transcripts, the prompt their shared prefix up to the last Assistant: (no votes)"),
+    "synthetic-instruct-gptj-pairwise": Preset(
+        "Dahoas/synthetic-instruct-gptj-pairwise", {}, None, "explicit prompt/chosen/rejected strings (no votes)"),
+    "pandalm": Preset(
+        "WeOpenML/PandaLM testset-v1.json",
+        dict(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",
+             votes=["annotator1", "annotator2", "annotator3"], vote_coding="1/2"),
+        ("instruction", "input", "response1", "response2", "annotator1", "annotator2", "annotator3"),
+        "three raters per pair: 1 = response1, 2 = response2, 0 = tie"),
+    "shp": Preset(
+        "stanfordnlp/SHP",
+        dict(prompt=["history"], chosen="human_ref_A", rejected="human_ref_B", votes=["labels"], vote_coding="1/0"),
+        ("history", "human_ref_A", "human_ref_B", "labels"), "labels: 1 = A preferred, 0 = B"),
+    "llmbar": Preset(
+        "princeton-nlp/LLMBar",
+        dict(prompt=["input"], chosen="output_1", rejected="output_2", votes=["label"], vote_coding="1/2"),
+        ("input", "output_1", "output_2", "label"), "label: 1 = output_1, 2 = output_2"),
+    "pku-saferlhf": Preset(
+        "PKU-Alignment/PKU-SafeRLHF",
+        dict(prompt=["prompt"], chosen="response_0", rejected="response_1", votes=["better_response_id"],
+             vote_coding="0/1"),
+        ("prompt", "response_0", "response_1", "better_response_id"),
+        "the helpfulness preference: better_response_id 0 = response_0, 1 = response_1"),
+    "pku-saferlhf-safer": Preset(
+        "PKU-Alignment/PKU-SafeRLHF",
+        dict(prompt=["prompt"], chosen="response_0", rejected="response_1", votes=["safer_response_id"],
+             vote_coding="0/1"),
+        None, "the harmlessness preference: safer_response_id 0 = response_0, 1 = response_1"),
+    "alpacafarm-cross-annotations": Preset(
+        "tatsu-lab/alpaca_eval alpaca_farm_human_crossannotations", _ALPACA_VOTES,
+        ("instruction", "output_1", "output_2", "preference", "annotator_index"),
+        "one vote per row (preference 1 = output_1, 2 = output_2), grouped into pairs"),
+    "alpacafarm-human-annotations": Preset(
+        "tatsu-lab/alpaca_eval alpaca_farm_human_annotations", _ALPACA_VOTES,
+        ("instruction", "output_1", "output_2", "preference", "annotator"),
+        "one vote per row (preference 1 = output_1, 2 = output_2), grouped into pairs"),
+    "alpacafarm-human-preference": Preset(
+        "tatsu-lab/alpaca_farm alpaca_human_preference",
+        dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
+             vote_coding="1/2"),
+        ("instruction", "input", "output_1", "output_2", "preference"),
+        "one vote per pair: preference 1 = output_1, 2 = output_2"),
+    "chatbot-arena-conversations": Preset(
+        "lmsys/chatbot_arena_conversations", dict(_MT, id="question_id"),
+        ("conversation_a", "conversation_b", "winner", "anony"),
+        "one battle per row; winner model_a / model_b / tie / tie (bothbad); the whole conversation after the "
+        "shared leading messages is scored"),
+    "mt-bench-human-judgments": Preset(
+        "lmsys/mt_bench_human_judgments (split human)",
+        dict(_MT, group_by=["question_id", "turn", "model_a+model_b"]),
+        ("question_id", "model_a", "model_b", "winner", "judge", "conversation_a", "conversation_b", "turn"),
+        "one vote per row, grouped by question, turn and model pair (either order); conversations cut after "
+        "the judged turn"),
+    "ultrafeedback-binarized": Preset(
+        "HuggingFaceH4/ultrafeedback_binarized",
+        dict(prompt=[], id="prompt_id"),
+        ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+        "chosen/rejected message lists, the prompt their shared leading messages; score_chosen/score_rejected "
+        "are not read"),
+    "ultrafeedback": Preset(
+        "openbmb/UltraFeedback",
+        dict(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score"),
+        ("instruction", "completions"), "K completions, scored by overall_score (higher is better)"),
+    "stack-exchange-preferences": Preset(
+        "HuggingFaceH4/stack-exchange-preferences",
+        dict(prompt=["question"], completions="answers.text", human_scores="answers.pm_score", id="qid"),
+        ("qid", "question", "answers"), "K answers, scored by pm_score (higher is better)"),
+    "nectar": Preset(
+        "berkeley-nest/Nectar",
+        dict(prompt=["prompt"], completions="answers.answer", human_scores="answers.rank", scores_order="lower-better"),
+        ("prompt", "answers", "turns"), "K answers, ranked by rank (1 is best)"),
+}
+
+
+def detect(row: dict) -> str | None:
+    """The first preset whose detection columns are all in `row`, or None."""
+    return next((name for name, p in PRESETS.items() if p.detect and all(c in row for c in p.detect)), None)
