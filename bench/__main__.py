@@ -2,12 +2,13 @@
 
   python -m bench --suite cpu    scoring (packed and kv vs naive vs TRL-style, K = 2 and 4, stories260K
                                  and an 11M Llama), scaling with prompt share, vocabulary and length,
-                                 C++ log-probs, fused DPO loss vs naive and Liger, streaming memory
-                                 (needs ../shared)
+                                 C++ log-probs, fused DPO loss vs naive and Liger, streaming memory,
+                                 PrefrankDPOTrainer vs TRL's DPOTrainer (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
                                  to end (random-init Llama 3.2 1B and 3.1 8B shapes, bf16, HH lengths:
                                  as is, prompt-heavy, completion-heavy) against naive (eager and with
-                                 compiled blocks), TRL-style, Liger, CCE
+                                 compiled blocks), TRL-style, Liger, CCE; PrefrankDPOTrainer vs TRL's
+                                 DPOTrainer (1B shapes)
 
 Each benchmark writes its JSON into bench/results/ (or --out-dir); bench/RESULTS.md records the
 figures with their command, machine and date. Every module also runs alone: python -m bench.NAME.
@@ -23,12 +24,14 @@ SUITES = {
             ("dpo_loss", []),
             ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),
             ("scaling", ["--pairs", "32"]),
-            ("streaming", ["--sizes", "10000,100000"])],
+            ("streaming", ["--sizes", "10000,100000"]),
+            ("trl", ["--pairs", "128", "--batches", "4", "--reps", "3"])],
     "gpu": [("ops_gpu", []),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "128", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256", "--compile"]),
-            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2", "--compile"])],
+            ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2", "--compile"]),
+            ("trl", ["--config", "llama-3.2-1b", "--pairs", "512", "--batches", "8", "--max-length", "2048"])],
 }
 
 

@@ -91,13 +91,15 @@ def cuda_peak_mb(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def flop_ideal(lm, items) -> float:
+def flop_ideal(lm, items, head_everywhere: bool = True) -> float:
     """Naive's FLOPs over the least any method needs to score `items`, counting the matmuls and the
     attention's (query, key) products: naive runs prompt + completion per completion, causal
     attention and the head at every position; the least is the prompt once, each completion but
     its last token attending to the prompt and itself, and the head at the completion tokens only.
     The ratio a method reaches at naive's efficiency (per FLOP); the token ratio ignores that
-    attention over the prompt is not shared and that naive's head runs at prompt positions."""
+    attention over the prompt is not shared and that naive's head runs at prompt positions.
+    `head_everywhere=False`: the baseline's head runs at the completion tokens only (TRL's fused
+    head on a GPU)."""
     vocab, d = lm.weight.shape
     layers = lm.config.get_text_config().num_hidden_layers
     linear, width = 2 * lm.matmul_params_per_layer, lm.attention_width  # per token and layer
@@ -107,6 +109,7 @@ def flop_ideal(lm, items) -> float:
         least += layers * (linear * p + 2 * width * p * p)
         for completion in it.completion_ids:
             t, n = p + len(completion), len(completion) - 1
-            naive += layers * (linear * t + 2 * width * t * t) + 2 * vocab * d * t
+            head_rows = t if head_everywhere else len(completion)
+            naive += layers * (linear * t + 2 * width * t * t) + 2 * vocab * d * head_rows
             least += layers * (linear * n + 4 * width * n * p + 2 * width * n * n) + 2 * vocab * d * len(completion)
     return naive / least

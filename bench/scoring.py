@@ -58,6 +58,16 @@ def k_completions(items, k: int, max_length: int):
     return out
 
 
+def llama_11m():
+    """A random-init 11M-parameter Llama: hidden 384, 6 layers, intermediate 1024, stories260K's
+    512-token vocabulary and 512 positions (matmul-bound, like real models)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                                        num_attention_heads=6, num_key_value_heads=6,
+                                        max_position_embeddings=512)).eval()
+
+
 def _selective_log_softmax():
     """TRL's selective_log_softmax when trl is installed (what most users run), else log_softmax + gather."""
     try:
@@ -106,11 +116,7 @@ def main(argv=None):
     if args.model == "stories260K":
         model = load_model(model_path, dtype=torch.float32, device=torch.device("cpu"))
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1024,
-                                             num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
-                                             max_position_embeddings=512)).eval()
+        model = llama_11m()
     lm = CausalLM(model)
     items = k_completions(load_pairs(args.pairs, tokenizer, lm.max_positions), args.k, lm.max_positions)
     prompt = sum(len(it.prompt_ids) for it in items)

@@ -262,6 +262,36 @@ def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[
                        as_tensor(targets), as_tensor(owner), as_tensor(rank))
 
 
+def completion_hidden(lm, items: list[Tokenized], method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For training: the hidden state that predicts each completion token of `items`, each prompt
+    run once, in one batch, differentiable w.r.t. the model (no inference mode). `method` is
+    "packed" (one forward under the block mask) or "kv" (the prompt pass, then one continuation
+    pass from its cache: gradients flow back through the shared prompt). Returns hidden [N, d],
+    targets [N] (the predicted ids) and completion [N] (each token's completion, flattened in item
+    order: item 0's completions first)."""
+    if method == "packed":
+        packed = packed_layout(lm, items, list(range(len(items))), packed_rows(items))
+        hidden = lm.hidden(packed.ids, packed.mask, packed.positions).flatten(0, 1)
+        return hidden[packed.source], packed.targets, packed.owner
+    if method != "kv":
+        raise ValueError(f"method {method!r}: completion_hidden takes packed or kv")
+    owner, completions = _flatten(items)
+    prompt_batch, last_hidden = prompt_pass(lm, [it.prompt_ids for it in items])
+    as_tensor = lambda values: torch.tensor(values, device=lm.device)  # noqa: E731
+    # token 0 of every completion is predicted by its prompt's last position
+    hidden, targets = [last_hidden[as_tensor(owner)]], [as_tensor([c[0] for c in completions])]
+    which = [as_tensor(range(len(completions)))]
+    longer = [s for s, c in enumerate(completions) if len(c) > 1]
+    if longer:
+        cont_hidden, cont_targets = continuation_pass(lm, [prompt_batch], [(0, owner[s]) for s in longer],
+                                                      [completions[s] for s in longer])
+        keep = cont_targets.flatten() != IGNORE_INDEX
+        hidden.append(cont_hidden.flatten(0, 1)[keep])
+        targets.append(cont_targets.flatten()[keep])
+        which.append(as_tensor(longer).repeat_interleave(cont_hidden.shape[1])[keep])
+    return torch.cat(hidden), torch.cat(targets), torch.cat(which)
+
+
 def _next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """[B, T - 1] fp32 log-probs of ids[:, 1:] under logits [B, T, V]: log_softmax and gather."""
     return torch.log_softmax(logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None]).squeeze(2)

@@ -153,3 +153,26 @@ def test_light_dpo_loss_and_errors():
     h, w, b, t, seq, rw, rl = make_case()
     with pytest.raises(ValueError, match="reference"):
         fused_linear_dpo_loss(h, w, t, seq)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_sequence_stats_equal_float64(softcap):
+    """The per-sequence token statistics (what trainers log beside the loss) against float64 full
+    logits: entropy, mean logit, target is the argmax; chunks of one pair each."""
+    h, w, b, targets, seq, ref_w, ref_l = make_case(n_pairs=4, dtype=torch.float64)
+    hit = (targets != IGNORE) & (torch.arange(len(targets)) % 3 == 0)
+    targets[hit] = (h @ w.T + b).argmax(-1)[hit]  # some targets are the argmax
+    _, metrics = fused_linear_dpo_loss(h, w, targets, seq, bias=b, ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
+                                       softcap=softcap, chunk_bytes=1, sequence_stats=True)
+    z = h @ w.T + b
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, -1)
+    per_token = {"tokens": torch.ones(len(z), dtype=torch.float64), "entropy": -(logp.exp() * logp).sum(-1),
+                 "logits": z.mean(-1), "top1": (z.argmax(-1) == targets).double(),
+                 "logps": logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)}
+    keep = targets != IGNORE
+    for name, values in per_token.items():
+        expected = torch.stack([values[keep & (seq == s)].sum() for s in range(8)]).view(-1, 2)
+        torch.testing.assert_close(metrics[f"sequence_{name}"], expected, rtol=1e-12, atol=1e-12, msg=name)
+    assert metrics["sequence_top1"].sum() > 0

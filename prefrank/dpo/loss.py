@@ -80,6 +80,7 @@ class _Config:
     temperature: float
     ignore_index: int
     chunk_bytes: int | None
+    token_stats: bool  # also the per-sequence token statistics (fused_linear_dpo_loss's sequence_stats)
 
 
 def _pair_chunks(pair_of_row: torch.Tensor, budget: int) -> list[slice]:
@@ -95,8 +96,25 @@ def _pair_chunks(pair_of_row: torch.Tensor, budget: int) -> list[slice]:
     return chunks
 
 
+def _token_stats(logits, targets, lse, seq, n_seq: int, acc) -> torch.Tensor:
+    """[3, n_seq] sums by sequence of each token's entropy of its next-token distribution, its mean
+    logit over the vocabulary, and whether its target is the (first) argmax; in row slices, so the
+    temporaries stay a quarter of the chunk."""
+    out = torch.zeros(3, n_seq, dtype=acc, device=logits.device)
+    step = max(1, logits.shape[0] // 4)
+    for start in range(0, logits.shape[0], step):
+        z = upcast(logits[start:start + step])
+        p = torch.exp(z - lse[start:start + step, None].to(z.dtype))
+        values = (lse[start:start + step].to(z.dtype) - (p * z).sum(-1), z.mean(-1),
+                  z.argmax(-1) == targets[start:start + step])
+        for k, v in enumerate(values):
+            out[k] += sum_by_sequence(v.to(acc), seq[start:start + step], n_seq)
+    return out
+
+
 def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _Config, need_grads: bool):
-    """Loss (mean over pairs), policy sequence log-probs [2B], and the gradients of the loss."""
+    """Loss (mean over pairs), policy sequence log-probs [2B], the token statistics [4, 2B] (token
+    counts, then _token_stats; None unless cfg.token_stats), and the gradients of the loss."""
     n_seq = ref_logps.shape[0]
     n_pairs = n_seq // 2
     rows = torch.nonzero(targets != cfg.ignore_index).squeeze(1)
@@ -108,6 +126,7 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
     acc = upcast(hidden[:0]).dtype  # fp32 math for half inputs, float64 stays float64
     policy = torch.zeros(n_seq, dtype=acc, device=hidden.device)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
+    stats = torch.zeros(3, n_seq, dtype=acc, device=hidden.device) if cfg.token_stats else None
     head = ops.head_for(hidden, weight, bias, softcap=cfg.softcap, temperature=cfg.temperature,
                         chunk_bytes=cfg.chunk_bytes)
     grad_h, grad_w, grad_b = head.new_grads(hidden, need_grads, need_grads, need_grads and bias is not None)
@@ -116,6 +135,8 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
         h = hidden[r]
         logits = head.logits(h)
         token_logp, lse = head.logprobs(logits, t)
+        if stats is not None:
+            stats += _token_stats(logits, t, lse, s, n_seq, acc)
         # the loss of this chunk's pairs, and its gradient w.r.t. their sequence log-probs
         pairs = torch.unique(s // 2)
         seq_logp = sum_by_sequence(token_logp.to(acc), s, n_seq)[torch.stack([2 * pairs, 2 * pairs + 1])].detach()
@@ -132,22 +153,25 @@ def _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg: _
             d_token = torch.zeros(n_seq, dtype=acc, device=hidden.device)
             d_token[2 * pairs], d_token[2 * pairs + 1] = d_seq[0], d_seq[1]
             head.backward_(logits, t, lse, d_token[s], h, [grad_h, grad_w, grad_b], r)
-    return loss, policy, grad_h, grad_w, grad_b
+    if stats is not None:
+        stats = torch.cat([counts.to(acc)[None], stats])
+    return loss, policy, stats, grad_h, grad_w, grad_b
 
 
 class _FusedLinearDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, seq_ids, ref_logps, cfg):
-        loss, policy, *grads = _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg,
-                                                  need_grads=any(ctx.needs_input_grad[:3]))
+        loss, policy, stats, *grads = _forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, cfg,
+                                                         need_grads=any(ctx.needs_input_grad[:3]))
         ctx.grads = _cast_grads(grads, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, targets, seq_ids, ref_logps)  # only for a second backward
         ctx.cfg = cfg
-        ctx.mark_non_differentiable(policy)
-        return loss, policy
+        stats = policy.new_zeros(0) if stats is None else stats
+        ctx.mark_non_differentiable(policy, stats)
+        return loss, policy, stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_policy):
+    def backward(ctx, grad_loss, _grad_policy, _grad_stats):
         # Hand the gradients over and drop our reference: autograd then keeps them as .grad
         # instead of copying them (a [V, d] fp32 copy is 0.5 GB at a 128k vocabulary). A second
         # backward through the same graph (retain_graph) recomputes them.
@@ -155,7 +179,7 @@ class _FusedLinearDPO(torch.autograd.Function):
         if grads is None:
             hidden, weight, bias, targets, seq_ids, ref_logps = ctx.saved_tensors
             grads = _cast_grads(_forward_and_grads(hidden, weight, bias, targets, seq_ids, ref_logps, ctx.cfg,
-                                                   need_grads=True)[2:], weight, bias)
+                                                   need_grads=True)[3:], weight, bias)
         if grad_loss.item() != 1.0:  # e.g. a loss scaled before backward
             grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return *grads, None, None, None, None
@@ -187,7 +211,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                           ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta: float = 0.1,
                           loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
                           softcap: float | None = None, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                          chunk_bytes: int | None = None, return_metrics: bool = True):
+                          chunk_bytes: int | None = None, return_metrics: bool = True, sequence_stats: bool = False):
     """DPO-family loss from the policy's final hidden states, differentiable w.r.t. hidden, weight and bias.
 
     hidden: [N, d] with sequence_ids [N] (2i: chosen of pair i, 2i + 1: rejected; prompt and padding
@@ -195,7 +219,12 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     targets: next-token ids aligned with hidden (int64). The reference: precomputed sums
     ref_chosen_logps / ref_rejected_logps [B], or ref_hidden (+ ref_weight, ref_bias; same layout).
     Head: z = (hidden @ weight.T + bias) / temperature, softcap·tanh(z / softcap) if softcap.
-    Returns (loss, metrics) (metrics: see dpo_metrics), or the loss alone.
+    Returns (loss, metrics) (metrics: see dpo_metrics), or the loss alone. With sequence_stats the
+    metrics also hold, per pair and sequence ([B, 2] float tensors, column 0 chosen, detached): the
+    policy's "sequence_logps"; its "sequence_tokens" (target tokens); and sums over its tokens of
+    the entropy of the next-token distribution ("sequence_entropy"), of the mean logit over the
+    vocabulary ("sequence_logits") and of whether the target is the (first) argmax
+    ("sequence_top1"), computed from the logits the loss computes anyway (what trainers log).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
@@ -216,12 +245,18 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
             raise ValueError(f"{ref_logps.shape[0] // 2} reference pairs for {n_pairs} policy pairs")
     else:
         raise ValueError("pass the reference as ref_chosen_logps and ref_rejected_logps, or as ref_hidden")
-    cfg = _Config(beta, loss_type, label_smoothing, gamma, softcap, temperature, ignore_index, chunk_bytes)
-    loss, policy = _FusedLinearDPO.apply(flat_h, weight, bias, flat_t, seq, ref_logps, cfg)
+    cfg = _Config(beta, loss_type, label_smoothing, gamma, softcap, temperature, ignore_index, chunk_bytes,
+                  sequence_stats)
+    loss, policy, stats = _FusedLinearDPO.apply(flat_h, weight, bias, flat_t, seq, ref_logps, cfg)
     if not return_metrics:
         return loss
-    return loss, dpo_metrics(policy[0::2], policy[1::2], ref_logps[0::2].to(policy.dtype),
-                             ref_logps[1::2].to(policy.dtype), beta)
+    metrics = dpo_metrics(policy[0::2], policy[1::2], ref_logps[0::2].to(policy.dtype),
+                          ref_logps[1::2].to(policy.dtype), beta)
+    if sequence_stats:
+        metrics["sequence_logps"] = policy.view(-1, 2)
+        for name, values in zip(("tokens", "entropy", "logits", "top1"), stats):
+            metrics[f"sequence_{name}"] = values.view(-1, 2)
+    return loss, metrics
 
 
 class FusedLinearDPOLoss(torch.nn.Module):

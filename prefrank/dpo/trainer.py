@@ -34,7 +34,7 @@ from prefrank.models import CausalLM, LoadOptions
 from prefrank.options import option, options, positive_float, positive_int, row_options
 from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, process_device
 from prefrank.runtime import max_length as run_max_length
-from prefrank.scoring import continuation_pass, prompt_pass, score
+from prefrank.scoring import completion_hidden, score
 from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 OPTIMIZERS = ("adamw", "rmsprop")
@@ -100,27 +100,15 @@ class TrainOptions(LoadOptions, TokenizeOptions):
 # ---------------------------------------------------------------- one step's loss
 
 def dpo_step_loss(lm: CausalLM, items, ref_chosen, ref_rejected, opts: TrainOptions):
-    """The DPO loss of a batch of pairs with each prompt run once: rows for every completion token
-    (the first from the prompt's last hidden state, the others from the continuation pass), then
-    the fused loss on them. Differentiable w.r.t. every model parameter."""
-    prompt_batch, last_hidden = prompt_pass(lm, [it.prompt_ids for it in items])
-    completions = [(i, k, c) for i, it in enumerate(items) for k, c in enumerate(it.completion_ids)]
-    seq_of = lambda i, k: 2 * i + k  # noqa: E731  chosen of pair i: 2i, rejected: 2i + 1
-    rows = [last_hidden[[i for i, _, _ in completions]]]
-    targets = [torch.tensor([c[0] for _, _, c in completions], device=lm.device)]
-    seq_ids = [torch.tensor([seq_of(i, k) for i, k, _ in completions], device=lm.device)]
-    longer = [(i, k, c) for i, k, c in completions if len(c) > 1]
-    if longer:
-        hidden, cont_targets = continuation_pass(lm, [prompt_batch], [(0, i) for i, _, _ in longer],
-                                                 [c for _, _, c in longer])
-        rows.append(hidden.flatten(0, 1))
-        targets.append(cont_targets.flatten())
-        seq_ids.append(torch.tensor([seq_of(i, k) for i, k, _ in longer], device=lm.device)
-                       .repeat_interleave(hidden.shape[1]))
-    return fused_linear_dpo_loss(torch.cat(rows), lm.weight, torch.cat(targets), torch.cat(seq_ids),
-                                 bias=lm.bias, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-                                 beta=opts.beta, loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
-                                 gamma=opts.gamma, softcap=lm.softcap, temperature=lm.temperature)
+    """The DPO loss of a batch of pairs with each prompt run once: the prompt pass, then both
+    completions continued from its KV cache (scoring.completion_hidden), then the fused loss on
+    the completion tokens' hidden states. Differentiable w.r.t. every model parameter."""
+    # completions are flattened in item order: chosen of pair i is 2i, its rejected 2i + 1
+    hidden, targets, sequence = completion_hidden(lm, items, "kv")
+    return fused_linear_dpo_loss(hidden, lm.weight, targets, sequence, bias=lm.bias, ref_chosen_logps=ref_chosen,
+                                 ref_rejected_logps=ref_rejected, beta=opts.beta, loss_type=opts.loss_type,
+                                 label_smoothing=opts.label_smoothing, gamma=opts.gamma, softcap=lm.softcap,
+                                 temperature=lm.temperature)
 
 
 def sft_step_loss(lm: CausalLM, items):
