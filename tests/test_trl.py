@@ -330,8 +330,9 @@ def test_precompute_resumes_after_kill_9(tmp_path, monkeypatch):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len(list(parts.glob("*.parts/part-*.parquet")))
-    assert written >= 8 and not list(parts.glob("*.parquet")), "killed before the end, with parts on disk"
+    # a part counts once its record is written too (a kill between the two leaves it to be rescored)
+    written = sum(p.with_suffix(".json").exists() for p in parts.glob("*.parts/part-*.parquet"))
+    assert written >= 7 and not list(parts.glob("*.parquet")), "killed before the end, with parts on disk"
 
     monkeypatch.setattr(trl_reference, "CHUNK_ROWS", 2)
     real, scored = trl_reference.score_rows, []
