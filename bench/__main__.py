@@ -9,6 +9,8 @@
                                  as is, prompt-heavy, completion-heavy) against naive (eager and with
                                  compiled blocks), TRL-style, Liger, CCE; PrefrankDPOTrainer vs TRL's
                                  DPOTrainer (1B shapes)
+  python -m bench --suite multi-gpu   tensor-parallel scoring (Llama 3.1 8B shapes) on 2 GPUs as one
+                                 tensor-parallel group vs two single-model ranks
 
 Each benchmark writes its JSON into bench/results/ (or --out-dir); bench/RESULTS.md records the
 figures with their command, machine and date. Every module also runs alone: python -m bench.NAME.
@@ -32,6 +34,7 @@ SUITES = {
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2", "--compile"]),
             ("trl", ["--config", "llama-3.2-1b", "--pairs", "512", "--batches", "8", "--max-length", "2048"])],
+    "multi-gpu": [("tensor_parallel", ["--gpus", "2", "--config", "llama-3.1-8b", "--pairs", "192"])],
 }
 
 

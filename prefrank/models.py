@@ -88,12 +88,17 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
 
 
 def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, distributed_config=None):
+    """The model at `path`, in eval mode, on `device`; with a transformers `distributed_config`,
+    sharded by the model's tensor-parallel plan, each process loading only its shards onto its own
+    device (LOCAL_RANK's GPU, or the CPU)."""
     from transformers import AutoModelForCausalLM
     _check_source(path, "model")
+    sharding = {} if distributed_config is None else {"distributed_config": distributed_config}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
+            **sharding)
     except Exception as e:
         message = " ".join(str(e).split())
         if "trust_remote_code" in message:
@@ -103,7 +108,7 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
         else:
             hint = ""
         raise InputError(f"cannot load model {path!r}{hint}: {type(e).__name__}: {message}") from None
-    return model.to(device).eval()
+    return (model if sharding else model.to(device)).eval()
 
 
 def fingerprint(path: str) -> dict[str, dict]:
@@ -143,6 +148,15 @@ def cache_argument(forward) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def _gathered(param):
+    """A DTensor parameter's full value as a plain tensor on this process's device (else itself)."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(param, DTensor):
+        return param
+    with torch.no_grad():
+        return param.full_tensor()
+
+
 class CausalLM:
     """A Hugging Face causal LM seen as decoder + output head.
 
@@ -157,7 +171,10 @@ class CausalLM:
         head = model.get_output_embeddings()
         if head is None or not isinstance(head, torch.nn.Linear):
             raise InputError(f"{type(model).__name__}: no linear output head; use <method> naive")
-        self.weight, self.bias = head.weight, head.bias
+        # Under tensor parallelism the head's weight is a vocabulary-sharded DTensor: the fused head
+        # runs on a gathered copy (V·d more memory per process, 2.1 GB for Llama 3 70B in bf16) on the
+        # decoder's replicated final hidden states, so its log-sum-exp is the single-device one.
+        self.weight, self.bias = (_gathered(p) for p in (head.weight, head.bias))
         config = model.config.get_text_config()
         self.config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
@@ -183,10 +200,19 @@ class CausalLM:
         self.matmul_params_per_layer = max(1, body // layers)
         self.attention_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.compiled = False  # compile_blocks()
+        from torch.distributed.fsdp import FSDPModule
+        # FSDP2 wraps the layers when tensor-parallel groups replicate across data-parallel groups
+        # (runtime.tensor_parallel_config)
+        self._fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
 
     @property
     def device(self) -> torch.device:
         return self.weight.device
+
+    def no_autograd(self):
+        """The context scoring runs in: inference_mode, or no_grad for a model FSDP2 wraps (its
+        unsharding tracks version counters, which inference tensors lack)."""
+        return torch.no_grad() if self._fsdp else torch.inference_mode()
 
     @property
     def head_kwargs(self) -> dict:
@@ -229,16 +255,16 @@ class CausalLM:
         self.compiled = enabled
         return self
 
-    @torch.inference_mode()
     def check_head(self, length: int = 8):
         """Refuse architectures whose logits are not the head this adapter knows: compare the
         model's own log-softmax with the head applied to the hidden states on a short input."""
         from prefrank.ops.torch_backend import head_logits
         ids = torch.arange(length, device=self.device)[None] % self.vocab_size
         mask = torch.ones_like(ids)
-        expected = torch.log_softmax(self.logits(ids, mask).float(), -1)[0]
-        hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
-        got = torch.log_softmax(head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature), -1)
+        with self.no_autograd():
+            expected = torch.log_softmax(self.logits(ids, mask).float(), -1)[0]
+            hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
+            got = torch.log_softmax(head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature), -1)
         tol = 1e-3 if self.weight.dtype == torch.float32 else 0.15
         err = (got - expected).abs().max().item()
         if not err <= tol:

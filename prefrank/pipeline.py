@@ -22,7 +22,7 @@ from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, ches
                          input_hash, table_schema)
 from prefrank.models import DTYPES, CausalLM, LoadOptions, fingerprint, resolve_dtype
 from prefrank.options import option, options, positive_int, row_options
-from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, on_rank_0, process_device
+from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenizer, on_rank_0, process_device
 from prefrank.runtime import max_length as run_max_length
 from prefrank.scoring import METHODS, resolve_method, score
 from prefrank.tokenization import TokenizeOptions, tokenize_examples
@@ -63,6 +63,11 @@ class ScoreOptions(LoadOptions, TokenizeOptions):
                                        group="execution", decides_rows=False)
     chunk_rows: int = option(2048, "rows read, length-sorted and written together (one part each)",
                              type=positive_int, group="execution")
+    tp: int = option(1, "tensor parallelism under torchrun: shard each model over groups of TP consecutive "
+                     "processes (transformers' tensor-parallel plan), the groups sharing the chunks as single "
+                     "processes do; the fused head runs on a gathered copy of the head's weight, so the numbers "
+                     "are those of one process within float rounding", type=positive_int, group="execution",
+                     decides_rows=False)
     per_token: bool = option(False, "also write per-token log-prob lists", group="execution")
     ches: bool = option(
         False, "also write each pair's CHES score and its length-normalized form under each model (ches, "
@@ -111,9 +116,9 @@ class Summary:
         return text
 
 
-def _load_lm(path, opts, device, dtype, vocab_size=None) -> CausalLM:
+def _load_lm(path, opts, device, dtype, where: Layout, vocab_size=None) -> CausalLM:
     """A model to score with, checked for the method (and the policy's vocabulary), compiled if asked."""
-    lm = load_lm(path, opts, device, dtype)
+    lm = load_lm(path, opts, device, dtype, where)
     if vocab_size is not None and lm.vocab_size != vocab_size:
         raise InputError(f"reference model {path!r} has vocabulary {lm.vocab_size}, the policy {vocab_size}: "
                          f"both are scored on the same token ids and must share a vocabulary")
@@ -201,11 +206,15 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
     """Score every row of `opts.data` into `opts.out` (+ sidecar); returns the run's summary
     (None on ranks other than 0 under torchrun).
 
-    The input is read in chunks of `chunk_rows` rows; chunk c is scored by rank c mod world size
-    and written as its own part, so any number of processes, and any resumed run, produce the
-    same table. Rank 0 assembles it when every rank has finished, and holds the output's lock from
-    the start to the end (the ranks share the parts folder)."""
-    rank, world = distributed()
+    The input is read in chunks of `chunk_rows` rows; chunk c is scored by data-parallel group
+    c mod groups (a group: one process, or `tp` processes sharing sharded models, whose first
+    writes) and written as its own part, so any number of processes, and any resumed run, produce
+    the same table. Rank 0 assembles it when every rank has finished, and holds the output's lock
+    from the start to the end (the ranks share the parts folder)."""
+    if opts.tp > 1 and opts.device != "auto":
+        raise InputError("<device> cannot be given with <tp>: each process uses its LOCAL_RANK's GPU (or the CPU)")
+    where = layout(opts.tp)
+    rank, world = where.rank, where.world
     device = process_device(opts.device, world)
     lock = OutputLock(opts.out)
 
@@ -216,19 +225,20 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
     on_rank_0(guard_output, rank, world, device)
     try:
-        return _score(opts, rank, world, device, progress)
+        return _score(opts, where, device, progress)
     finally:
         lock.release()
 
 
-def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, progress: bool) -> Summary | None:
+def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bool) -> Summary | None:
+    rank, world = where.rank, where.world
     mapping, examples = open_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset,
                                       limit=opts.limit)
     opts = replace(opts, columns=mapping)  # the sidecar records the mapping used ("auto" resolved)
     dtype = resolve_dtype(opts.dtype, device)
-    policy_lm = _load_lm(opts.model, opts, device, dtype)
+    policy_lm = _load_lm(opts.model, opts, device, dtype, where)
     tokenizer = load_run_tokenizer(opts, opts.model)
-    ref_lm = _load_lm(opts.ref_model, opts, device, dtype, policy_lm.vocab_size) if opts.ref_model else None
+    ref_lm = _load_lm(opts.ref_model, opts, device, dtype, where, policy_lm.vocab_size) if opts.ref_model else None
     max_length = run_max_length(opts.max_length, policy_lm, ref_lm)
     kwise = opts.columns.completions is not None
     schema = table_schema(**_table_options(opts, ref_lm is not None))
@@ -250,7 +260,7 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
     try:
         while chunk := list(islice(examples, opts.chunk_rows)):
             c, n_chunks = n_chunks, n_chunks + 1
-            if c % world != rank or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
+            if c % where.groups != where.group or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
                 continue
             chunk_start = time.perf_counter()
             tokenized, errors = _tokenize_chunk(chunk, tokenizer, opts, max_length)
@@ -263,11 +273,12 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
             columns = _chunk_columns(chunk, tokenized, errors, models, opts, kwise)
             stats = _chunk_stats(chunk, tokenized, errors, [policy, ref] if ref else [policy],
                                  time.perf_counter() - chunk_start)
-            parts.write(c, columns, schema, stats)
+            if where.leader:
+                parts.write(c, columns, schema, stats)
             if bar is not None:
                 tokens += stats["real_tokens"]
-                bar.update(len(chunk) * world)
-                bar.set_postfix(tok_s=f"{tokens * world / (time.perf_counter() - start):.0f}")
+                bar.update(len(chunk) * where.groups)
+                bar.set_postfix(tok_s=f"{tokens * where.groups / (time.perf_counter() - start):.0f}")
     except WriteError:  # a full disk, say: the parts written so far stay for --resume
         raise
     except InputError:  # a bad invocation, unreadable input or --strict: nothing worth resuming from a new run
@@ -277,7 +288,8 @@ def _score(opts: ScoreOptions, rank: int, world: int, device: torch.device, prog
     finally:
         if bar is not None:
             bar.close()
-    parts.mark_done(rank, n_chunks)
+    if where.leader:
+        parts.mark_done(rank, n_chunks)
     barrier(world)
     if rank != 0:
         return None

@@ -3,9 +3,13 @@ each one uses, the models and tokenizer, and the longest sequence they allow.
 
 Under torchrun (gloo on CPU, nccl on CUDA) every process runs the same code; rank 0 writes what is
 shared (the table, the checkpoints) and speaks for all. On CUDA each process takes the GPU
-LOCAL_RANK names, unless the device option names one.
+LOCAL_RANK names, unless the device option names one. With tensor parallelism (`Layout.tp` > 1)
+the processes form data-parallel groups of `tp` consecutive ranks, each group holding one sharded
+copy of every model (transformers' tensor-parallel plans on DTensor).
 """
+import dataclasses
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -24,6 +28,38 @@ def distributed() -> tuple[int, int]:
         # generous timeout: ranks wait for each other only at the start and at the end
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
     return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits in the job: `world` processes in `groups` data-parallel groups of `tp`
+    tensor-parallel ranks. The ranks of a group are consecutive (rank // tp is the group), as in
+    transformers' device mesh, whose innermost dimension is the tensor-parallel one; the group's
+    first rank (its leader) writes what the group computes."""
+    rank: int
+    world: int
+    tp: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def groups(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def leader(self) -> bool:
+        return self.rank % self.tp == 0
+
+
+def layout(tp: int) -> Layout:
+    """This process's Layout under `tp`-way tensor parallelism (1: none)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp:
+        raise InputError(f"<tp> {tp} needs a torchrun job of a multiple of {tp} processes (e.g. torchrun "
+                         f"--nproc-per-node {tp} -m prefrank score ...); this one has {world}")
+    return Layout(*distributed(), tp)
 
 
 def barrier(world: int):
@@ -60,9 +96,30 @@ def process_device(spec: str, world: int) -> torch.device:
     return device
 
 
-def load_lm(path: str, opts: LoadOptions, device: torch.device, dtype: torch.dtype) -> CausalLM:
+def tensor_parallel_config(where: Layout):
+    """transformers' DistributedConfig for `where`'s groups: each model sharded over its group's
+    `tp` ranks and replicated across the groups (dp_replicate_size, which replicates through
+    FSDP2's hybrid mode: at inference it adds no communication between the groups, so each group
+    scores its own chunks at its own pace). None without tensor parallelism."""
+    if where.tp == 1:
+        return None
+    from transformers.distributed import DistributedConfig
+    if where.groups == 1:
+        return DistributedConfig(tp_size=where.tp)
+    if "dp_replicate_size" not in {f.name for f in dataclasses.fields(DistributedConfig)}:
+        import transformers
+        raise InputError(f"<tp> {where.tp} with {where.groups} data-parallel groups needs a transformers whose "
+                         f"DistributedConfig has dp_replicate_size (5.24 has it; this is {transformers.__version__}): "
+                         f"upgrade it, or run as many processes as <tp>")
+    return DistributedConfig(tp_size=where.tp, dp_replicate_size=where.groups)
+
+
+def load_lm(path: str, opts: LoadOptions, device: torch.device, dtype: torch.dtype,
+            where: Layout | None = None) -> CausalLM:
+    """The model at `path` on `device`, or sharded over `where`'s tensor-parallel group."""
     return CausalLM(load_model(path, dtype=dtype, device=device, trust_remote_code=opts.trust_remote_code,
-                               allow_pickle=opts.allow_pickle))
+                               allow_pickle=opts.allow_pickle,
+                               distributed_config=tensor_parallel_config(where) if where else None))
 
 
 def load_run_tokenizer(opts: LoadOptions, model_path: str):

@@ -19,6 +19,7 @@ packed where packed's block mask would waste much attention work (resolve_method
 take log-probs from the final hidden states through the chunked head op, only at completion
 positions: the full logits never exist. Token log-probs are fp32 whatever the model's dtype; sums are float64.
 """
+import functools
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -37,6 +38,15 @@ BAND = 1.5  # ... or before a prompt this many times longer than the shortest he
 # auto prefers kv to packed above this share (bench/RESULTS.md: packed won at 0.08 on CPU and at
 # ≤ 0.02 on GPU; kv won at 0.5)
 PACKED_ATTENTION_LIMIT = 0.2
+
+
+def _without_autograd(fn):
+    """Run a scorer fn(lm, ...) in lm's no-autograd context (CausalLM.no_autograd)."""
+    @functools.wraps(fn)
+    def run(lm, *args, **kwargs):
+        with lm.no_autograd():
+            return fn(lm, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -176,7 +186,7 @@ def _score_continuations(lm, batches: list[_PromptBatch], completions, sums: Seq
             sums.add_hidden(owner[keep], hidden[keep])
 
 
-@torch.inference_mode()
+@_without_autograd
 def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False, hidden: bool = False,
              cache_bytes: int = CACHE_BYTES) -> SequenceLogprobs:
     _, completions = _flatten(items)
@@ -304,7 +314,7 @@ def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: tor
     return _next_token_logprobs(lm.logits(ids, mask), ids)
 
 
-@torch.inference_mode()
+@_without_autograd
 def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False,
                  hidden: bool = False) -> SequenceLogprobs:
     _, completions = _flatten(items)
@@ -325,7 +335,7 @@ def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = Fals
     return sums.finish()
 
 
-@torch.inference_mode()
+@_without_autograd
 def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False, hidden: bool = False,
                 token_logprobs=full_logits_logprobs) -> SequenceLogprobs:
     """`token_logprobs(lm, ids, mask, targets) -> [B, T - 1]` computes each batch's per-token

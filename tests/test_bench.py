@@ -17,6 +17,13 @@ def test_scoring_gpu_smoke():
     assert all(diff < 1e-4 for diff in result["max_rel_diff_vs_naive"].values())
 
 
+def test_tensor_parallel_smoke():
+    """The multi-GPU benchmark's script on 2 gloo processes: both layouts score every pair alike."""
+    from bench.tensor_parallel import main
+    result = main(["--smoke"])
+    assert set(result["layouts"]) == {"tp1", "tp2"} and max(result["max_rel_diff_vs_tp1"].values()) < 1e-5
+
+
 def test_scaling_smoke(tmp_path):
     from bench.scaling import main
     result = main(["--pairs", "2", "--length", "16", "--reps", "1", "--vocabs", "512,1000", "--lengths", "16,32",
