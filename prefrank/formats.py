@@ -6,7 +6,10 @@ published schema; `data.read_examples` picks one from the columns of the first r
 `--format NAME`. A preset whose `detect` is None is never picked automatically: its mapping is the
 default one (HH, GPT-J), or another preset of the same dataset is the automatic choice (PKU-SafeRLHF
 picks better_response_id; `pku-saferlhf-safer` reads safer_response_id). The first preset (in this
-order) whose `detect` columns are all in the first row wins, so the more specific schemas come first.
+order) whose `detect` columns, and the id column it reads, are all in the first row, with message lists
+in its `messages` columns, wins, so the more specific schemas come first: a row that lacks any of them
+is read with the default mapping (its own prompt, chosen and rejected columns), never with a preset
+that would drop or misread a column.
 """
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ class Preset:
     columns: dict  # Columns fields
     detect: tuple[str, ...] | None  # first-row columns that select it (None: only with --format)
     note: str = ""  # what the mapping decides
+    messages: tuple[str, ...] = ()  # detection columns that must hold message lists
 
 
 # AlpacaFarm's human annotations and cross-annotations: one vote per row, grouped into pairs
@@ -73,19 +77,19 @@ PRESETS = {
         "lmsys/chatbot_arena_conversations", dict(_MT, id="question_id"),
         ("conversation_a", "conversation_b", "winner", "anony"),
         "one battle per row; winner model_a / model_b / tie / tie (bothbad); the whole conversation after the "
-        "shared leading messages is scored"),
+        "shared leading messages is scored", messages=("conversation_a", "conversation_b")),
     "mt-bench-human-judgments": Preset(
         "lmsys/mt_bench_human_judgments (split human)",
         dict(_MT, group_by=["question_id", "turn", "model_a+model_b"]),
         ("question_id", "model_a", "model_b", "winner", "judge", "conversation_a", "conversation_b", "turn"),
         "one vote per row, grouped by question, turn and model pair (either order); conversations cut after "
-        "the judged turn"),
+        "the judged turn", messages=("conversation_a", "conversation_b")),
     "ultrafeedback-binarized": Preset(
         "HuggingFaceH4/ultrafeedback_binarized",
         dict(prompt=[], id="prompt_id"),
         ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
         "chosen/rejected message lists, the prompt their shared leading messages; score_chosen/score_rejected "
-        "are not read"),
+        "are not read", messages=("chosen", "rejected")),
     "ultrafeedback": Preset(
         "openbmb/UltraFeedback",
         dict(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score"),
@@ -101,6 +105,12 @@ PRESETS = {
 }
 
 
+def _selects(preset: Preset, row: dict) -> bool:
+    named = preset.detect + ((preset.columns["id"],) if "id" in preset.columns else ())
+    return all(c in row for c in named) and all(
+        isinstance(row[c], list) and all(isinstance(m, dict) for m in row[c]) for c in preset.messages)
+
+
 def detect(row: dict) -> str | None:
-    """The first preset whose detection columns are all in `row`, or None."""
-    return next((name for name, p in PRESETS.items() if p.detect and all(c in row for c in p.detect)), None)
+    """The first preset that `row` selects (see the module's docstring), or None."""
+    return next((name for name, p in PRESETS.items() if p.detect and _selects(p, row)), None)

@@ -248,6 +248,22 @@ def test_preset_reads_its_mirror_rows_as_converted_here(tmp_path, name):
                [(ex.prompt, ex.completions, ex.alpha, ex.human_scores) for ex in forced]
 
 
+def test_detection_never_picks_a_preset_that_would_drop_or_miss_a_column(tmp_path):
+    """A row must hold every column a preset reads (its id too) and message lists where the preset
+    reads messages; else the default mapping reads it, with its own prompt column."""
+    text = {"prompt": "What is 2+2?", "prompt_id": "a", "chosen": "The answer is 4.", "rejected": "The answer is 5.",
+            "score_chosen": 9.0, "score_rejected": 2.0}
+    assert detect(text) is None
+    cols, examples = open_examples(write_jsonl(tmp_path / "t.jsonl", [text]), Columns(format="auto"))
+    (ex,) = list(examples)
+    assert cols.format is None and (ex.prompt, ex.completions) == (text["prompt"], [text["chosen"], text["rejected"]])
+    assert detect(dict(BINARIZED[0])) == "ultrafeedback-binarized"
+    for preset, rows, id_col in (("pandalm", PANDALM_ROWS, "idx"), ("chatbot-arena-conversations", ARENA, "question_id"),
+                                 ("ultrafeedback-binarized", BINARIZED, "prompt_id")):
+        assert detect(rows[0]) == preset
+        assert detect({k: v for k, v in rows[0].items() if k != id_col}) != preset, preset
+
+
 def test_turn_two_rows_are_marked_multi_turn(tmp_path):
     examples = list(read_examples(write_jsonl(tmp_path / "d.jsonl", MT_BENCH), Columns(format="auto")))
     assert [ex.multi_turn for ex in examples] == [False, True]
