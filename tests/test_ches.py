@@ -83,30 +83,35 @@ def test_ches_adds_no_forward_pass(method):
 @needs_shared
 @pytest.mark.parametrize("method", METHODS)
 def test_ches_on_real_pairs_end_to_end(method, tmp_path):
-    """`prefrank score --ches --hidden-sums` on real HH rows with the real stories260K: each pair's
-    CHES and hidden sums against float64, under the policy and the reference."""
+    """`prefrank score --ches --hidden-sums` on real HH rows with the real stories260K as the policy and
+    a random-init model of its shape as the reference: each pair's CHES and hidden sums against float64,
+    each model's in its own columns."""
     from transformers import AutoModelForCausalLM
     from prefrank.models import load_tokenizer
     rows = [json.loads(line) for line in gzip.open(HH / "helpful-base" / "test.jsonl.gz", "rt")]
     rows = [r for r in rows if len(r["chosen"]) + len(r["rejected"]) < 700][:6]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    policy = AutoModelForCausalLM.from_pretrained(str(STORIES))
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(policy.config)
+    reference.save_pretrained(tmp_path / "ref")
     out = tmp_path / "s.parquet"
-    assert main(["score", "--data", str(data), "--model", str(STORIES), "--ref-model", str(STORIES), "--out", str(out),
-                 "--method", method, "--ches", "--hidden-sums"]) == 0
+    assert main(["score", "--data", str(data), "--model", str(STORIES), "--ref-model", str(tmp_path / "ref"),
+                 "--tokenizer", str(STORIES), "--out", str(out), "--method", method, "--ches", "--hidden-sums"]) == 0
     table = pq.read_table(out).to_pylist()
     tokenizer = load_tokenizer(str(STORIES))
     items = [tokenize_example(to_example(i, r, Columns()), tokenizer) for i, r in enumerate(rows)]
-    model = AutoModelForCausalLM.from_pretrained(str(STORIES))
-    expected = float64_hidden_sums(model, items)
-    for i, (row, it) in enumerate(zip(table, items)):
-        n_w, n_l = (len(c) for c in it.completion_ids)
-        raw, normalized = ches_by_hand(expected[2 * i], expected[2 * i + 1], n_w, n_l)
-        for prefix in ("", "ref_"):
+    for prefix, model in (("", policy), ("ref_", reference)):
+        expected = float64_hidden_sums(model, items)
+        for i, (row, it) in enumerate(zip(table, items)):
+            n_w, n_l = (len(c) for c in it.completion_ids)
+            raw, normalized = ches_by_hand(expected[2 * i], expected[2 * i + 1], n_w, n_l)
             assert row[prefix + "ches"] == pytest.approx(raw, rel=1e-4, abs=1e-2)
             assert row[prefix + "ches_normalized"] == pytest.approx(normalized, rel=1e-4, abs=1e-4)
-        sums = torch.tensor([row["hidden_sum_chosen"], row["hidden_sum_rejected"]])
-        check_sums(f"stories260K {method} row {i}", sums, expected[2 * i:2 * i + 2])
+            sums = torch.tensor([row[prefix + "hidden_sum_chosen"], row[prefix + "hidden_sum_rejected"]])
+            check_sums(f"stories260K {prefix or 'policy_'}{method} row {i}", sums, expected[2 * i:2 * i + 2])
+        assert len({round(row[prefix + "ches"], 3) for row in table}) > 1
 
 
 def test_kwise_gram_and_implied_pairs(tmp_path):
