@@ -394,7 +394,9 @@ def main(argv=None) -> int:
         print(f"prefrank {args.command}: error: {e.text(option_flags())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prefrank: interrupted", file=sys.stderr)
+        resume = (" (the parts written so far are kept: rerun the same command with --resume to continue)"
+                  if args.command == "score" else "")
+        print(f"prefrank: interrupted{resume}", file=sys.stderr)
         return 130
 
 

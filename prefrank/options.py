@@ -21,10 +21,32 @@ from prefrank.errors import OPTION_NAMES
 
 
 def options(cls):
-    """A keyword-only dataclass of options; its field names become known to error messages."""
+    """A keyword-only dataclass of options; its field names become known to error messages. Built in
+    Python, it checks what the command line's parsers check: choices, and positive numbers."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self):
+        _check_values(self)
+        later = own or getattr(super(cls, self), "__post_init__", None)
+        if later is not None:
+            later(self) if own else later()
+
+    cls.__post_init__ = __post_init__
     cls = dataclasses.dataclass(kw_only=True)(cls)
     OPTION_NAMES.update(f.name for f in fields(cls))
     return cls
+
+
+def _check_values(obj):
+    from prefrank.errors import InputError
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if value is None or isinstance(value, str) and meta.get("type") in (positive_int, positive_float):
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise InputError(f"<{f.name}> {value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("type") in (positive_int, positive_float) and not value > 0:
+            raise InputError(f"<{f.name}> must be positive, got {value}")
 
 
 def option(default=MISSING, help: str = "", *, flag: str | None = None, type=None, choices=None,

@@ -432,7 +432,12 @@ def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 819
     """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS);
     `hidden`: also the sums of the final hidden states that predict each completion's tokens (the
     positions from the prompt's last token to the completion's second-to-last), in the same
-    forward passes: `hidden_sums` and hidden_grams() (CHES)."""
+    forward passes: `hidden_sums` and hidden_grams() (CHES). An item longer than the model's
+    positions is refused (tokenize_examples(max_length=...) makes such rows errors instead)."""
+    longest = max((len(it.prompt_ids) + max(map(len, it.completion_ids)) for it in items), default=0)
+    if lm.max_positions and longest > lm.max_positions:
+        raise InputError(f"an item has {longest} tokens, more than the model's {lm.max_positions} positions: "
+                         f"tokenize with <max_length> {lm.max_positions} (or truncate) first")
     method = resolve_method(lm, method, items)
     return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token,
                                                                                   hidden)

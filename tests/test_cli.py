@@ -253,6 +253,7 @@ def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys, mo
 
     monkeypatch.setattr(Parts, "write", crash_after_one)
     assert main(args) == 130
+    assert "rerun the same command with --resume" in capsys.readouterr().err  # Ctrl-C says how to go on
     monkeypatch.setattr(Parts, "write", real_write)
     code, err = run(args + ["--resume", "--tokenization", "trl"], capsys)
     assert code == 2 and "other --tokenization" in err
@@ -287,3 +288,17 @@ def test_option_names_in_messages(capsys):
                                                  "text itself")
     assert InputError("a <token> that is no option, and <model>").text(option_flags()) == \
         "a <token> that is no option, and --model"
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(chunk_rows=0), "chunk_rows must be positive, got 0"), (dict(limit=0), "limit must be positive, got 0"),
+    (dict(limit=-3), "limit must be positive, got -3"),
+    (dict(method="fast"), "method 'fast': expected one of auto, packed, kv, naive"),
+    (dict(dtype="fp8"), "dtype 'fp8': expected one of auto, float32, bfloat16, float16")])
+def test_options_built_in_python_check_what_the_parsers_check(values, message):
+    """ScoreOptions(chunk_rows=0) used to write an empty table without a word (tryout)."""
+    from prefrank.errors import InputError
+    from prefrank.pipeline import ScoreOptions
+    with pytest.raises(InputError) as caught:
+        ScoreOptions(data="d.jsonl", model="m", **values)
+    assert str(caught.value) == message

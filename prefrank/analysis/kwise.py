@@ -83,7 +83,8 @@ def load_kwise(path: str) -> dict:
     try:
         t = pq.read_table(path).to_pydict()
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read score table {path}: {e}") from None
+        reason = "no such file" if isinstance(e, FileNotFoundError) else e
+        raise InputError(f"cannot read score table {path}: {reason}") from None
     ok = [i for i, s in enumerate(t["status"]) if s == "ok"]
     return {"ids": [t["id"][i] for i in ok], "logps": [t["logps"][i] for i in ok],
             "n_tokens": [t["n_tokens"][i] for i in ok], "human": [t["human_scores"][i] for i in ok],

@@ -131,9 +131,14 @@ def plot_displacement(moved: dict, correct: np.ndarray, path: Path, ches: np.nda
     if len(d_w):
         lo, hi = min(d_w.min(), d_l.min()), max(d_w.max(), d_l.max())
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="Δ_l = Δ_w")
-    quadrants = [((d_w >= 0) & (d_l >= 0), 0.97, 0.97, "both gained"), ((d_w < 0) & (d_l >= 0), 0.03, 0.97,
+    # gained: Δ > 0, lost: Δ < 0 (as metrics.displacement counts them); a pair with a Δ of exactly 0
+    # is in no quadrant, and counted apart
+    quadrants = [((d_w > 0) & (d_l > 0), 0.97, 0.97, "both gained"), ((d_w < 0) & (d_l > 0), 0.03, 0.97,
                  "chosen lost, rejected gained"), ((d_w < 0) & (d_l < 0), 0.03, 0.03, "both lost"),
-                 ((d_w >= 0) & (d_l < 0), 0.97, 0.03, "chosen gained, rejected lost")]
+                 ((d_w > 0) & (d_l < 0), 0.97, 0.03, "chosen gained, rejected lost")]
+    unchanged = (d_w == 0) | (d_l == 0)
+    if unchanged.any():
+        ax.set_title(f"{100 * unchanged.mean():.0f}% of the pairs in no quadrant: a Δ of exactly 0", fontsize=9)
     for mask, x, y, text in quadrants:
         ax.text(x, y, f"{text}: {100 * mask.mean():.0f}%" if len(mask) else text, transform=ax.transAxes,
                 ha="right" if x > 0.5 else "left", va="top" if y > 0.5 else "bottom", fontsize=7)

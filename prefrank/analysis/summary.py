@@ -59,7 +59,8 @@ def _read(path: str) -> dict:
     try:
         return pq.read_table(path).to_pydict()
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read score table {path}: {e}") from None
+        reason = "no such file" if isinstance(e, FileNotFoundError) else e
+        raise InputError(f"cannot read score table {path}: {reason}") from None
 
 
 def load_pairs(scores, ref_scores: str | None = None) -> Pairs:

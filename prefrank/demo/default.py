@@ -4,6 +4,7 @@ first use, on the CPU (no download), then cached.
 The model is a 2-layer Llama with a character-level tokenizer, fine-tuned with `prefrank sft` on
 the chosen answers of freshly generated pairs (the paper's recipe for a reference model).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -15,12 +16,23 @@ import torch
 
 from prefrank.demo.task import ALPHABET, COLUMNS, make_pairs
 
-VERSION = 2  # bump when the task, tokenizer, model or training changes: invalidates caches
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("PREFRANK_CACHE", Path.home() / ".cache" / "prefrank"))
+
+
+def build_key() -> str:
+    """What decides the default model's weights: prefrank's Python code (the task, tokenizer, model, the
+    trainer and ops it trains with), torch's version and its thread count (the reduction order of
+    its matmuls). A cached model built by any other is not reused: the demo's numbers are the ones
+    this code gives here."""
+    digest = hashlib.sha256(f"{torch.__version__} threads={torch.get_num_threads()}".encode())
+    package = Path(__file__).resolve().parents[1]
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def build_tokenizer():
@@ -49,8 +61,9 @@ def ensure_default(seed: int = 0, n_pairs: int = 1000, log=print) -> tuple[str, 
     """(data path, model path) of the embedded default, built and cached on first use: a random
     2-layer Llama fine-tuned by `prefrank sft` on the chosen answers of 38,400 fresh pairs."""
     from prefrank.dpo.trainer import TrainOptions, train
-    target = cache_root() / f"default-v{VERSION}-seed{seed}-n{n_pairs}"
+    target = cache_root() / f"default-seed{seed}-n{n_pairs}-{build_key()}"
     if (target / "model.safetensors").exists():
+        log(f"prefrank: the embedded default model of this code, from the cache ({target})")
         return str(target / "pairs.jsonl"), str(target)
     log(f"prefrank: training the embedded default model (first use; cached in {target})")
     start = time.perf_counter()
