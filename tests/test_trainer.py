@@ -81,6 +81,9 @@ def test_training_lowers_the_dpo_loss_on_real_pairs(hh_pairs, tmp_path):
     assert [line["step"] for line in lines] == [0, 4, 8]
     first, last = lines[0]["train"], lines[-1]["train"]
     assert first["dpo_loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as the reference
+    for split in ("train", "val"):  # exactly: same weights, same batches (not ±1e-7 counted as reward accuracy)
+        start = lines[0][split]
+        assert start["reward_accuracy"] == 0.0 and all(g["mean_margin"] in (0.0, None) for g in start["groups"])
     assert last["dpo_loss"] < first["dpo_loss"] - 0.01 and lines[-1]["param_sq_distance"] > 0
     assert sum(g["count"] for g in last["groups"]) == 32
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()

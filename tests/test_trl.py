@@ -55,7 +55,8 @@ def trainer(cls, model, rows, tmp_path, ref_model=None, **options):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """The methods with which the prefix-shared step ran (one entry per step)."""
+    """The methods with which the prefix-shared step's passes ran: two a step with a reference model
+    (the reference's, then the policy's, through the same code), one with a precomputed reference."""
     from prefrank.dpo import trl_trainer
     calls, real = [], trl_trainer.completion_hidden
 
@@ -112,7 +113,7 @@ def test_prefix_shared_step_equals_trl(loss_type, reference, method, tmp_path, s
                      label_smoothing=0.1, precompute_ref_log_probs=reference == "precompute", max_length=40,
                      gradient_checkpointing=method == "packed")  # kv's cache does not survive checkpointing
         results.append(one_step(tr, model))
-    assert spy == [method]
+    assert spy == [method] * (1 if reference == "precompute" else 2)
     assert_equal_steps(results[1], results[0], loss_rel=1e-6, grad_rel=1e-5, metric_abs=1e-5)
 
 
@@ -153,7 +154,7 @@ def test_prefix_shared_step_is_exact_in_float64(loss_type, method, tmp_path, spy
     our_grads = torch.autograd.grad(ours, list(model.parameters()))
     expected = oracle_loss(model, ref, batch, loss_type, 0.2, 0.1)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
-    assert spy == [method]
+    assert spy == [method, method]
     assert ours.item() == pytest.approx(expected.item(), rel=1e-10)
     for g, e in zip(our_grads, expected_grads):
         assert (g - e).abs().max().item() <= 1e-10 * e.abs().max().item() + 1e-14
@@ -184,7 +185,7 @@ def test_prefix_shared_step_equals_trl_on_stories260k(loss_type, tmp_path, spy):
                                                          label_smoothing=0.1, max_length=160),
                  train_dataset=rows, processing_class=tokenizer)
         results.append(one_step(tr, model))
-    assert len(spy) == 1
+    assert len(spy) == 2  # the reference's pass and the policy's
     assert_equal_steps(results[1], results[0], loss_rel=1e-5, grad_rel=1e-4, metric_abs=1e-4)
 
 
@@ -199,7 +200,7 @@ def test_sigmoid_ignores_label_smoothing_as_trl_does(tmp_path, spy):
         tr = trainer(cls, model, varied_rows(8, seed=5), tmp_path / cls.__name__, ref_model=tiny_model("llama", seed=1),
                      loss_type=["sigmoid"], label_smoothing=0.3)
         losses.append(one_step(tr, model)[0])
-    assert len(spy) == 1
+    assert len(spy) == 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
@@ -220,7 +221,7 @@ def test_evaluate_equals_trl(tmp_path, spy):
                  train_dataset=Dataset.from_list(rows[:4]), eval_dataset=Dataset.from_list(rows),
                  processing_class=build_tokenizer())
         results.append(tr.evaluate())
-    assert len(spy) == 3
+    assert len(spy) == 6  # 3 evaluation batches, each the reference's pass and the policy's
     for name, value in results[0].items():
         if not name.endswith(("runtime", "per_second")):
             assert results[1][name] == pytest.approx(value, rel=1e-5, abs=1e-5), name  # TRL's fp32 sums
@@ -443,3 +444,22 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path):
         assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-6)
         if precompute:
             assert torch.equal(ranks[0]["ref_logps"], ref_logps) and torch.equal(ranks[1]["ref_logps"], ref_logps)
+
+
+def test_a_policy_equal_to_its_reference_has_zero_margins(tmp_path):
+    """The reference model goes through the policy's own computation in the same batch: at the first
+    step (policy = reference) every reward and margin is exactly 0, as in TRL (the scorer's batches
+    gave ±3e-7, a rewards/accuracies of 0.25; tryout)."""
+    import copy
+
+    from trl import DPOTrainer
+
+    from prefrank.dpo.trl_trainer import PrefrankDPOTrainer
+    rows = varied_rows(16, seed=3)
+    logged = []
+    for cls in (DPOTrainer, PrefrankDPOTrainer):
+        model = tiny_model("llama")
+        tr = trainer(cls, model, rows, tmp_path / cls.__name__, ref_model=copy.deepcopy(model))
+        logged.append({k: v for k, v in one_step(tr, model)[2].items() if k.startswith("rewards/")})
+    assert logged[1] == logged[0] == {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracies": 0.0,
+                                      "rewards/margins": 0.0}

@@ -153,15 +153,20 @@ def _split(items, opts):
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-def _reference_logps(ref_lm, items, cache: Path, key: str) -> torch.Tensor:
-    """[n, 2] float64 reference log-probs, computed once with the scorer and cached under `key`."""
+def _reference_logps(ref_lm, lists: dict[str, list], cache: Path, key: str) -> dict[str, torch.Tensor]:
+    """{name: [n, 2] float64 reference log-probs} of each list of items, computed once with the
+    scorer and cached under `key`. Each list is scored on its own, as the evaluation scores the
+    policy on it: the batches (and so the float rounding) are the same, and a policy equal to the
+    reference has margins of exactly 0, not ±1e-7 that would count as reward accuracy."""
     from safetensors.torch import load_file, save_file
     if cache.exists():
         stored = load_file(cache)
-        if bytes(stored["key"].tolist()).decode() == key:
-            return stored["logps"]
-    logps = score(ref_lm, items).logps.view(-1, 2)
-    save_file({"logps": logps.contiguous(), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, cache)
+        if bytes(stored["key"].tolist()).decode() == key and set(lists) <= set(stored):
+            return {name: stored[name] for name in lists}
+    logps = {name: score(ref_lm, items).logps.view(-1, 2) if items else torch.zeros(0, 2, dtype=torch.float64)
+             for name, items in lists.items()}
+    save_file({**{name: t.contiguous() for name, t in logps.items()},
+               "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, cache)
     return logps
 
 
@@ -269,6 +274,7 @@ class _Run:
     val_items: list
     eval_index: list[int]  # the fixed training subsample evaluated
     ref_train: torch.Tensor | None  # [n, 2] reference log-probs (DPO)
+    ref_eval: torch.Tensor | None  # of the evaluated subsample, scored as the evaluation scores it
     ref_val: torch.Tensor | None
     ref_params: list | None  # θref for ‖θ − θref‖² (when the shapes match)
     judge: object
@@ -301,17 +307,18 @@ def _setup(opts: TrainOptions, log, judge) -> _Run:
     eval_index = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(opts.seed + 1))
     eval_index = eval_index[:opts.eval_pairs].tolist()
 
-    ref_lm = ref_train = ref_val = None
+    ref_lm = ref_train = ref_eval = ref_val = None
     if opts.mode == "dpo":
         ref_lm = load_lm(opts.ref_model, opts, device, torch.float32) if opts.ref_model else CausalLM(
             copy.deepcopy(model))
         ref_lm.model.eval().requires_grad_(False)
         cache, key = out / "reference_logps.safetensors", _reference_key(opts, max_length)
+        lists = {"train": train_items, "eval": [train_items[i] for i in eval_index], "val": val_items}
         if rank == 0:  # one process computes and caches them; the others read the cache
-            _reference_logps(ref_lm, train_items + val_items, cache, key)
+            _reference_logps(ref_lm, lists, cache, key)
         barrier(world)
-        ref_all = _reference_logps(ref_lm, train_items + val_items, cache, key)
-        ref_train, ref_val = ref_all[:len(train_items)], ref_all[len(train_items):]
+        refs = _reference_logps(ref_lm, lists, cache, key)
+        ref_train, ref_eval, ref_val = refs["train"], refs["eval"], refs["val"]
     reference = ref_lm.model if ref_lm else model
     same_shapes = [p.shape for p in reference.parameters()] == [p.shape for p in model.parameters()]
     ref_params = [p.detach().clone() for p in reference.parameters()] if same_shapes else None
@@ -333,7 +340,7 @@ def _setup(opts: TrainOptions, log, judge) -> _Run:
     steps_per_epoch = max(1, len(train_items) // (opts.batch_size * opts.grad_accum * world))
     total_steps = min(opts.max_steps or 10**12, steps_per_epoch * opts.epochs)
     return _Run(opts, rank, world, device, out, log, model, lm, tokenizer, optimizer, train_items, val_items,
-                eval_index, ref_train, ref_val, ref_params, judge, steps_per_epoch, total_steps, state)
+                eval_index, ref_train, ref_eval, ref_val, ref_params, judge, steps_per_epoch, total_steps, state)
 
 
 def _step(run: _Run) -> float:
@@ -370,7 +377,7 @@ def _evaluate(run: _Run) -> dict | None:
         return None
     step, opts = run.state["step"], run.opts
     eval_train = [run.train_items[i] for i in run.eval_index]
-    ref_eval = run.ref_train[run.eval_index] if run.ref_train is not None else None
+    ref_eval = run.ref_eval
     record = {"step": step, "epoch": step / run.steps_per_epoch, "time": time.time(),
               "param_sq_distance": _squared_distance(run.model, run.ref_params),
               "train": evaluate(run.lm, eval_train, ref_eval, opts),

@@ -40,7 +40,7 @@ from prefrank.dpo import trl_reference
 from prefrank.dpo.loss import fused_linear_dpo_loss
 from prefrank.errors import InputError
 from prefrank.models import CausalLM
-from prefrank.scoring import completion_hidden, resolve_method, score, unsupported
+from prefrank.scoring import completion_hidden, resolve_method, unsupported
 
 FUSED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")  # batch keys that are no model input
@@ -245,22 +245,26 @@ class PrefrankDPOTrainer(DPOTrainer):
         if method is None:
             return super()._compute_loss(model, inputs, return_outputs)
         lm, device = self._policy_lm, inputs["input_ids"].device
-        if self.precompute_ref_logps:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref = torch.zeros(len(pairs.tokens), dtype=torch.float64)
-            ref[torch.tensor(pairs.sequence)] = score(self._ref_lm, pairs.items).logps
-            ref_chosen, ref_rejected = ref.to(device).view(-1, 2).unbind(1)
         sequence = torch.tensor(pairs.sequence, device=device)
 
-        def step():
+        def fused(lm, ref_chosen, ref_rejected):
             hidden, targets, completion = completion_hidden(lm, pairs.items, method)
-            loss, metrics = fused_linear_dpo_loss(
+            return fused_linear_dpo_loss(
                 hidden, lm.weight, targets, sequence[completion], bias=lm.bias, ref_chosen_logps=ref_chosen,
                 ref_rejected_logps=ref_rejected, beta=self.beta, loss_type=loss_type,
                 # TRL's sigmoid loss ignores label_smoothing (cDPO is not in 1.16); robust uses it
                 label_smoothing=self.label_smoothing if loss_type == "robust" else 0.0, softcap=lm.softcap,
                 temperature=lm.temperature, sequence_stats=True)
+
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:  # the policy's own computation on the reference, so that equal weights give equal sums
+            with torch.no_grad():
+                zeros = torch.zeros(len(pairs.tokens) // 2, dtype=torch.float64, device=device)
+                ref_chosen, ref_rejected = fused(self._ref_lm, zeros, zeros)[1]["sequence_logps"].double().unbind(1)
+
+        def step():
+            loss, metrics = fused(lm, ref_chosen, ref_rejected)
             return loss * self.loss_weights[0], metrics
 
         loss, metrics = model(prefrank_step=step)
