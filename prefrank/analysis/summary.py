@@ -105,6 +105,35 @@ def ranked_pairs(p: Pairs, tie_band: float | None = None) -> Pairs:
     return p if tie_band is not None else p.subset(~p.tie)
 
 
+@dataclass
+class PairMeasures:
+    """The per-pair quantities of pairs under the policy and the reference."""
+    correct: np.ndarray  # bool: the policy ranks the pair right (the tie band applied)
+    ref_correct: np.ndarray  # bool: the reference does
+    theorem: dict  # metrics.theorem41: difficulty c, DPO loss, its bound, the violations
+    margin: np.ndarray  # the DPO reward margin
+    moved: dict  # metrics.displacement: Δ_w, Δ_l, and their shares and means
+    groups: list[dict]  # metrics.flip_groups: the four reference × policy groups
+
+    @property
+    def displacement(self) -> dict:
+        """The displacement's shares and means, without the per-pair Δ arrays (JSON-ready)."""
+        return {k: v for k, v in self.moved.items() if k not in ("delta_w", "delta_l")}
+
+
+def pair_measures(p: Pairs, beta: float, tie_band: float | None = None) -> PairMeasures:
+    """The per-pair quantities of pairs that have reference log-probs: every table's summary,
+    checkpoint series, plots and per-pair table take them from here."""
+    correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
+    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band)
+    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, correct)
+    groups = metrics.flip_groups(ref_correct, correct, theorem["loss"], margin, moved["delta_w"], moved["delta_l"])
+    return PairMeasures(correct=correct, ref_correct=ref_correct, theorem=theorem, margin=margin, moved=moved,
+                        groups=groups)
+
+
 def _accuracy(correct, n_boot, seed) -> dict:
     lo, hi = metrics.bootstrap_ci(correct, n_boot=n_boot, seed=seed)
     return {"value": float(np.mean(correct)) if len(correct) else None, "ci95": [lo, hi]}
@@ -134,27 +163,24 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
     }
     if not p.has_ref or not len(p.ids):
         return out
-    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band)
-    out["reference_ranking_accuracy"] = _accuracy(ref_correct, n_boot, seed)
-    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-    margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    m = pair_measures(p, beta, tie_band)
+    out["reference_ranking_accuracy"] = _accuracy(m.ref_correct, n_boot, seed)
     mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
-    out["dpo_loss_mean"] = mean(theorem["loss"])
+    out["dpo_loss_mean"] = mean(m.theorem["loss"])
     if gamma != 1.0:
         out["dpo_gamma_loss_mean"] = mean(metrics.sigmoid_dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
-    out["reward_margin_mean"] = mean(margin)
-    out["reward_accuracy"] = _accuracy(margin > 0, n_boot, seed)
-    out["theorem41_violations"] = int(len(theorem["violations"]))
-    out["theorem41_violating_ids"] = [str(i) for i in p.ids[theorem["violations"]][:20]]
-    out["difficulty"] = _difficulty(p, theorem["c"])
-    moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, observed["raw"])
-    out["displacement"] = {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")}
+    out["reward_margin_mean"] = mean(m.margin)
+    out["reward_accuracy"] = _accuracy(m.margin > 0, n_boot, seed)
+    out["theorem41_violations"] = int(len(m.theorem["violations"]))
+    out["theorem41_violating_ids"] = [str(i) for i in p.ids[m.theorem["violations"]][:20]]
+    out["difficulty"] = _difficulty(p, m.theorem["c"])
+    out["displacement"] = m.displacement
     if p.ref_ches is not None:  # CHES of the reference predicts which pairs' chosen loses likelihood
-        out["displacement"]["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], moved["delta_w"])
+        delta_w = m.moved["delta_w"]
+        out["displacement"]["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], delta_w)
         out["displacement"]["spearman_ref_ches_normalized_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 1],
-                                                                                               moved["delta_w"])
-    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin, moved["delta_w"],
-                                        moved["delta_l"])
+                                                                                               delta_w)
+    out["groups"] = m.groups
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
@@ -171,12 +197,11 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
 def per_pair_table(p: Pairs, beta: float) -> dict[str, list]:
     """One row per scored pair: its Theorem 4.1 difficulty c, DPO loss, reward margin and who
     ranks it correctly (needs reference log-probs)."""
-    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-    return {"id": [str(i) for i in p.ids], "row": p.rows.tolist(), "c": theorem["c"].tolist(),
-            "dpo_loss": theorem["loss"].tolist(), "loss_bound": theorem["bound"].tolist(),
-            "reward_margin": metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta).tolist(),
-            "policy_correct": theorem["correct"].tolist(),
-            "reference_correct": metrics.ranking_correct(p.ref_w, p.ref_l).tolist(),
+    m = pair_measures(p, beta)
+    return {"id": [str(i) for i in p.ids], "row": p.rows.tolist(), "c": m.theorem["c"].tolist(),
+            "dpo_loss": m.theorem["loss"].tolist(), "loss_bound": m.theorem["bound"].tolist(),
+            "reward_margin": m.margin.tolist(), "policy_correct": m.correct.tolist(),
+            "reference_correct": m.ref_correct.tolist(),
             "alpha": None if p.alpha is None else p.alpha.tolist(), "tie": p.tie.tolist(),
             "reoriented": p.reoriented.tolist()}
 
