@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
 from prefrank.errors import InputError
-from prefrank.analysis.summary import load_pairs, pair_measures, ranked_pairs, summarize
+from prefrank.analysis.summary import AnalysisOptions, load_pairs, pair_measures, ranked_pairs, summarize
 
 
 def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
@@ -193,12 +193,13 @@ def _headline(s: dict) -> list[str]:
     return lines
 
 
-def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, checkpoints: list[str] | None = None,
-                 examples: list | None = None, **options) -> dict:
+def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None, *, ref_scores: str | None = None,
+                 checkpoints: list[str] | None = None, examples: list | None = None) -> dict:
     """Write report.md, summary.json and the plots into `out_dir`; returns the summary.
     `examples`: the input rows (prefrank.data.Example, in input order) to quote the hardest and
     easiest pairs' text. A K-wise table is reported with its K-wise metrics, then as the pair
     analysis of all the pairs it implies (their table is written as implied_pairs.parquet)."""
+    opts = opts or AnalysisOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# prefrank report: {scores}", ""]
@@ -207,14 +208,14 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
         if checkpoints or ref_scores:
             raise InputError("checkpoints and reference score tables must be pair tables; convert K-wise tables with "
                              "`prefrank pairs`")
-        kwise_summary = kwise.summarize_kwise(scores, n_boot=options.get("n_boot", 1000), seed=options.get("seed", 0))
+        kwise_summary = kwise.summarize_kwise(scores, opts)
         lines += _kwise_headline(kwise_summary) + ["", "## All implied pairs", ""]
         implied = out / "implied_pairs.parquet"
         pq.write_table(pa.table(kwise.kwise_to_pair_table(scores)), implied)
         scores, examples = str(implied), None
     all_pairs = load_pairs(scores, ref_scores)
-    summary = summarize(all_pairs, **options)
-    beta, tie_band = summary["options"]["beta"], summary["options"]["tie_band"]
+    summary = summarize(all_pairs, opts)
+    beta, tie_band = opts.beta, opts.tie_band
     pairs = ranked_pairs(all_pairs, tie_band)  # the pairs the summary measured
     plot_accuracy(summary, out / "accuracy.png")
     lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]

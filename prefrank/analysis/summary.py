@@ -18,6 +18,24 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
 from prefrank.errors import InputError
+from prefrank.options import flags, float_list, option, options, positive_float, positive_int
+
+
+@options
+class AnalysisOptions:
+    """The analysis's parameters: `prefrank analyze` and `report` take them as options."""
+    beta: float = option(0.1, "β of the DPO loss and Theorem 4.1", type=positive_float)
+    betas: tuple[float, ...] = option(metrics.DEFAULT_BETAS, "β sweep of the idealized accuracy", type=float_list,
+                                      default_text=",".join(f"{b:g}" for b in metrics.DEFAULT_BETAS))
+    epsilon: float = option(metrics.DEFAULT_EPSILON, "alpha is clipped to [ε, 1-ε]")
+    gamma: float = option(1.0, "DPO^γ: γ scales the reference log-ratio; reported as dpo_gamma_loss_mean when not 1")
+    tie_band: float | None = option(None, "pairs with alpha = 0.5 count as correct when |Δ log π| <= band",
+                                    type=float)
+    n_boot: int = option(1000, "bootstrap resamples", flag="--bootstrap", type=positive_int)
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples")
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # the command line gives a list
 
 
 @dataclass
@@ -139,13 +157,15 @@ def _accuracy(correct, n_boot, seed) -> dict:
     return {"value": float(np.mean(correct)) if len(correct) else None, "ci95": [lo, hi]}
 
 
-def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, epsilon: float = metrics.DEFAULT_EPSILON,
-              gamma: float = 1.0, tie_band: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
     """Every measurement the inputs allow: accuracies with bootstrap CIs; with a reference, DPO
     loss, Theorem 4.1 and the four groups; with a reference and alpha, idealized accuracy over
     the β sweep and the alignment gap. Taken over the untied pairs (all of them with a tie band);
     the counts say how many pairs were tied, reoriented by the scorer, or kept with the raters'
     rejected completion as chosen (alpha < 0.5: --keep-column-order, or an older table)."""
+    opts = opts or AnalysisOptions()
+    beta, betas, epsilon, gamma, tie_band = opts.beta, opts.betas, opts.epsilon, opts.gamma, opts.tie_band
+    n_boot, bootstrap_seed = opts.n_boot, opts.bootstrap_seed
     p = ranked_pairs(pairs, tie_band)
     norm_w, norm_l = metrics.length_normalized(p.pol_w, p.n_w), metrics.length_normalized(p.pol_l, p.n_l)
     observed = {
@@ -156,21 +176,21 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
         "n_pairs": len(pairs.ids), "n_errors": pairs.n_errors, "n_ties": int(pairs.tie.sum()), "n_ranked": len(p.ids),
         "n_reoriented": int(pairs.reoriented.sum()),
         "n_chosen_rejected_by_raters": 0 if pairs.alpha is None else int((pairs.alpha < 0.5).sum()),
-        "ranking_accuracy": _accuracy(observed["raw"], n_boot, seed),
-        "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, seed),
-        "options": {"beta": beta, "betas": list(betas), "epsilon": epsilon, "gamma": gamma, "tie_band": tie_band,
-                    "bootstrap": n_boot, "seed": seed},
+        "ranking_accuracy": _accuracy(observed["raw"], n_boot, bootstrap_seed),
+        "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, bootstrap_seed),
+        # keyed as the command line names them (--bootstrap: n_boot)
+        "options": {flag[2:].replace("-", "_"): getattr(opts, name) for name, flag in flags(AnalysisOptions).items()},
     }
     if not p.has_ref or not len(p.ids):
         return out
     m = pair_measures(p, beta, tie_band)
-    out["reference_ranking_accuracy"] = _accuracy(m.ref_correct, n_boot, seed)
+    out["reference_ranking_accuracy"] = _accuracy(m.ref_correct, n_boot, bootstrap_seed)
     mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
     out["dpo_loss_mean"] = mean(m.theorem["loss"])
     if gamma != 1.0:
         out["dpo_gamma_loss_mean"] = mean(metrics.sigmoid_dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
     out["reward_margin_mean"] = mean(m.margin)
-    out["reward_accuracy"] = _accuracy(m.margin > 0, n_boot, seed)
+    out["reward_accuracy"] = _accuracy(m.margin > 0, n_boot, bootstrap_seed)
     out["theorem41_violations"] = int(len(m.theorem["violations"]))
     out["theorem41_violating_ids"] = [str(i) for i in p.ids[m.theorem["violations"]][:20]]
     out["difficulty"] = _difficulty(p, m.theorem["c"])
@@ -184,9 +204,10 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
-    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, seed, tie_band),
+    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, bootstrap_seed,
+                                                tie_band),
                  "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon,
-                                                              n_boot, seed, tie_band)}
+                                                              n_boot, bootstrap_seed, tie_band)}
     out["idealized"] = idealized
     out["alignment_gap"] = {
         kind: {stat: idealized[kind][stat] - out[key]["value"] for stat in ("min", "median", "max")}
