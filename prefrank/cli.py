@@ -5,7 +5,7 @@ import sys
 from prefrank import options
 from prefrank.data import Columns
 from prefrank.errors import InputError
-from prefrank.options import float_list, positive_float, positive_int
+from prefrank.options import positive_int
 
 SCORE_HELP = """\
 Score a preference dataset: for every row, Σ log π(y|x) and the token count of the chosen and the
@@ -101,27 +101,17 @@ The measurements of Chen et al. 2024 on a score table (from `prefrank score`):
 
 
 def add_analysis_args(p):
-    from prefrank.analysis.metrics import DEFAULT_BETAS, DEFAULT_EPSILON
+    from prefrank.analysis import AnalysisOptions
     p.add_argument("table", metavar="scores", help="score table (Parquet) of the policy")
     p.add_argument("--ref-scores", help="score table of the reference model, row for row (default: the ref_ columns)")
-    p.add_argument("--beta", type=positive_float, default=0.1, help="β of the DPO loss and Theorem 4.1 "
-                   "(default: %(default)s)")
-    p.add_argument("--betas", type=float_list, default=list(DEFAULT_BETAS),
-                   help="β sweep of the idealized accuracy (default: %s)" % ",".join(f"{b:g}" for b in DEFAULT_BETAS))
-    p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="alpha is clipped to [ε, 1-ε] "
-                   "(default: %(default)s)")
-    p.add_argument("--gamma", type=float, default=1.0, help="DPO^γ: γ scales the reference log-ratio; reported "
-                   "as dpo_gamma_loss_mean when not 1 (default: %(default)s)")
-    p.add_argument("--tie-band", type=float, help="pairs with alpha = 0.5 count as correct when |Δ log π| <= band")
-    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    options.add_options(p, AnalysisOptions)
     p.add_argument("--checkpoints", nargs="+", help="score tables of successive checkpoints (same reference) for "
                    "the groups over time")
 
 
-def _analysis_options(args) -> dict:
-    return dict(beta=args.beta, betas=args.betas, epsilon=args.epsilon, gamma=args.gamma, tie_band=args.tie_band,
-                n_boot=args.bootstrap, seed=args.seed)
+def _analysis_options(args):
+    from prefrank.analysis import AnalysisOptions
+    return options.from_args(AnalysisOptions, args)
 
 
 def _warn_orientation(summary: dict):
@@ -143,8 +133,9 @@ def _analyze_kwise(args) -> dict:
     if args.ref_scores or args.checkpoints or args.pairs_out:
         raise InputError("--ref-scores, --checkpoints and --pairs-out take pair tables; convert K-wise tables with "
                          "`prefrank pairs`")
-    summary = kwise.summarize_kwise(args.table, n_boot=args.bootstrap, seed=args.seed)
-    summary["implied_pairs"] = summarize(load_pairs(kwise.kwise_to_pair_table(args.table)), **_analysis_options(args))
+    opts = _analysis_options(args)
+    summary = kwise.summarize_kwise(args.table, opts)
+    summary["implied_pairs"] = summarize(load_pairs(kwise.kwise_to_pair_table(args.table)), opts)
     return summary
 
 
@@ -152,16 +143,17 @@ def run_analyze(args) -> int:
     from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
     if kwise.is_kwise_table(args.table):
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
+    opts = _analysis_options(args)
     pairs = load_pairs(args.table, args.ref_scores)
-    summary = summarize(pairs, **_analysis_options(args))
+    summary = summarize(pairs, opts)
     if args.checkpoints:
-        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, args.beta, args.tie_band)
+        summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, opts.beta, opts.tie_band)
     if args.pairs_out:
         if not pairs.has_ref:
             raise InputError("--pairs-out needs reference log-probs (--ref-scores, or a table scored with --ref-model)")
         import pyarrow as pa
         import pyarrow.parquet as pq
-        columns = {k: v for k, v in per_pair_table(pairs, args.beta).items() if v is not None}
+        columns = {k: v for k, v in per_pair_table(pairs, opts.beta).items() if v is not None}
         pq.write_table(pa.table(columns), args.pairs_out)
     return _print_summary(summary, args, "ranking_accuracy", "pairs")
 
@@ -211,8 +203,8 @@ def _report_examples(args) -> list | None:
 def run_report(args) -> int:
     from prefrank.analysis import write_report
     examples = _report_examples(args)
-    summary = write_report(args.table, args.out, ref_scores=args.ref_scores, checkpoints=args.checkpoints,
-                           examples=examples, **_analysis_options(args))
+    summary = write_report(args.table, args.out, _analysis_options(args), ref_scores=args.ref_scores,
+                           checkpoints=args.checkpoints, examples=examples)
     _warn_theorem(summary)
     _warn_orientation(summary)
     print(f"report -> {args.out}/report.md", file=sys.stderr)
@@ -365,9 +357,10 @@ def add_merge_parser(sub):
 
 def option_flags() -> dict[str, str]:
     """{option name: flag} of every command's options (for error messages)."""
+    from prefrank.analysis import AnalysisOptions
     from prefrank.dpo.trainer import TrainOptions
     from prefrank.pipeline import ScoreOptions
-    return options.flags(ScoreOptions, TrainOptions)
+    return options.flags(ScoreOptions, TrainOptions, AnalysisOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -406,17 +406,26 @@ def _prompt(row: dict, cols: Columns):
     return cols.prompt_separator.join(p for p in parts if p)
 
 
-def _integer(value, what: str) -> int:
-    """An integer cell: an int, an integral float, or the text of one (CSV cells are text)."""
+def _whole_number(value) -> int | None:
+    """The integer a cell holds: an int, an integral float, or the text of one (CSV cells are
+    text); None for anything else (a bool is not a number here)."""
     number = value
     if isinstance(value, str):
         try:
             number = float(value)
         except ValueError:
-            pass
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
-        raise RowError(f"{what!r} must be an integer; got {value!r}")
+            return None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or (isinstance(number, float)
+                                                                         and not number.is_integer()):
+        return None
     return int(number)
+
+
+def _integer(value, what: str) -> int:
+    number = _whole_number(value)
+    if number is None:
+        raise RowError(f"{what!r} must be an integer; got {value!r}")
+    return number
 
 
 def _cut_at_turn(conversation: list, turn: int, name: str) -> list:
@@ -490,17 +499,11 @@ def _vote_share(value, coding: str, column: str) -> float:
     key = value
     if coding != "names":
         if isinstance(key, str):
-            text = key.strip().lower()
-            key = {"true": True, "false": False}.get(text, text)
-            if isinstance(key, str):
-                try:
-                    key = float(key)
-                except ValueError:
-                    pass
-        if isinstance(key, bool):
+            key = {"true": True, "false": False}.get(key.strip().lower(), key)
+        if isinstance(key, bool):  # true / false: a vote in the 0/1 and 1/0 codings only
             key = None if coding == "1/2" else int(key)
-        elif isinstance(key, float) and key.is_integer():
-            key = int(key)
+        else:
+            key = _whole_number(key)
     if not isinstance(key, (int, str)) or isinstance(key, bool) or key not in shares:
         raise RowError(f"{column!r}: {value!r} is not a vote in the {coding} coding ({VOTE_CODING_HELP[coding]})")
     return shares[key]

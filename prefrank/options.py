@@ -97,7 +97,7 @@ def add_options(parser, cls, *, skip=(), groups: dict | None = None, required: b
         target = groups[meta["group"]] if meta.get("group") else parser
         default = f.default
         text = meta["help"]
-        shown = meta.get("default_text") or (None if default in (MISSING, None, False) else
+        shown = meta.get("default_text") or (None if default is MISSING or default is None or default is False else
                                              ",".join(map(str, default)) if isinstance(default, (list, tuple))
                                              else str(default))
         if shown:

@@ -24,7 +24,7 @@ from prefrank.models import DTYPES, CausalLM, LoadOptions, fingerprint, resolve_
 from prefrank.options import option, options, positive_int, row_options
 from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenizer, on_rank_0, process_device
 from prefrank.runtime import max_length as run_max_length
-from prefrank.scoring import METHODS, resolve_method, score
+from prefrank.scoring import METHODS, first_completion, resolve_method, score
 from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 
@@ -140,23 +140,15 @@ def _tokenize_chunk(examples, tokenizer, opts, max_length) -> tuple[dict, dict[i
     return tokenized, errors
 
 
-def _first_seqs(tokenized) -> dict[int, int]:
-    """Where each item's completions start in the flat score order."""
-    first_seq, n_seqs = {}, 0
-    for index, item in tokenized.items():
-        first_seq[index], n_seqs = n_seqs, n_seqs + len(item.completion_ids)
-    return first_seq
-
-
 def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
     """The errors of the rows with a NaN or infinite log-prob sum under any model (float16
     overflow, say), naming the model and completion: such a number is never written as a score.
     The sums cover every token: float64 sums of finite fp32 log-probs are finite."""
-    first_seq = _first_seqs(tokenized)
+    first = first_completion(list(tokenized.values()))
     finite = {model: torch.isfinite(s.logps) for model, s in sums.items()}
     errors = {}
-    for index, item in tokenized.items():
-        seqs = range(first_seq[index], first_seq[index] + len(item.completion_ids))
+    for i, index in enumerate(tokenized):
+        seqs = range(first[i], first[i + 1])
         bad = [f"{model} {COMPLETION_NAMES[k] if not kwise else f'completion {k}'} {float(s.logps[seq])}"
                for model, s in sums.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
         if bad:
@@ -168,7 +160,7 @@ def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
 def _chunk_columns(examples, tokenized, errors, models: dict, opts: "ScoreOptions", kwise) -> dict[str, list]:
     """One table row per example, in input order. `models`: column prefix ("" the policy, "ref_")
     → its SequenceLogprobs, flat over the tokenized examples."""
-    first_seq = _first_seqs(tokenized)
+    first = first_completion(list(tokenized.values()))
     item_of = {index: k for k, index in enumerate(tokenized)}
     grams = {prefix: sums.hidden_grams(list(tokenized.values())) for prefix, sums in models.items()} if opts.ches \
         else None
@@ -179,7 +171,7 @@ def _chunk_columns(examples, tokenized, errors, models: dict, opts: "ScoreOption
                "status": "ok" if item is not None else "error", "error": errors.get(ex.index)}
         row.update({"human_scores": ex.human_scores} if kwise else
                    {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
-        seqs = None if item is None else range(first_seq[ex.index], first_seq[ex.index] + len(item.completion_ids))
+        seqs = None if item is None else range(first[item_of[ex.index]], first[item_of[ex.index] + 1])
         row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
         for prefix, sums in models.items():
             row.update(completion_fields(prefix + "logp", None if seqs is None else [float(sums.logps[s]) for s in seqs],

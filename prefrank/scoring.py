@@ -96,12 +96,12 @@ class SequenceLogprobs:
     def hidden_grams(self, items: list[Tokenized]) -> list[list[float]]:
         """Per item, the K×K inner products ⟨Σh_i, Σh_j⟩ of its completions' hidden sums (row-major,
         float64), computed on the device: CHES(x, y_i, y_j) = G_ij − G_ii (Razin et al. 2025)."""
-        first = _first_completion(items)
+        first = first_completion(items)
         grams = [self.hidden_sums[a:b] @ self.hidden_sums[a:b].T for a, b in zip(first[:-1], first[1:])]
         return [g.flatten().tolist() for g in grams]
 
 
-def _first_completion(items: list[Tokenized]) -> list[int]:
+def first_completion(items: list[Tokenized]) -> list[int]:
     """[n + 1] offsets: item i's completions are flat indices first[i] .. first[i + 1] - 1."""
     return list(accumulate((len(it.completion_ids) for it in items), initial=0))
 
@@ -191,7 +191,7 @@ def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False, h
              cache_bytes: int = CACHE_BYTES) -> SequenceLogprobs:
     _, completions = _flatten(items)
     sums = SequenceLogprobs(len(completions), per_token, lm.device, "kv", lm.hidden_size if hidden else None)
-    first_seq = _first_completion(items)
+    first_seq = first_completion(items)
     held, held_bytes = [], 0
     for batch in length_batches([len(it.prompt_ids) for it in items], budget):
         prompts = [items[i].prompt_ids for i in batch]
@@ -319,7 +319,7 @@ def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = Fals
                  hidden: bool = False) -> SequenceLogprobs:
     _, completions = _flatten(items)
     sums = SequenceLogprobs(len(completions), per_token, lm.device, "packed", lm.hidden_size if hidden else None)
-    first_seq = _first_completion(items)
+    first_seq = first_completion(items)
     rows = packed_rows(items)
     for batch in length_batches([len(r) for r in rows], budget):
         packed = packed_layout(lm, items, batch, rows)

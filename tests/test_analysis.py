@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefrank.analysis import (bootstrap_ci, sigmoid_dpo_loss, flip_groups, idealized_correct, idealized_sweep,
-                               load_pairs, ranking_correct, spearman, summarize, theorem41)
+from prefrank.analysis import (AnalysisOptions, bootstrap_ci, sigmoid_dpo_loss, flip_groups, idealized_correct,
+                               idealized_sweep, load_pairs, ranking_correct, spearman, summarize, theorem41)
 from prefrank.cli import main
 from conftest import PANDALM, STORIES, needs_shared
 
@@ -161,7 +161,7 @@ def test_summary_on_a_table(tmp_path):
     ref = [[-2, -2], [-2, -3], [-1, -3], [-5, -6], [-1, -2]]
     path = write_scores(tmp_path / "s.parquet", pol, ref, alpha=[0.9, 0.8, 0.5, 1.0, 0.7],
                         status=["ok", "ok", "ok", "ok", "error"])
-    s = summarize(load_pairs(path), beta=1.0, betas=[1.0], n_boot=200)
+    s = summarize(load_pairs(path), AnalysisOptions(beta=1.0, betas=[1.0], n_boot=200))
     assert (s["n_pairs"], s["n_errors"], s["n_ties"], s["n_ranked"]) == (4, 1, 1, 3)  # pair 2: the raters tied
     assert s["ranking_accuracy"]["value"] == 2 / 3  # pairs 0 and 3 of 0, 1, 3
     assert s["reference_ranking_accuracy"]["value"] == 1.0
@@ -201,6 +201,37 @@ def test_analyze_and_report_cli(tmp_path, capsys):
     assert "cannot read score table" in capsys.readouterr().err
 
 
+def test_bootstrap_seed_option(tmp_path, capsys):
+    """--bootstrap-seed seeds the bootstrap of `analyze` and `report` (a Binomial(n, R) draw per
+    resample, written out here); --seed, the built-in task's seed of `score`, is no analysis option."""
+    rng = np.random.default_rng(4)
+    ref = rng.normal(-20, 5, (60, 2))
+    pol = ref + rng.normal(0, 3, (60, 2))
+    scores = write_scores(tmp_path / "s.parquet", pol, ref)
+    accuracy = np.mean(pol[:, 0] >= pol[:, 1])
+    cis = {}
+    for seed in (0, 7):
+        out = tmp_path / f"a{seed}.json"
+        assert main(["analyze", scores, "--out", str(out), "--bootstrap", "300", "--bootstrap-seed", str(seed)]) == 0
+        s = json.loads(out.read_text())
+        means = np.random.default_rng(seed).binomial(60, accuracy, size=300) / 60
+        assert s["ranking_accuracy"]["ci95"] == pytest.approx(np.quantile(means, [0.025, 0.975]).tolist())
+        assert (s["options"]["bootstrap_seed"], s["options"]["bootstrap"]) == (seed, 300) and "seed" not in s["options"]
+        cis[seed] = s["ranking_accuracy"]["ci95"]
+    assert cis[0] != cis[7]
+    assert main(["report", scores, "--out", str(tmp_path / "rep"), "--bootstrap", "300", "--bootstrap-seed", "7"]) == 0
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["ranking_accuracy"]["ci95"] == cis[7]
+    capsys.readouterr()
+    for command in (["analyze", scores], ["report", scores, "--out", str(tmp_path / "rep")]):
+        with pytest.raises(SystemExit) as refused:
+            main(command + ["--seed", "7"])
+        assert refused.value.code == 2 and "unrecognized arguments: --seed 7" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main([command[0], "--help"])
+        assert "--bootstrap-seed BOOTSTRAP_SEED seed of the bootstrap resamples (default: 0)" in " ".join(
+            capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_displacement_against_brute_force(seed, tmp_path):
     """Δ_w, Δ_l and the displacement shares, overall, per group and over checkpoints, against a
@@ -211,7 +242,7 @@ def test_displacement_against_brute_force(seed, tmp_path):
     pol = ref + rng.normal(-1, 3, (n, 2))  # mostly lower likelihoods, as after DPO
     pol[:5] = ref[:5]  # no change: Δ = 0 is not a loss of likelihood
     path = write_scores(tmp_path / "s.parquet", pol, ref)
-    s = summarize(load_pairs(path), beta=0.1, n_boot=10)
+    s = summarize(load_pairs(path), AnalysisOptions(beta=0.1, n_boot=10))
     d = s["displacement"]
     count = {"displaced": 0, "both": 0, "by_rejected": 0}
     groups = {}

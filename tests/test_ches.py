@@ -152,7 +152,7 @@ def test_kwise_gram_and_implied_pairs(tmp_path):
 
 
 def test_report_shows_ches_against_displacement(tmp_path):
-    from prefrank.analysis import load_pairs, summarize
+    from prefrank.analysis import AnalysisOptions, load_pairs, summarize
     from prefrank.analysis.metrics import spearman
     from test_analysis import write_scores
     import numpy as np
@@ -165,7 +165,7 @@ def test_report_shows_ches_against_displacement(tmp_path):
     ches = rng.normal(0, 1, 30)
     table = table.append_column("ref_ches", pa.array(ches)).append_column("ref_ches_normalized", pa.array(ches / 3))
     pq.write_table(table, path)
-    s = summarize(load_pairs(path), n_boot=10)
+    s = summarize(load_pairs(path), AnalysisOptions(n_boot=10))
     rho = s["displacement"]["spearman_ref_ches_vs_delta_chosen"]
     assert rho == pytest.approx(spearman(ches, pol[:, 0] - ref[:, 0]))
     assert main(["report", path, "--out", str(tmp_path / "rep")]) == 0

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
+from prefrank.analysis.summary import AnalysisOptions
 from prefrank.errors import InputError
 from prefrank.io import PAIR_EXTRAS, ches_columns
 
@@ -92,7 +93,10 @@ def load_kwise(path: str) -> dict:
             "n_rows": len(t["status"]), "table": t}
 
 
-def summarize_kwise(path: str, *, n_boot: int = 1000, seed: int = 0) -> dict:
+def summarize_kwise(path: str, opts: AnalysisOptions | None = None) -> dict:
+    """The K-wise measures of a K-wise score table, with bootstrap CIs (opts: --bootstrap, --bootstrap-seed)."""
+    opts = opts or AnalysisOptions()
+    boot = dict(n_boot=opts.n_boot, seed=opts.bootstrap_seed)
     k = load_kwise(path)
     out = {"n_prompts": len(k["ids"]), "n_errors": k["n_rows"] - len(k["ids"]),
            "completions_per_prompt": {str(n): int(c) for n, c in zip(*np.unique([len(x) for x in k["logps"]],
@@ -102,19 +106,19 @@ def summarize_kwise(path: str, *, n_boot: int = 1000, seed: int = 0) -> dict:
                         ("_length_normalized", [np.asarray(lp) / np.asarray(n) for lp, n in zip(k["logps"], k["n_tokens"])])):
         exact = [exact_order_correct(m, h) for m, h in zip(model, k["human"])]
         informative = np.array([e for e in exact if e is not None], dtype=bool)
-        lo, hi = metrics.bootstrap_ci(informative, n_boot=n_boot, seed=seed)
+        lo, hi = metrics.bootstrap_ci(informative, **boot)
         out[f"exact_order_accuracy{kind}"] = {"value": float(informative.mean()) if len(informative) else None,
                                               "ci95": [lo, hi]}
         counts = np.array([pairwise_counts(m, h) for m, h in zip(model, k["human"])], dtype=np.float64).reshape(-1, 2)
         total = counts[:, 1].sum()
         out[f"pairwise_accuracy{kind}"] = {
             "value": float(counts[:, 0].sum() / total) if total else None,
-            "ci95": list(metrics.bootstrap_ratio_ci(counts[:, 0], counts[:, 1], n_boot=n_boot, seed=seed)),
+            "ci95": list(metrics.bootstrap_ratio_ci(counts[:, 0], counts[:, 1], **boot)),
             "pairs": int(total)}
         taus = np.array([t for t in (kendall_tau_b(m, h) for m, h in zip(model, k["human"])) if t is not None])
         out[f"kendall_tau_b{kind}"] = {
             "value": float(taus.mean()) if len(taus) else None,
-            "ci95": list(metrics.bootstrap_ratio_ci(taus, np.ones_like(taus), n_boot=n_boot, seed=seed)),
+            "ci95": list(metrics.bootstrap_ratio_ci(taus, np.ones_like(taus), **boot)),
             "prompts": len(taus)}
     return out
 

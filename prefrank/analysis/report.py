@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
 from prefrank.errors import InputError
-from prefrank.analysis.summary import load_pairs, ranked_pairs, summarize
+from prefrank.analysis.summary import AnalysisOptions, load_pairs, pair_measures, ranked_pairs, summarize
 
 
 def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
@@ -32,16 +32,10 @@ def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
         p = ranked_pairs(load_pairs(path, ref_scores), tie_band)
         if not p.has_ref:
             raise InputError(f"{path}: the groups need reference log-probs (a reference score table, or ref_ columns)")
-        theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-        margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-        correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
-        moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, correct)
-        series.append({"checkpoint": path, "ranking_accuracy": float(correct.mean()),
-                       "dpo_loss_mean": float(theorem["loss"].mean()),
-                       "displacement": {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")},
-                       "groups": metrics.flip_groups(metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band),
-                                                     correct, theorem["loss"], margin, moved["delta_w"],
-                                                     moved["delta_l"])})
+        m = pair_measures(p, beta, tie_band)
+        series.append({"checkpoint": path, "ranking_accuracy": float(m.correct.mean()),
+                       "dpo_loss_mean": float(m.theorem["loss"].mean()), "displacement": m.displacement,
+                       "groups": m.groups})
     return series
 
 
@@ -204,12 +198,13 @@ def _headline(s: dict) -> list[str]:
     return lines
 
 
-def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, checkpoints: list[str] | None = None,
-                 examples: list | None = None, **options) -> dict:
+def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None, *, ref_scores: str | None = None,
+                 checkpoints: list[str] | None = None, examples: list | None = None) -> dict:
     """Write report.md, summary.json and the plots into `out_dir`; returns the summary.
     `examples`: the input rows (prefrank.data.Example, in input order) to quote the hardest and
     easiest pairs' text. A K-wise table is reported with its K-wise metrics, then as the pair
     analysis of all the pairs it implies (their table is written as implied_pairs.parquet)."""
+    opts = opts or AnalysisOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# prefrank report: {scores}", ""]
@@ -218,24 +213,24 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
         if checkpoints or ref_scores:
             raise InputError("checkpoints and reference score tables must be pair tables; convert K-wise tables with "
                              "`prefrank pairs`")
-        kwise_summary = kwise.summarize_kwise(scores, n_boot=options.get("n_boot", 1000), seed=options.get("seed", 0))
+        kwise_summary = kwise.summarize_kwise(scores, opts)
         lines += _kwise_headline(kwise_summary) + ["", "## All implied pairs", ""]
         implied = out / "implied_pairs.parquet"
         pq.write_table(pa.table(kwise.kwise_to_pair_table(scores)), implied)
         scores, examples = str(implied), None
     all_pairs = load_pairs(scores, ref_scores)
-    summary = summarize(all_pairs, **options)
-    beta, tie_band = summary["options"]["beta"], summary["options"]["tie_band"]
+    summary = summarize(all_pairs, opts)
+    beta, tie_band = opts.beta, opts.tie_band
     pairs = ranked_pairs(all_pairs, tie_band)  # the pairs the summary measured
     plot_accuracy(summary, out / "accuracy.png")
     lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
     if pairs.has_ref and len(pairs.ids):
         series = checkpoint_series(checkpoints or [scores], ref_scores, beta, tie_band)
         summary["series"] = series
-        theorem = metrics.theorem41(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, beta)
-        plot_loss_vs_c(theorem, beta, out / "loss_vs_c.png")
+        m = pair_measures(pairs, beta, tie_band)
+        plot_loss_vs_c(m.theorem, beta, out / "loss_vs_c.png")
         plot_groups(series, out / "groups.png")
-        plot_difficulty(theorem["c"], out / "difficulty.png")
+        plot_difficulty(m.theorem["c"], out / "difficulty.png")
         lines += ["## Reference vs policy: the four groups", "", "| group | pairs | share | mean loss | mean margin |",
                   "|---|---|---|---|---|"]
         for g in summary["groups"]:
@@ -246,9 +241,7 @@ def write_report(scores: str, out_dir: str, *, ref_scores: str | None = None, ch
                   "## Theorem 4.1: loss vs difficulty", "",
                   "A pair is ranked correctly exactly when its DPO loss is below the curve -log σ(βc).",
                   "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
-        correct = metrics.ranking_correct(pairs.pol_w, pairs.pol_l, pairs.alpha, tie_band)
-        moved = metrics.displacement(pairs.pol_w, pairs.pol_l, pairs.ref_w, pairs.ref_l, correct)
-        plot_displacement(moved, correct, out / "displacement.png",
+        plot_displacement(m.moved, m.correct, out / "displacement.png",
                           None if pairs.ref_ches is None else pairs.ref_ches[:, 0])
         lines += _displacement_section(summary)
         lines += _difficulty_section(summary["difficulty"], examples)

@@ -18,6 +18,24 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
 from prefrank.errors import InputError
+from prefrank.options import flags, float_list, option, options, positive_float, positive_int
+
+
+@options
+class AnalysisOptions:
+    """The analysis's parameters: `prefrank analyze` and `report` take them as options."""
+    beta: float = option(0.1, "β of the DPO loss and Theorem 4.1", type=positive_float)
+    betas: tuple[float, ...] = option(metrics.DEFAULT_BETAS, "β sweep of the idealized accuracy", type=float_list,
+                                      default_text=",".join(f"{b:g}" for b in metrics.DEFAULT_BETAS))
+    epsilon: float = option(metrics.DEFAULT_EPSILON, "alpha is clipped to [ε, 1-ε]")
+    gamma: float = option(1.0, "DPO^γ: γ scales the reference log-ratio; reported as dpo_gamma_loss_mean when not 1")
+    tie_band: float | None = option(None, "pairs with alpha = 0.5 count as correct when |Δ log π| <= band",
+                                    type=float)
+    n_boot: int = option(1000, "bootstrap resamples", flag="--bootstrap", type=positive_int)
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples")
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # the command line gives a list
 
 
 @dataclass
@@ -106,18 +124,49 @@ def ranked_pairs(p: Pairs, tie_band: float | None = None) -> Pairs:
     return p if tie_band is not None else p.subset(~p.tie)
 
 
+@dataclass
+class PairMeasures:
+    """The per-pair quantities of pairs under the policy and the reference."""
+    correct: np.ndarray  # bool: the policy ranks the pair right (the tie band applied)
+    ref_correct: np.ndarray  # bool: the reference does
+    theorem: dict  # metrics.theorem41: difficulty c, DPO loss, its bound, the violations
+    margin: np.ndarray  # the DPO reward margin
+    moved: dict  # metrics.displacement: Δ_w, Δ_l, and their shares and means
+    groups: list[dict]  # metrics.flip_groups: the four reference × policy groups
+
+    @property
+    def displacement(self) -> dict:
+        """The displacement's shares and means, without the per-pair Δ arrays (JSON-ready)."""
+        return {k: v for k, v in self.moved.items() if k not in ("delta_w", "delta_l")}
+
+
+def pair_measures(p: Pairs, beta: float, tie_band: float | None = None) -> PairMeasures:
+    """The per-pair quantities of pairs that have reference log-probs: every table's summary,
+    checkpoint series, plots and per-pair table take them from here."""
+    correct = metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band)
+    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band)
+    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, correct)
+    groups = metrics.flip_groups(ref_correct, correct, theorem["loss"], margin, moved["delta_w"], moved["delta_l"])
+    return PairMeasures(correct=correct, ref_correct=ref_correct, theorem=theorem, margin=margin, moved=moved,
+                        groups=groups)
+
+
 def _accuracy(correct, n_boot, seed) -> dict:
     lo, hi = metrics.bootstrap_ci(correct, n_boot=n_boot, seed=seed)
     return {"value": float(np.mean(correct)) if len(correct) else None, "ci95": [lo, hi]}
 
 
-def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, epsilon: float = metrics.DEFAULT_EPSILON,
-              gamma: float = 1.0, tie_band: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
     """Every measurement the inputs allow: accuracies with bootstrap CIs; with a reference, DPO
     loss, Theorem 4.1 and the four groups; with a reference and alpha, idealized accuracy over
     the β sweep and the alignment gap. Taken over the untied pairs (all of them with a tie band);
     the counts say how many pairs were tied, reoriented by the scorer, or kept with the raters'
     rejected completion as chosen (alpha < 0.5: --keep-column-order, or an older table)."""
+    opts = opts or AnalysisOptions()
+    beta, betas, epsilon, gamma, tie_band = opts.beta, opts.betas, opts.epsilon, opts.gamma, opts.tie_band
+    n_boot, bootstrap_seed = opts.n_boot, opts.bootstrap_seed
     p = ranked_pairs(pairs, tie_band)
     norm_w, norm_l = metrics.length_normalized(p.pol_w, p.n_w), metrics.length_normalized(p.pol_l, p.n_l)
     observed = {
@@ -128,40 +177,38 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
         "n_pairs": len(pairs.ids), "n_errors": pairs.n_errors, "n_ties": int(pairs.tie.sum()), "n_ranked": len(p.ids),
         "n_reoriented": int(pairs.reoriented.sum()),
         "n_chosen_rejected_by_raters": 0 if pairs.alpha is None else int((pairs.alpha < 0.5).sum()),
-        "ranking_accuracy": _accuracy(observed["raw"], n_boot, seed),
-        "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, seed),
-        "options": {"beta": beta, "betas": list(betas), "epsilon": epsilon, "gamma": gamma, "tie_band": tie_band,
-                    "bootstrap": n_boot, "seed": seed},
+        "ranking_accuracy": _accuracy(observed["raw"], n_boot, bootstrap_seed),
+        "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, bootstrap_seed),
+        # keyed as the command line names them (--bootstrap: n_boot)
+        "options": {flag[2:].replace("-", "_"): getattr(opts, name) for name, flag in flags(AnalysisOptions).items()},
     }
     if not p.has_ref or not len(p.ids):
         return out
-    ref_correct = metrics.ranking_correct(p.ref_w, p.ref_l, p.alpha, tie_band)
-    out["reference_ranking_accuracy"] = _accuracy(ref_correct, n_boot, seed)
-    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-    margin = metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
+    m = pair_measures(p, beta, tie_band)
+    out["reference_ranking_accuracy"] = _accuracy(m.ref_correct, n_boot, bootstrap_seed)
     mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
-    out["dpo_loss_mean"] = mean(theorem["loss"])
+    out["dpo_loss_mean"] = mean(m.theorem["loss"])
     if gamma != 1.0:
         out["dpo_gamma_loss_mean"] = mean(metrics.sigmoid_dpo_loss(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta, gamma))
-    out["reward_margin_mean"] = mean(margin)
-    out["reward_accuracy"] = _accuracy(margin > 0, n_boot, seed)
-    out["theorem41_violations"] = int(len(theorem["violations"]))
-    out["theorem41_violating_ids"] = [str(i) for i in p.ids[theorem["violations"]][:20]]
-    out["difficulty"] = _difficulty(p, theorem["c"])
-    moved = metrics.displacement(p.pol_w, p.pol_l, p.ref_w, p.ref_l, observed["raw"])
-    out["displacement"] = {k: v for k, v in moved.items() if k not in ("delta_w", "delta_l")}
+    out["reward_margin_mean"] = mean(m.margin)
+    out["reward_accuracy"] = _accuracy(m.margin > 0, n_boot, bootstrap_seed)
+    out["theorem41_violations"] = int(len(m.theorem["violations"]))
+    out["theorem41_violating_ids"] = [str(i) for i in p.ids[m.theorem["violations"]][:20]]
+    out["difficulty"] = _difficulty(p, m.theorem["c"])
+    out["displacement"] = m.displacement
     if p.ref_ches is not None:  # CHES of the reference predicts which pairs' chosen loses likelihood
-        out["displacement"]["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], moved["delta_w"])
+        delta_w = m.moved["delta_w"]
+        out["displacement"]["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], delta_w)
         out["displacement"]["spearman_ref_ches_normalized_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 1],
-                                                                                               moved["delta_w"])
-    out["groups"] = metrics.flip_groups(ref_correct, observed["raw"], theorem["loss"], margin, moved["delta_w"],
-                                        moved["delta_l"])
+                                                                                               delta_w)
+    out["groups"] = m.groups
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
-    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, seed, tie_band),
+    idealized = {"raw": metrics.idealized_sweep(p.ref_w, p.ref_l, p.alpha, betas, epsilon, n_boot, bootstrap_seed,
+                                                tie_band),
                  "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon,
-                                                              n_boot, seed, tie_band)}
+                                                              n_boot, bootstrap_seed, tie_band)}
     out["idealized"] = idealized
     out["alignment_gap"] = {
         kind: {stat: idealized[kind][stat] - out[key]["value"] for stat in ("min", "median", "max")}
@@ -172,12 +219,11 @@ def summarize(pairs: Pairs, *, beta: float = 0.1, betas=metrics.DEFAULT_BETAS, e
 def per_pair_table(p: Pairs, beta: float) -> dict[str, list]:
     """One row per scored pair: its Theorem 4.1 difficulty c, DPO loss, reward margin and who
     ranks it correctly (needs reference log-probs)."""
-    theorem = metrics.theorem41(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta)
-    return {"id": [str(i) for i in p.ids], "row": p.rows.tolist(), "c": theorem["c"].tolist(),
-            "dpo_loss": theorem["loss"].tolist(), "loss_bound": theorem["bound"].tolist(),
-            "reward_margin": metrics.dpo_margin(p.pol_w, p.pol_l, p.ref_w, p.ref_l, beta).tolist(),
-            "policy_correct": theorem["correct"].tolist(),
-            "reference_correct": metrics.ranking_correct(p.ref_w, p.ref_l).tolist(),
+    m = pair_measures(p, beta)
+    return {"id": [str(i) for i in p.ids], "row": p.rows.tolist(), "c": m.theorem["c"].tolist(),
+            "dpo_loss": m.theorem["loss"].tolist(), "loss_bound": m.theorem["bound"].tolist(),
+            "reward_margin": m.margin.tolist(), "policy_correct": m.correct.tolist(),
+            "reference_correct": m.ref_correct.tolist(),
             "alpha": None if p.alpha is None else p.alpha.tolist(), "tie": p.tie.tolist(),
             "reoriented": p.reoriented.tolist()}
 

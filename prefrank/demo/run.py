@@ -113,7 +113,7 @@ def summary_text(s: dict, lines: list[dict], beta: float) -> str:
 def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 2048, val_pairs: int = 512,
              steps: int = 300, eval_every: int = 30, batch_size: int = 32, lr: float = 3e-4, beta: float = 0.1,
              log=print) -> dict:
-    from prefrank.analysis import write_report
+    from prefrank.analysis import AnalysisOptions, write_report
     from prefrank.analysis.report import plot_groups
     from prefrank.demo.default import ensure_default
     from prefrank.dpo.trainer import TrainOptions, train
@@ -145,7 +145,7 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
     log("prefrank demo: scoring the validation pairs under the final policy and the reference")
     score_dataset(ScoreOptions(data=str(folder / "val.jsonl"), model=str(run / "final"), ref_model=reference_path,
                                out=str(scores), columns=COLUMNS, device="cpu", ches=True), progress=False)
-    summary = write_report(str(scores), str(folder / "report"), beta=beta)
+    summary = write_report(str(scores), str(folder / "report"), AnalysisOptions(beta=beta))
     series = [{"checkpoint": f"step {line['step']}", "groups": line["val"]["groups"]} for line in lines]
     plot_groups(series, folder / "report" / "groups.png")
     plot_trajectory(lines, folder / "report" / "trajectory.png")
