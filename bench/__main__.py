@@ -3,6 +3,7 @@
   python -m bench --suite cpu    scoring (packed and kv vs naive vs TRL-style, K = 2 and 4, stories260K
                                  and an 11M Llama), scaling with prompt share, vocabulary and length,
                                  C++ log-probs, fused DPO loss vs naive and Liger, streaming memory,
+                                 grouping votes into pairs (memory, speed), model fingerprints vs sha256,
                                  PrefrankDPOTrainer vs TRL's DPOTrainer (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
                                  to end (random-init Llama 3.2 1B and 3.1 8B shapes, bf16, HH lengths:
@@ -27,6 +28,8 @@ SUITES = {
             ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),
             ("scaling", ["--pairs", "32"]),
             ("streaming", ["--sizes", "10000,100000"]),
+            ("grouping", ["--mb", "300"]),
+            ("fingerprint", []),
             ("trl", ["--pairs", "128", "--batches", "4", "--reps", "3"])],
     "gpu": [("ops_gpu", []),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512", "--compile"]),

@@ -116,9 +116,10 @@ def fingerprint(path: str) -> dict[str, dict]:
     local cache) without reading its weights: for each file, its size, mtime and the sha256 of its
     safetensors header (tensor names, dtypes, shapes, offsets), or of the whole file for any other
     file (configs, tokenizers, templates, code; pickled weights). Other weights under the same path
-    change the mtime at least. Measured on the 2-core development CPU: a folder with a 105 MB
-    safetensors file takes 0.07 ms (stories260K's: 0.09 ms), where a full sha256 of that file takes
-    67 ms (1.6 GB/s: ~10 s for 8B bf16 weights, ~90 s at 70B, more from a cold disk)."""
+    change the mtime at least. Measured on the 2-core development CPU (python -m bench.fingerprint): a
+    folder with a 101 MB safetensors file takes 0.04 ms (stories260K's six files: 0.3 ms), where a full
+    sha256 of that file takes 65 ms (1.5 GB/s: ~10 s for 8B bf16 weights, ~90 s at 70B, more from a
+    cold disk)."""
     folder = Path(path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download

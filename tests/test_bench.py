@@ -30,3 +30,19 @@ def test_scaling_smoke(tmp_path):
                    "--out-dir", str(tmp_path)])
     assert len(result["prompt_share"]) == 5 and len(result["vocab_sweep"]) == 2 and len(result["length_sweep"]) == 2
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_grouping_smoke():
+    """The grouping benchmark on a 1 MB vote file: every pair comes out once with its 4 votes (the
+    child checks each against the votes written) and the RSS growth is measured."""
+    from bench.grouping import main
+    result = main(["--smoke"])
+    assert result["pairs"] > 100 and result["votes"] == 4 * result["pairs"] and result["votes_per_s"] > 0
+    assert 0 <= result["rss_growth_mb"] < result["peak_rss_mb"]
+
+
+def test_fingerprint_smoke():
+    """The fingerprint benchmark on a 4 MB safetensors file: all three timings come back."""
+    from bench.fingerprint import main
+    result = main(["--smoke"])
+    assert set(result["ms"]) >= {"fingerprint_big", "sha256_big"} and all(ms > 0 for ms in result["ms"].values())
