@@ -7,14 +7,13 @@ them with the built-in tiny model in a fresh process, which reports its own peak
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import command, machine, write_result
+from bench.common import command, machine, peak_rss_since_reset, write_result
 
 
 def child(data: str, model: str, out: str):
@@ -23,7 +22,9 @@ def child(data: str, model: str, out: str):
     start = time.perf_counter()
     summary = score_dataset(ScoreOptions(data=data, model=model, out=out, columns=Columns()), progress=False)
     print(json.dumps({"rows": summary.rows, "errors": summary.errors, "seconds": time.perf_counter() - start,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      # VmHWM: this program's own peak (ru_maxrss would also hold the parent's RSS that
+                      # the forked process had before its exec)
+                      "peak_rss_mb": peak_rss_since_reset() / 2**20}))
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Command line: `prefrank score | analyze | report ...` (see `prefrank COMMAND --help`)."""
 import argparse
+import os
 import sys
 
 from prefrank import options
@@ -74,6 +75,8 @@ def run_score(args) -> int:
         default_data, default_model = ensure_default(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
         data, model = default_data, model or default_model
     opts = options.from_args(ScoreOptions, args, data=data, model=model, columns=columns_from_args(args))
+    if os.path.exists(opts.out) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"prefrank: {opts.out} exists: this run replaces it when it finishes", file=sys.stderr)
     summary = score_dataset(opts)
     if summary is not None:  # rank 0 (or a single process)
         print(summary.line(opts.out), file=sys.stderr)

@@ -728,7 +728,10 @@ def check_columns(row: dict, cols: Columns):
     missing = [c for c in named if c.partition(".")[0] not in row]
     if missing:
         kwise = cols.completions is None and "completions" in row
-        hint = " (K completions per prompt? pass <completions>)" if kwise else ""
+        preset = formats.detect(row) if cols.format is None else None
+        hint = (" (K completions per prompt? pass <completions>)" if kwise else
+                f" (the first row looks like {preset}: column options alone turn off the format's detection; add "
+                f"<format> {preset} to start from its mapping)" if preset else "")
         raise InputError(f"unknown column(s) {', '.join(map(repr, missing))}: the first row has "
                          f"{', '.join(map(repr, row)) or 'no fields'}{hint}")
 

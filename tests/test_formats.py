@@ -514,8 +514,8 @@ def test_old_tables_load_and_warn_about_rater_rejected_chosen(tmp_path, capsys):
     assert (s["n_chosen_rejected_by_raters"], s["n_ties"], s["n_reoriented"], s["n_ranked"]) == (1, 1, 0, 2)
     assert "WARNING: on 1 pairs the raters preferred the rejected completion" in capsys.readouterr().err
     assert main(["report", path, "--out", str(tmp_path / "rep")]) == 0
-    assert "pairs whose chosen completion the raters rejected (α < 0.5), counted in column order** | 1 |" in \
-        (tmp_path / "rep" / "report.md").read_text()
+    assert ("pairs whose chosen completion most raters reject (α < 0.5): read in column order "
+            "(keep_column_order), they count as labelled** | 1 |") in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_keep_column_order_is_recorded_and_warned(tmp_path, capsys):
@@ -589,3 +589,13 @@ def test_pairs_and_help_know_the_formats(tmp_path, capsys):
         main(["score", "--help"])
     text = capsys.readouterr().out
     assert all(name in text for name in PRESETS) and "--chat-template" in text and "--group-by" in text
+
+
+def test_a_column_option_alone_names_the_format_it_turned_off(tmp_path):
+    """--vote-coding 0/1 alone on PandaLM rows reads the default mapping (no chosen column): the
+    error says the first row looks like pandalm and how to start from its mapping (tryout)."""
+    path = write_jsonl(tmp_path / "p.jsonl", PANDALM_ROWS)
+    with pytest.raises(InputError) as caught:
+        open_examples(path, Columns(vote_coding="0/1"))
+    assert "unknown column(s) 'chosen', 'rejected'" in str(caught.value)
+    assert "looks like pandalm" in str(caught.value) and "add format pandalm to start" in str(caught.value)

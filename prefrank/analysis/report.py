@@ -178,8 +178,8 @@ def _headline(s: dict) -> list[str]:
         lines.append(f"| pairs reoriented to the raters' choice when scored (their input's rejected column is "
                      f"chosen here) | {s['n_reoriented']} |")
     if s["n_chosen_rejected_by_raters"]:
-        lines.append(f"| **pairs whose chosen completion the raters rejected (α < 0.5), counted in column order** | "
-                     f"{s['n_chosen_rejected_by_raters']} |")
+        lines.append(f"| **pairs whose chosen completion most raters reject (α < 0.5): read in column order "
+                     f"(keep_column_order), they count as labelled** | {s['n_chosen_rejected_by_raters']} |")
     for label, key in (("ranking accuracy R", "ranking_accuracy"),
                        ("length-normalized R~", "ranking_accuracy_length_normalized"),
                        ("reference model's R", "reference_ranking_accuracy"), ("reward accuracy", "reward_accuracy")):
