@@ -75,11 +75,10 @@ def run_score(args) -> int:
         default_data, default_model = ensure_default(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
         data, model = default_data, model or default_model
     opts = options.from_args(ScoreOptions, args, data=data, model=model, columns=columns_from_args(args))
-    if os.path.exists(opts.out) and int(os.environ.get("RANK", "0")) == 0:
-        print(f"prefrank: {opts.out} exists: this run replaces it when it finishes", file=sys.stderr)
+    existed = os.path.exists(opts.out)
     summary = score_dataset(opts)
     if summary is not None:  # rank 0 (or a single process)
-        print(summary.line(opts.out), file=sys.stderr)
+        print(summary.line(opts.out) + (f"\n({opts.out} existed: it was replaced)" if existed else ""), file=sys.stderr)
         if summary.rows and not summary.ok:
             raise InputError(f"none of the {summary.rows} rows could be scored (the table is written); the first: "
                              f"{summary.first_error}")
