@@ -118,7 +118,7 @@ def test_tp_needs_a_multiple_of_its_processes(setup, tmp_path, capsys):
 
 
 def test_a_model_without_a_tensor_parallel_plan_is_refused(setup, tmp_path):
-    """GPT-2 has no tensor-parallel plan in transformers: one line, exit code 2 on every rank."""
+    """GPT-2 has no tensor-parallel plan in transformers: one line, and the job fails."""
     tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
     build_tokenizer().save_pretrained(tmp_path / "gpt2")
     args = ["score", "--data", str(setup / "pairs.jsonl"), "--model", str(tmp_path / "gpt2"), "--out",
@@ -127,5 +127,6 @@ def test_a_model_without_a_tensor_parallel_plan_is_refused(setup, tmp_path):
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     lines = [line for line in stderr.splitlines() if line.startswith("prefrank score: error:")]
-    assert len(lines) == 2 and "has no `tp_plan`" in lines[0], stderr[-2000:]
+    # every rank that gets to say it says the same one line (torchrun may stop a rank once another failed)
+    assert lines and all("has no `tp_plan`" in line for line in lines), stderr[-2000:]
     assert not (tmp_path / "s.parquet").exists()  # (the traceback on stderr is torchrun's, of its failed child)
