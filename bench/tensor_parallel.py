@@ -33,7 +33,7 @@ def worker(args):
     import torch.distributed as dist
 
     from prefrank.models import LoadOptions
-    from prefrank.runtime import layout, load_lm, process_device
+    from prefrank.runtime import layout, load_lm, process_device, shutdown
     from prefrank.scoring import score
     where = layout(args.tp)
     device = process_device("auto", where.world)
@@ -60,6 +60,7 @@ def worker(args):
             "tokens_per_s": tokens / seconds.item(), "peak_mb_per_process": peak,
             "group_0_pairs": list(range(0, len(items), where.groups)),
             "group_0_logps": logps.view(len(mine), -1).tolist()}))  # [pair, completion]
+    shutdown()
 
 
 def run_layout(args, model_dir: str, tp: int, report: Path) -> dict:

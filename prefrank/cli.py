@@ -393,6 +393,9 @@ def main(argv=None) -> int:
                   if args.command == "score" else "")
         print(f"prefrank: interrupted{resume}", file=sys.stderr)
         return 130
+    finally:
+        from prefrank.runtime import shutdown
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,14 @@ def layout(tp: int) -> Layout:
     return Layout(*distributed(), tp)
 
 
+def shutdown():
+    """End this process's part in a torchrun job, if it has one: a process group left to the
+    interpreter's exit can abort it (gloo's threads outlive it)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(world: int):
     if world > 1:
         import torch.distributed as dist

@@ -124,6 +124,8 @@ def test_sft_raises_the_chosen_likelihood(default_cache, tmp_path):
     after = score(CausalLM(load_model(str(tmp_path / "sft" / "final"), dtype=torch.float32, device=cpu)), items).logps
     print(f"mean chosen log-likelihood: {before[0::2].mean():.3f} -> {after[0::2].mean():.3f}")
     assert after[0::2].mean() > before[0::2].mean() + 1.0
+    nll = [line["train"]["chosen_nll_per_token"] for line in metrics_lines(tmp_path / "sft")]  # what SFT lowers
+    assert len(nll) == 2 and nll[1] < nll[0]
 
 
 def test_train_cli_on_the_builtin_task(default_cache, tmp_path, capsys):

@@ -180,16 +180,18 @@ def _reference_key(opts: TrainOptions, max_length) -> str:
 
 @torch.no_grad()
 def evaluate(lm: CausalLM, items, ref_logps: torch.Tensor | None, opts: TrainOptions) -> dict:
-    """Ranking accuracy, and with reference log-probs the loss the run trains with, reward accuracy
-    and the four reference × policy groups."""
+    """Ranking accuracy, the chosen completions' negative log-likelihood per token (what SFT
+    lowers), and with reference log-probs the loss the run trains with, reward accuracy and the four
+    reference × policy groups."""
     was_training = lm.model.training
     lm.model.eval()
     logps = score(lm, items).logps.view(-1, 2)
     lm.model.train(was_training)
     correct = metrics.ranking_correct(logps[:, 0].numpy(), logps[:, 1].numpy())
-    out = {"pairs": len(items), "ranking_accuracy": float(correct.mean())}
+    lengths = torch.tensor([[len(c) for c in it.completion_ids] for it in items], dtype=torch.float64)
+    out = {"pairs": len(items), "ranking_accuracy": float(correct.mean()),
+           "chosen_nll_per_token": float(-logps[:, 0].sum() / lengths[:, 0].sum())}
     if ref_logps is not None:
-        lengths = torch.tensor([[len(c) for c in it.completion_ids] for it in items], dtype=torch.float64)
         loss = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta=opts.beta,
                         loss_type=opts.loss_type, label_smoothing=opts.label_smoothing, gamma=opts.gamma,
                         chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1]).numpy()
@@ -389,7 +391,8 @@ def _evaluate(run: _Run) -> dict | None:
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     run.log(f"step {step}: train ranking accuracy {record['train']['ranking_accuracy']:.3f}"
-            + (f", DPO loss {record['train']['dpo_loss']:.4f}" if ref_eval is not None else ""))
+            + (f", DPO loss {record['train']['dpo_loss']:.4f}" if ref_eval is not None else
+               f", chosen NLL {record['train']['chosen_nll_per_token']:.4f} per token"))
     return record
 
 
