@@ -242,6 +242,10 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
         nonlocal created
         sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
         created = parts.prepare(_manifest(opts, sidecar), sidecar, opts.resume)
+        if not created and progress:
+            done = len(list(parts.dir.glob("part-*.json")))
+            print(f"prefrank: resuming: {done} parts on disk, each reused if it verifies against its record",
+                  file=sys.stderr)
 
     on_rank_0(prepare, rank, world, device)
 

@@ -281,6 +281,7 @@ def test_report_shows_displacement(tmp_path):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "## Likelihood displacement" in text and "![likelihood displacement](displacement.png)" in text
     assert (tmp_path / "rep" / "displacement.png").stat().st_size > 0
+    assert not (tmp_path / "rep" / "groups.png").exists()  # one table: no one-dot panels over "checkpoints"
 
 
 def test_separate_reference_table(tmp_path):

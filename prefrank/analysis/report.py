@@ -5,7 +5,7 @@
   loss_vs_c.png     per-pair DPO loss vs difficulty c, coloured by correctness, with the
                     Theorem 4.1 boundary -log σ(βc) (Fig. 3 style)
   groups.png        the four reference × policy correctness groups over checkpoints: share, mean
-                    loss, mean margin (Fig. 2 style)
+                    loss, mean margin (Fig. 2 style; with --checkpoints)
   displacement.png  Δ log π of the rejected vs the chosen completion, policy against reference:
                     likelihood displacement (Razin et al. 2025), four quadrants
   difficulty.png    histogram of c
@@ -229,7 +229,8 @@ def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None,
         summary["series"] = series
         m = pair_measures(pairs, beta, tie_band)
         plot_loss_vs_c(m.theorem, beta, out / "loss_vs_c.png")
-        plot_groups(series, out / "groups.png")
+        if len(series) > 1:  # one table: the groups table below says it all
+            plot_groups(series, out / "groups.png")
         plot_difficulty(m.theorem["c"], out / "difficulty.png")
         lines += ["## Reference vs policy: the four groups", "", "| group | pairs | share | mean loss | mean margin |",
                   "|---|---|---|---|---|"]
@@ -237,7 +238,7 @@ def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None,
             fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"| {g['group']} | {g['count']} | {_pct(g['share'])} | {fmt(g['mean_loss'])} | "
                          f"{fmt(g['mean_margin'])} |")
-        lines += ["", "![groups over checkpoints](groups.png)", "",
+        lines += ["", "![groups over checkpoints](groups.png)" if len(series) > 1 else "", "",
                   "## Theorem 4.1: loss vs difficulty", "",
                   "A pair is ranked correctly exactly when its DPO loss is below the curve -log σ(βc).",
                   "", "![loss vs c](loss_vs_c.png)", "", "![difficulty](difficulty.png)", ""]
