@@ -60,6 +60,7 @@ def worker(args):
             "tokens_per_s": tokens / seconds.item(), "peak_mb_per_process": peak,
             "group_0_pairs": list(range(0, len(items), where.groups)),
             "group_0_logps": logps.view(len(mine), -1).tolist()}))  # [pair, completion]
+    dist.barrier()  # no rank tears its process group down while another still talks to it
     shutdown()
 
 

@@ -97,6 +97,7 @@ class Summary:
     methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
     seconds: float = 0.0
     first_error: str | None = None
+    resumed_from: int = 0  # parts an interrupted run had left, each reused if it verified
 
     def line(self, out: str) -> str:
         waste = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
@@ -113,6 +114,8 @@ class Summary:
             text += f"\nof the ok rows: {', '.join(verdict)}"
         if self.first_error:
             text += f"\nfirst error: {self.first_error}"
+        if self.resumed_from:
+            text += f"\nresumed: {self.resumed_from} parts were on disk, each reused where it verified"
         return text
 
 
@@ -238,14 +241,13 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     parts = Parts(opts.out)
     created = False
 
+    found = 0  # the parts an earlier run left (--resume)
+
     def prepare():
-        nonlocal created
+        nonlocal created, found
         sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
         created = parts.prepare(_manifest(opts, sidecar), sidecar, opts.resume)
-        if not created and progress:
-            done = len(list(parts.dir.glob("part-*.json")))
-            print(f"prefrank: resuming: {done} parts on disk, each reused if it verifies against its record",
-                  file=sys.stderr)
+        found = 0 if created else len(list(parts.dir.glob("part-*.json")))
 
     on_rank_0(prepare, rank, world, device)
 
@@ -289,7 +291,7 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     barrier(world)
     if rank != 0:
         return None
-    return Summary(**parts.merge(schema))
+    return Summary(**parts.merge(schema), resumed_from=found)
 
 
 def merge_parts(out: str) -> Summary:

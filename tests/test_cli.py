@@ -258,7 +258,7 @@ def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys, mo
     code, err = run(args + ["--resume", "--tokenization", "trl"], capsys)
     assert code == 2 and "other --tokenization" in err
     code, err = run(args + ["--resume"], capsys)
-    assert code == 0 and "resuming: 1 parts on disk" in err  # part 0 was written before the crash
+    assert code == 0 and "resumed: 1 parts were on disk" in err  # part 0 was written before the crash
 
 
 def test_an_internal_error_keeps_its_traceback(model_dirs, tmp_path, monkeypatch):
