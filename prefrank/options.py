@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 from dataclasses import MISSING, fields, is_dataclass
 
-from prefrank.errors import OPTION_NAMES
+from prefrank.errors import OPTION_NAMES, InputError
 
 
 def options(cls):
@@ -27,9 +27,10 @@ def options(cls):
 
     def __post_init__(self):
         _check_values(self)
-        later = own or getattr(super(cls, self), "__post_init__", None)
-        if later is not None:
-            later(self) if own else later()
+        if own is not None:  # the class's own checks, which call their parents' as they need
+            own(self)
+        elif hasattr(super(cls, self), "__post_init__"):
+            super(cls, self).__post_init__()
 
     cls.__post_init__ = __post_init__
     cls = dataclasses.dataclass(kw_only=True)(cls)
@@ -38,14 +39,15 @@ def options(cls):
 
 
 def _check_values(obj):
-    from prefrank.errors import InputError
+    """What the command line's parsers check, for an options object built in Python."""
     for f in fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
-        if value is None or isinstance(value, str) and meta.get("type") in (positive_int, positive_float):
+        if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
             raise InputError(f"<{f.name}> {value!r}: expected one of {', '.join(map(str, meta['choices']))}")
-        if meta.get("type") in (positive_int, positive_float) and not value > 0:
+        positive = meta.get("type") in (positive_int, positive_float)
+        if positive and isinstance(value, (int, float)) and not value > 0:
             raise InputError(f"<{f.name}> must be positive, got {value}")
 
 
