@@ -266,13 +266,14 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
             policy, ref = (lm and score(lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                         per_token=opts.per_token, hidden=opts.ches or opts.hidden_sums)
                            for lm in (policy_lm, ref_lm))
+            if not where.leader:  # a tensor-parallel rank that lent its shards: its leader writes the part
+                continue
             errors |= _non_finite(tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
             models = {"": policy} | ({"ref_": ref} if ref else {})
             columns = _chunk_columns(chunk, tokenized, errors, models, opts, kwise)
             stats = _chunk_stats(chunk, tokenized, errors, [policy, ref] if ref else [policy],
                                  time.perf_counter() - chunk_start)
-            if where.leader:
-                parts.write(c, columns, schema, stats)
+            parts.write(c, columns, schema, stats)
             if bar is not None:
                 tokens += stats["real_tokens"]
                 bar.update(len(chunk) * where.groups)
