@@ -2,7 +2,9 @@
 
 The Triton kernels live in the top-level folder `kernels/` (the project's layout) but install
 as `prefrank.kernels`: a top-level package named `kernels` would clash with Hugging Face's
-`kernels` package, which transformers imports when it is present.
+`kernels` package, which transformers imports (a dependency from transformers 5.25). Run from the
+repository root, Python still finds the folder as a top-level `kernels`; its __init__ then hands the
+name over to Hugging Face's package.
 """
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 import re

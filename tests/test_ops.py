@@ -234,3 +234,27 @@ def test_cpp_sequence_logprobs_threads_agree():
     one = ops.sequence_logprobs(logits, targets, cu, num_threads=1)
     two = ops.sequence_logprobs(logits, targets, cu, num_threads=2)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels():
+    """Python run from the repository root (`python -m pytest`) has the folder kernels/ on sys.path
+    as a top-level package, where it shadowed Hugging Face's `kernels`, which transformers (>= 5.25)
+    imports: every model import failed ("cannot import name 'CUDAProperties' from 'kernels'")."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = ("import transformers.models.llama.modeling_llama, prefrank.kernels.segment_sums as s; print(s.__file__)\n"
+            "try:\n    import kernels; print(kernels.__file__)\nexcept ModuleNotFoundError:\n    print('none')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ours, theirs = out.stdout.split()
+    print(ours, theirs)
+    assert Path(ours).parent == root / "kernels"
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert theirs == "none"
+    else:
+        assert Path(theirs).parent != root / "kernels" and Path(theirs).name == "__init__.py"
