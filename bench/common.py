@@ -1,4 +1,7 @@
-"""Shared benchmark helpers: machine description, timing by alternation, result files."""
+"""Shared benchmark helpers: machine description, timing by alternation, result files.
+
+torch is imported by the helpers that use it: a benchmark of a torch-free command (the analysis)
+measures that command's memory, not torch's."""
 import json
 import os
 import platform
@@ -7,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def machine() -> dict:
+    import torch
     cpu = "unknown"
     if Path("/proc/cpuinfo").exists():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -29,6 +31,7 @@ def machine() -> dict:
 def alternate(fns: dict, reps: int) -> dict:
     """Run each function `reps` times, alternating A, B, A, B... so drift hits all alike;
     returns each one's median seconds."""
+    import torch
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -81,6 +84,7 @@ def peak_rss_since_reset() -> int:
 
 def cuda_peak_mb(fn) -> float | None:
     """Peak GPU memory (MiB) that `fn` allocates above what was allocated before it; None without CUDA."""
+    import torch
     if not torch.cuda.is_available():
         return None
     torch.cuda.synchronize()

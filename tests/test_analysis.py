@@ -337,3 +337,41 @@ def test_pandalm_scored_and_analyzed_end_to_end(tmp_path, capsys):
     row = next(r for r in rows if str(r["idx"]) == hardest["id"])
     majority = row["response1"] if share1[hardest["id"]] > 0.5 else row["response2"]
     assert f"  - chosen: {majority.replace(chr(10), ' ')[:200]}" in text  # quoted as scored: the raters' choice
+
+
+def test_tables_read_in_batches_across_row_groups(tmp_path, monkeypatch):
+    """load_pairs reads a table a record batch at a time and walks a separate reference table in step
+    with it whatever either file's row groups: with batches of 7 rows over policy row groups of 5 and
+    reference row groups of 3, every scored row's values and position equal a whole-table reading
+    done here with plain Python; a reference table one row short is refused."""
+    from prefrank.analysis import summary
+    from prefrank.errors import InputError
+    rng = np.random.default_rng(3)
+    n = 40
+    status = rng.choice(["ok", "error"], n, p=[0.8, 0.2]).tolist()
+    ref_status = rng.choice(["ok", "error"], n, p=[0.9, 0.1]).tolist()
+    pol, ref = rng.normal(-10, 3, (n, 2)), rng.normal(-10, 3, (n, 2))
+    alpha = rng.choice([0.6, 0.75, 1.0, 0.5], n).tolist()
+
+    def write(path, values, status, row_group):
+        table = {"id": [f"q{i}" for i in range(n)], "logp_chosen": values[:, 0], "logp_rejected": values[:, 1],
+                 "n_chosen": rng.integers(1, 50, n), "n_rejected": rng.integers(1, 50, n), "alpha": alpha,
+                 "reoriented": rng.random(n) < 0.5, "status": status}
+        pq.write_table(pa.table(table), path, row_group_size=row_group)
+        return str(path), table
+
+    pol_path, pol_table = write(tmp_path / "p.parquet", pol, status, 5)
+    ref_path, ref_table = write(tmp_path / "r.parquet", ref, ref_status, 3)
+    monkeypatch.setattr(summary._Rows.__init__, "__defaults__", (7,))
+    p = load_pairs(pol_path, ref_path)
+    keep = [i for i in range(n) if status[i] == "ok" and ref_status[i] == "ok"]
+    assert p.rows.tolist() == keep and p.ids.to_pylist() == [f"q{i}" for i in keep] and p.n_rows == n
+    assert p.pol_w.tolist() == [pol[i, 0] for i in keep] and p.pol_l.tolist() == [pol[i, 1] for i in keep]
+    assert p.ref_w.tolist() == [ref[i, 0] for i in keep] and p.ref_l.tolist() == [ref[i, 1] for i in keep]
+    assert p.n_w.tolist() == [int(pol_table["n_chosen"][i]) for i in keep]
+    assert p.alpha.tolist() == [alpha[i] for i in keep]
+    assert p.reoriented.tolist() == [bool(pol_table["reoriented"][i]) for i in keep]
+    short = tmp_path / "short.parquet"
+    pq.write_table(pa.table({k: v[:-1] for k, v in ref_table.items()}), short, row_group_size=3)
+    with pytest.raises(InputError, match="ids differ"):
+        load_pairs(pol_path, str(short))

@@ -32,11 +32,13 @@ def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
         p = ranked_pairs(load_pairs(path, ref_scores), tie_band)
         if not p.has_ref:
             raise InputError(f"{path}: the groups need reference log-probs (a reference score table, or ref_ columns)")
-        m = pair_measures(p, beta, tie_band)
-        series.append({"checkpoint": path, "ranking_accuracy": float(m.correct.mean()),
-                       "dpo_loss_mean": float(m.theorem["loss"].mean()), "displacement": m.displacement,
-                       "groups": m.groups})
+        series.append(_checkpoint(path, pair_measures(p, beta, tie_band)))
     return series
+
+
+def _checkpoint(path: str, m) -> dict:
+    return {"checkpoint": path, "ranking_accuracy": float(m.correct.mean()),
+            "dpo_loss_mean": float(m.theorem["loss"].mean()), "displacement": m.displacement, "groups": m.groups}
 
 
 def pyplot():
@@ -225,9 +227,10 @@ def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None,
     plot_accuracy(summary, out / "accuracy.png")
     lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
     if pairs.has_ref and len(pairs.ids):
-        series = checkpoint_series(checkpoints or [scores], ref_scores, beta, tie_band)
-        summary["series"] = series
         m = pair_measures(pairs, beta, tie_band)
+        # the scored table itself is its one checkpoint: measured above, not read again
+        series = checkpoint_series(checkpoints, ref_scores, beta, tie_band) if checkpoints else [_checkpoint(scores, m)]
+        summary["series"] = series
         plot_loss_vs_c(m.theorem, beta, out / "loss_vs_c.png")
         if len(series) > 1:  # one table: the groups table below says it all
             plot_groups(series, out / "groups.png")

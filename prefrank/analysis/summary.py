@@ -14,6 +14,8 @@ when the model's (or the idealized model's) log-likelihoods lie within the band.
 from dataclasses import dataclass, fields
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
@@ -41,7 +43,7 @@ class AnalysisOptions:
 @dataclass
 class Pairs:
     """Aligned per-pair arrays of the rows that scored ok (w = chosen, l = rejected)."""
-    ids: np.ndarray
+    ids: pa.StringArray  # Arrow, not Python strings: a few bytes a pair on big tables
     rows: np.ndarray  # row positions in the score table (= input order)
     pol_w: np.ndarray
     pol_l: np.ndarray
@@ -69,54 +71,130 @@ class Pairs:
 
     def subset(self, keep: np.ndarray) -> "Pairs":
         """The pairs where `keep` is true (n_rows unchanged)."""
-        return Pairs(**{f.name: getattr(self, f.name) if f.name == "n_rows" or getattr(self, f.name) is None
-                        else getattr(self, f.name)[keep] for f in fields(self)})
+        def part(name, values):
+            if name == "n_rows" or values is None:
+                return values
+            return values.filter(pa.array(keep)) if name == "ids" else values[keep]
+        return Pairs(**{f.name: part(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def id_list(self, positions) -> list[str]:
+        """The ids of the pairs at `positions` (indices into these pairs)."""
+        return self.ids.take(pa.array(np.asarray(positions, np.int64))).to_pylist()
 
 
-def _read(path: str) -> dict:
+POLICY = ("logp_chosen", "logp_rejected", "n_chosen", "n_rejected")
+
+
+def _parquet(path: str) -> pq.ParquetFile:
     try:
-        return pq.read_table(path).to_pydict()
+        return pq.ParquetFile(path)
     except (OSError, ValueError) as e:
         reason = "no such file" if isinstance(e, FileNotFoundError) else e
         raise InputError(f"cannot read score table {path}: {reason}") from None
 
 
+def _names(source) -> set[str]:
+    return set(source) if isinstance(source, dict) else set(_parquet(source).schema_arrow.names)
+
+
+class _Rows:
+    """A score table's `columns`, handed out in consecutive record batches of the sizes asked for:
+    a Parquet file is read a batch at a time, so the analysis never holds a table's rows as Python
+    objects, and two tables are walked in step whatever their row groups."""
+
+    def __init__(self, source, columns: list[str], batch_rows: int = 1 << 18):
+        self.batch_rows = batch_rows
+        if isinstance(source, dict):
+            self._batches = iter(pa.table({c: source[c] for c in columns}).to_batches(batch_rows))
+        else:
+            self._batches = _parquet(source).iter_batches(batch_size=batch_rows, columns=columns)
+        self._held = []  # record batches read and not yet handed out
+        self._n_held = 0
+
+    def __iter__(self):
+        while batch := self.take(self.batch_rows):
+            yield batch
+
+    def take(self, n: int) -> pa.Table | None:
+        """The next n rows (fewer at the end; None when none are left)."""
+        while self._n_held < n and (batch := next(self._batches, None)) is not None:
+            self._held.append(batch)
+            self._n_held += len(batch)
+        if not self._n_held:
+            return None
+        rows = pa.Table.from_batches(self._held)
+        head, rest = rows.slice(0, n), rows.slice(n)
+        self._held, self._n_held = rest.to_batches(), len(rest)
+        return head
+
+
+def _values(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy, a batch at a time (Arrow's memory is reused batch after batch); null
+    reads as nan."""
+    return column.to_numpy()
+
+
+def _ok(rows: pa.Table) -> pa.Array:
+    return pc.fill_null(pc.equal(rows.column("status"), "ok"), False)
+
+
 def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
-    """Pairs from a pair score table: a Parquet path, or its columns as a dict of lists."""
-    table = scores if isinstance(scores, dict) else _read(scores)
-    if "logps" in table:
+    """Pairs from a pair score table: a Parquet path (read in record batches), or its columns as a
+    dict of lists."""
+    names = _names(scores)
+    if "logps" in names:
         raise InputError(f"{scores} is a K-wise score table: analyze it as such, or convert it with `prefrank pairs`")
-    required = {"id", "status", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected"}
-    if missing := required - set(table):
+    if missing := {"id", "status", *POLICY} - names:
         raise InputError(f"not a prefrank score table (missing {', '.join(sorted(missing))})")
-    ok = np.array([s == "ok" for s in table["status"]])
-    ref_cols = ches = None
+    # the reference's columns, as named in the table that holds them
     if ref_scores is not None:
-        ref = _read(ref_scores)
-        if ref.get("id") != table["id"]:
-            raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
-        ok &= np.array([s == "ok" for s in ref["status"]])
-        ref_cols = (ref["logp_chosen"], ref["logp_rejected"])
-        ches = (ref["ches"], ref["ches_normalized"]) if "ches" in ref else None
-    elif "ref_logp_chosen" in table:
-        ref_cols = (table["ref_logp_chosen"], table["ref_logp_rejected"])
-        ches = (table["ref_ches"], table["ref_ches_normalized"]) if "ref_ches" in table else None
+        ref_names = _names(ref_scores)
+        if missing := {"id", "status", "logp_chosen", "logp_rejected"} - ref_names:
+            raise InputError(f"{ref_scores}: not a prefrank score table (missing {', '.join(sorted(missing))})")
+        ref_cols = ["logp_chosen", "logp_rejected"] + (["ches", "ches_normalized"] if "ches" in ref_names else [])
+    elif "ref_logp_chosen" in names:
+        ref_cols = ["ref_logp_chosen", "ref_logp_rejected"] + (
+            ["ref_ches", "ref_ches_normalized"] if "ref_ches" in names else [])
+    else:
+        ref_cols = []
+    own = ["id", "status", *POLICY, *(c for c in ("alpha", "reoriented") if c in names)]
+    own += ref_cols if ref_scores is None else []
+    ref_rows = _Rows(ref_scores, ["id", "status", *ref_cols]) if ref_scores is not None else None
+    kept = {c: [] for c in own}  # the scored rows' values, batch by batch
+    ref_kept = {c: [] for c in ref_cols} if ref_rows is not None else kept
+    positions, n_rows = [], 0
+    for rows in _Rows(scores, own):
+        ok = _ok(rows)
+        if ref_rows is not None:
+            ref = ref_rows.take(len(rows))
+            if ref is None or not ref.column("id").equals(rows.column("id")):
+                raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
+            ok = pc.and_(ok, _ok(ref))
+            for c in ref_cols:
+                ref_kept[c].append(_values(ref.column(c).filter(ok)))
+        for c in own:
+            kept[c].append(rows.column(c).filter(ok) if c == "id" else _values(rows.column(c).filter(ok)))
+        positions.append(np.flatnonzero(ok.to_numpy(zero_copy_only=False)) + n_rows)
+        n_rows += len(rows)
+    if ref_rows is not None and ref_rows.take(1) is not None:
+        raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
+    rows = np.concatenate(positions) if positions else np.zeros(0, np.int64)
 
-    def column(values, dtype=np.float64):
-        return np.array([v for v, keep in zip(values, ok) if keep], dtype=dtype)
+    def column(name, dtype=np.float64, source=kept):
+        return np.concatenate(source[name]).astype(dtype, copy=False) if len(rows) else np.zeros(0, dtype)
 
-    reoriented = column(table["reoriented"], bool) if "reoriented" in table else np.zeros(int(ok.sum()), bool)
-    alpha = column(table["alpha"]) if "alpha" in table else None  # null (no votes) reads as nan
+    reoriented = column("reoriented", bool) if "reoriented" in kept else np.zeros(len(rows), bool)
+    alpha = column("alpha") if "alpha" in kept else None
     if alpha is not None and np.isnan(alpha).all():
         alpha = None
     elif alpha is not None and np.isnan(alpha).any():
         raise InputError("alpha is missing on some scored rows but not all; idealized accuracy needs it on every pair")
-    return Pairs(ids=np.array(table["id"], dtype=object)[ok], rows=np.flatnonzero(ok),
-                 pol_w=column(table["logp_chosen"]), pol_l=column(table["logp_rejected"]),
-                 n_w=column(table["n_chosen"], np.int64), n_l=column(table["n_rejected"], np.int64),
-                 ref_w=column(ref_cols[0]) if ref_cols else None, ref_l=column(ref_cols[1]) if ref_cols else None,
-                 alpha=alpha, reoriented=reoriented, n_rows=len(ok),
-                 ref_ches=None if ches is None else np.stack([column(ches[0]), column(ches[1])], 1))
+    ref_w, ref_l, *ches = [column(c, source=ref_kept) for c in ref_cols] or [None, None]
+    return Pairs(ids=pa.chunked_array(kept["id"], type=pa.string()).combine_chunks(), rows=rows,
+                 pol_w=column("logp_chosen"), pol_l=column("logp_rejected"),
+                 n_w=column("n_chosen", np.int64), n_l=column("n_rejected", np.int64),
+                 ref_w=ref_w, ref_l=ref_l, alpha=alpha, reoriented=reoriented, n_rows=n_rows,
+                 ref_ches=np.stack(ches, 1) if ches else None)
 
 
 def ranked_pairs(p: Pairs, tie_band: float | None = None) -> Pairs:
@@ -193,7 +271,7 @@ def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
     out["reward_margin_mean"] = mean(m.margin)
     out["reward_accuracy"] = _accuracy(m.margin > 0, n_boot, bootstrap_seed)
     out["theorem41_violations"] = int(len(m.theorem["violations"]))
-    out["theorem41_violating_ids"] = [str(i) for i in p.ids[m.theorem["violations"]][:20]]
+    out["theorem41_violating_ids"] = p.id_list(m.theorem["violations"][:20])
     out["difficulty"] = _difficulty(p, m.theorem["c"])
     out["displacement"] = m.displacement
     if p.ref_ches is not None:  # CHES of the reference predicts which pairs' chosen loses likelihood
@@ -220,7 +298,7 @@ def per_pair_table(p: Pairs, beta: float) -> dict[str, list]:
     """One row per scored pair: its Theorem 4.1 difficulty c, DPO loss, reward margin and who
     ranks it correctly (needs reference log-probs)."""
     m = pair_measures(p, beta)
-    return {"id": [str(i) for i in p.ids], "row": p.rows.tolist(), "c": m.theorem["c"].tolist(),
+    return {"id": p.ids.to_pylist(), "row": p.rows.tolist(), "c": m.theorem["c"].tolist(),
             "dpo_loss": m.theorem["loss"].tolist(), "loss_bound": m.theorem["bound"].tolist(),
             "reward_margin": m.margin.tolist(), "policy_correct": m.correct.tolist(),
             "reference_correct": m.ref_correct.tolist(),
@@ -236,8 +314,8 @@ def _difficulty(p: Pairs, c: np.ndarray, k: int = 5) -> dict:
            "spearman_c_vs_n_chosen": metrics.spearman(c, p.n_w),
            "spearman_c_vs_n_rejected": metrics.spearman(c, p.n_l),
            "spearman_c_vs_length_difference": metrics.spearman(c, p.n_w - p.n_l),
-           "hardest": [{"id": str(p.ids[i]), "row": int(p.rows[i]), "c": float(c[i])} for i in order[:k]],
-           "easiest": [{"id": str(p.ids[i]), "row": int(p.rows[i]), "c": float(c[i])} for i in order[::-1][:k]]}
+           "hardest": [{"id": p.id_list([i])[0], "row": int(p.rows[i]), "c": float(c[i])} for i in order[:k]],
+           "easiest": [{"id": p.id_list([i])[0], "row": int(p.rows[i]), "c": float(c[i])} for i in order[::-1][:k]]}
     if p.alpha is not None:
         out["spearman_c_vs_alpha"] = metrics.spearman(c, p.alpha)
     return out
