@@ -2,7 +2,7 @@
 
   python -m bench --suite cpu    scoring (packed and kv vs naive vs TRL-style, K = 2 and 4, stories260K
                                  and an 11M Llama), scaling with prompt share, vocabulary and length,
-                                 C++ log-probs, fused DPO loss vs naive and Liger, streaming memory,
+                                 C++ log-probs, fused DPO loss vs naive and Liger, streaming memory, analysis memory,
                                  grouping votes into pairs (memory, speed), model fingerprints vs sha256,
                                  PrefrankDPOTrainer vs TRL's DPOTrainer (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
@@ -28,6 +28,7 @@ SUITES = {
             ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),
             ("scaling", ["--pairs", "32"]),
             ("streaming", ["--sizes", "10000,100000"]),
+            ("analysis", ["--sizes", "100000,1000000"]),
             ("grouping", ["--mb", "300"]),
             ("fingerprint", []),
             ("trl", ["--pairs", "128", "--batches", "4", "--reps", "3"])],

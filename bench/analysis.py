@@ -84,6 +84,7 @@ def main(argv=None):
               "command": command("analysis", argv), "runs": runs}
     print(json.dumps(result, indent=2))
     write_result("analysis", result, args.out_dir)
+    return result
 
 
 if __name__ == "__main__":

@@ -46,3 +46,12 @@ def test_fingerprint_smoke():
     from bench.fingerprint import main
     result = main(["--smoke"])
     assert set(result["ms"]) >= {"fingerprint_big", "sha256_big"} and all(ms > 0 for ms in result["ms"].values())
+
+
+def test_analysis_smoke(tmp_path):
+    """The analysis benchmark on 3,000 synthetic pairs: analyze and report both run in a child that
+    reports its peak RSS."""
+    from bench.analysis import main
+    result = main(["--sizes", "3000", "--out-dir", str(tmp_path)])
+    assert [(r["command"], r["pairs"], r["exit"]) for r in result["runs"]] == [("analyze", 3000, 0), ("report", 3000, 0)]
+    assert all(r["peak_rss_mb"] > 0 for r in result["runs"])
