@@ -16,6 +16,11 @@ from prefrank.errors import InputError
 from prefrank.io import hash_file
 from prefrank.options import option, options
 
+
+class HeadError(InputError):
+    """The model's logits are not the output head prefrank computes from its hidden states."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -171,7 +176,7 @@ class CausalLM:
         self.decoder = model.base_model
         head = model.get_output_embeddings()
         if head is None or not isinstance(head, torch.nn.Linear):
-            raise InputError(f"{type(model).__name__}: no linear output head; use <method> naive")
+            raise HeadError(f"{type(model).__name__}: no linear output head")
         # Under tensor parallelism the head's weight is a vocabulary-sharded DTensor: the fused head
         # runs on a gathered copy (V·d more memory per process, 2.1 GB for Llama 3 70B in bf16) on the
         # decoder's replicated final hidden states, so its log-sum-exp is the single-device one.
@@ -257,17 +262,34 @@ class CausalLM:
         return self
 
     def check_head(self, length: int = 8):
-        """Refuse architectures whose logits are not the head this adapter knows: compare the
-        model's own log-softmax with the head applied to the hidden states on a short input."""
+        """Refuse architectures whose logits are not the head this adapter knows (HeadError): the
+        model's own log-softmax against the head applied to the hidden states, on a short input,
+        like with like: dropout off, and both in the precision the caller runs (the model's dtype,
+        and its autocast if one is active: a trainer's mixed precision), compared to what that
+        precision's rounding of the logits allows."""
         from prefrank.ops.torch_backend import head_logits
         ids = torch.arange(length, device=self.device)[None] % self.vocab_size
         mask = torch.ones_like(ids)
-        with self.no_autograd():
-            expected = torch.log_softmax(self.logits(ids, mask).float(), -1)[0]
-            hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
-            got = torch.log_softmax(head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature), -1)
-        tol = 1e-3 if self.weight.dtype == torch.float32 else 0.15
-        err = (got - expected).abs().max().item()
+        training = self.model.training
+        self.model.eval()  # dropout would make the two forwards differ
+        try:
+            with self.no_autograd():
+                logits = self.logits(ids, mask)[0].float()
+                hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
+                head = head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature)
+        finally:
+            self.model.train(training)
+        err = (torch.log_softmax(head, -1) - torch.log_softmax(logits, -1)).abs().max().item()
+        dtype, tol = self._head_tolerance(logits)
         if not err <= tol:
-            raise InputError(f"{type(self.model).__name__}: its logits are not (hidden @ lm_head) as prefrank "
-                             f"reads them (max log-prob difference {err:.3g}); use <method> naive")
+            raise HeadError(f"{type(self.model).__name__}: its logits are not (hidden @ lm_head) as prefrank reads "
+                            f"them (max log-prob difference {err:.3g}, more than {dtype}'s rounding allows: {tol:.3g})")
+
+    def _head_tolerance(self, logits) -> tuple[str, float]:
+        """(the logits' compute dtype, the largest log-prob difference its rounding explains). Each
+        logit rounded once in that dtype moves by up to eps/2 · |z|, a log-prob by up to twice that
+        (its logit and the log-sum-exp): eps · max |z|. Not below 1e-3, which covers a float32 head
+        summing over d in another order."""
+        device = self.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        return str(dtype).removeprefix("torch."), max(1e-3, torch.finfo(dtype).eps * logits.abs().max().item())

@@ -20,7 +20,7 @@ from prefrank.data import Columns, count_rows, open_examples
 from prefrank.errors import InputError, WriteError
 from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, ches_columns, completion_fields,
                          input_hash, table_schema)
-from prefrank.models import DTYPES, CausalLM, LoadOptions, fingerprint, resolve_dtype
+from prefrank.models import DTYPES, CausalLM, HeadError, LoadOptions, fingerprint, resolve_dtype
 from prefrank.options import option, options, positive_int, row_options
 from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenizer, on_rank_0, process_device
 from prefrank.runtime import max_length as run_max_length
@@ -126,7 +126,10 @@ def _load_lm(path, opts, device, dtype, where: Layout, vocab_size=None) -> Causa
         raise InputError(f"reference model {path!r} has vocabulary {lm.vocab_size}, the policy {vocab_size}: "
                          f"both are scored on the same token ids and must share a vocabulary")
     if resolve_method(lm, opts.method) != "naive":
-        lm.check_head()
+        try:
+            lm.check_head()
+        except HeadError as e:  # the naive method reads the model's own logits
+            raise InputError(f"{e}; use <method> naive") from None
     if opts.compile:
         resolve_method(lm.compile_blocks(), opts.method)  # kv cannot run compiled: say so now
     return lm

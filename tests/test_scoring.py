@@ -266,3 +266,30 @@ def test_compile_blocks_finds_the_transformer_layers(arch):
     assert len(layers) == model.config.num_hidden_layers
     lm.compile_blocks(False)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_head_check_compares_like_with_like():
+    """check_head compares the model's logits with the head on its hidden states in one precision:
+    under a bf16 autocast both are bf16 (the trainer's mixed precision; the model's forward was
+    compared against an fp32 head and refused: 0.0354 in TRL's defaults), and with dropout on both
+    run without it. A head that is not the model's (logits scaled by 1.5) is refused in bf16 too,
+    where the logits' rounding allows a larger difference."""
+    from prefrank.models import HeadError
+    model = tiny_model("llama")
+    lm = CausalLM(model)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # as accelerate wraps it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lm.check_head()
+    dropout = tiny_model("llama")
+    dropout.config.attention_dropout = 0.9
+    for layer in dropout.model.layers:
+        layer.self_attn.attention_dropout = 0.9
+    CausalLM(dropout.train()).check_head()
+    assert dropout.training  # left as it was
+    for dtype in (torch.float32, torch.bfloat16):
+        wrong = tiny_model("llama")
+        wrong.config.logit_scale = 1.5  # prefrank reads the head as logits / 1.5 …
+        lm = CausalLM(wrong)  # … while the model's own forward does not scale them
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), pytest.raises(HeadError) as e:
+            lm.check_head()
+        print(e.value)

@@ -463,3 +463,90 @@ def test_a_policy_equal_to_its_reference_has_zero_margins(tmp_path):
         logged.append({k: v for k, v in one_step(tr, model)[2].items() if k.startswith("rewards/")})
     assert logged[1] == logged[0] == {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracies": 0.0,
                                       "rewards/margins": 0.0}
+
+
+# ---------------------------------------------------------------- TRL's default configuration
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny random-init Llama saved as a folder: TRL builds its reference model from the policy's path."""
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_model("llama").save_pretrained(folder)
+    return str(folder)
+
+
+def train_with_defaults(cls, folder, tmp_path, **options):
+    """Two steps of `cls` with DPOConfig's defaults (bf16 autocast, gradient checkpointing, dropout
+    off, β = 0.1) but for the output, the batch and plain SGD (whose update is the gradient: AdamW's
+    first steps are about lr · sign(gradient), which magnifies noise on near-zero gradients): the
+    loss at each step, the initial and the final weights."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from prefrank.demo.default import build_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ref_model = AutoModelForCausalLM.from_pretrained(folder) if options.pop("ref_model") else None
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, optim="sgd",
+                     learning_rate=1.0, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, **options)
+    tr = cls(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(varied_rows(8, seed=3)),
+             processing_class=build_tokenizer())
+    tr.train()
+    losses = [line["loss"] for line in tr.state.log_history if "loss" in line]
+    return losses, initial, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("ref_model", [True, False])
+@pytest.mark.parametrize("precompute", [True, False])
+def test_trl_defaults_train_through_the_fused_loss(bf16, ref_model, precompute, model_folder, tmp_path, monkeypatch):
+    """DPOConfig's defaults (bf16 autocast) with a model loaded from a folder: every step goes through
+    prefrank's fused loss (the head check failed in bf16 and DPOTrainer's own loss trained: 0 calls),
+    and the losses and final weights equal DPOTrainer's to the precision's rounding."""
+    from trl import DPOTrainer
+
+    from prefrank.dpo import trl_trainer
+    calls, real = [], trl_trainer.fused_linear_dpo_loss
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trl_trainer, "fused_linear_dpo_loss", counting)
+    options = dict(bf16=bf16, ref_model=ref_model, precompute_ref_log_probs=precompute)
+    theirs = train_with_defaults(DPOTrainer, model_folder, tmp_path / "trl", **options)
+    ours = train_with_defaults(trl_trainer.PrefrankDPOTrainer, model_folder, tmp_path / "prefrank", **options)
+    # a step: the policy's pass (with gradients), and before it the reference's unless precomputed
+    assert calls == ([True] if precompute else [False, True]) * 2
+    eps = torch.finfo(torch.bfloat16 if bf16 else torch.float32).eps
+    loss_err = max(abs(a - b) for a, b in zip(ours[0], theirs[0]))
+    # the weights' difference relative to how far training moved them
+    weight_err = max(((ours[2][n] - w).abs().max() / (w - theirs[1][n]).abs().max()).item()
+                     for n, w in theirs[2].items())
+    print(f"bf16={bf16}: losses {ours[0]} vs {theirs[0]} (max diff {loss_err:.3g}); weights max rel diff "
+          f"{weight_err:.3g}")
+    assert len(ours[0]) == len(theirs[0]) == 2
+    # the loss (~0.6) to a few roundings; the weights' change: bf16 to the gradients' rounding (7.5 eps
+    # measured), fp32 to the sums over tokens taken in other orders (1e-5 measured)
+    assert loss_err <= 4 * eps and weight_err <= max(16 * eps, 1e-4)
+
+
+@pytest.mark.parametrize("cause", ["loss_type", "head"])
+def test_a_fallback_is_one_warning_naming_its_cause(cause, tmp_path, caplog):
+    """When DPOTrainer's own loss must train, the trainer says so once, with the cause: an option the
+    fused loss does not compute, or a model whose logits are not its head (logit_scale on a model
+    that does not apply it)."""
+    from prefrank.dpo.trl_trainer import PrefrankDPOTrainer
+    model, options = tiny_model("llama"), {}
+    if cause == "loss_type":
+        options["loss_type"] = ["bco_pair"]
+    else:
+        model.config.logit_scale = 2.0
+    with caplog.at_level("WARNING"):
+        trainer(PrefrankDPOTrainer, model, varied_rows(4, seed=1), tmp_path, ref_model=tiny_model("llama", seed=1),
+                **options)
+    ours = [r.getMessage() for r in caplog.records if "prefrank" in r.getMessage()]
+    print(ours)
+    assert len(ours) == 1 and "training with DPOTrainer's own loss" in ours[0]
+    assert ("loss_type=['bco_pair']" if cause == "loss_type" else "its logits are not (hidden @ lm_head)") in ours[0]

@@ -38,8 +38,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from prefrank import __version__
 from prefrank.dpo import trl_reference
 from prefrank.dpo.loss import fused_linear_dpo_loss
-from prefrank.errors import InputError
-from prefrank.models import CausalLM
+from prefrank.models import CausalLM, HeadError
 from prefrank.scoring import completion_hidden, resolve_method, unsupported
 
 FUSED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -48,12 +47,14 @@ logger = get_logger(__name__)
 ROW = "prefrank_row"  # the row's index in the data before TRL's preparation (with ref_scores)
 
 
-def _checked_lm(model) -> tuple[CausalLM | None, str | None]:
-    """The model as prefrank's adapter sees it, or why prefrank cannot compute its log-probs."""
+def _checked_lm(model, precision) -> tuple[CausalLM | None, str | None]:
+    """The model as prefrank's adapter sees it, or why prefrank cannot compute its log-probs;
+    checked in `precision`, the accelerator's autocast, in which the training step runs it."""
     try:
         lm = CausalLM(model)
-        lm.check_head()
-    except InputError as e:
+        with precision:
+            lm.check_head()
+    except HeadError as e:
         return None, str(e)
     return lm, None
 
@@ -102,18 +103,27 @@ class PrefrankDPOTrainer(DPOTrainer):
         unused = sorted(set(self._ref_scores) - set(self._row_ids))
         if unused:
             raise ValueError(f"ref_scores names {', '.join(unused)}, which is no dataset of this trainer")
-        self._policy_lm = None
-        if not is_peft_model(self.model):
-            self._policy_lm, why = _checked_lm(self.model)
-            if self._policy_lm is None:
-                logger.warning(f"prefrank: training with DPOTrainer's own loss: {why}")
-            else:
-                _route(self.model)
-        self._ref_lm = None
-        if self.ref_model is not None and self._policy_lm is not None:
-            self._ref_lm, why = _checked_lm(self.accelerator.unwrap_model(self.ref_model))
-            if self._ref_lm is None:
-                logger.warning(f"prefrank: training with DPOTrainer's own loss: the reference model: {why}")
+        self._policy_lm = self._ref_lm = None
+        self._not_fused = "a PEFT model" if is_peft_model(self.model) else None
+        if self._not_fused is None:
+            self._policy_lm, self._not_fused = _checked_lm(self.model, self.accelerator.autocast())
+        if self._not_fused is None and self.ref_model is not None:
+            self._ref_lm, why = _checked_lm(self.accelerator.unwrap_model(self.ref_model), self.accelerator.autocast())
+            self._not_fused = why and f"the reference model: {why}"
+        self._not_fused = self._not_fused or self._unfused_option()
+        if self._not_fused is None:
+            _route(self.model)
+        else:  # one warning, naming the cause
+            logger.warning(f"prefrank: training with DPOTrainer's own loss: {self._not_fused}")
+
+    def _unfused_option(self) -> str | None:
+        """The option of this run that prefrank's fused loss does not compute, if any."""
+        if len(self.loss_types) != 1 or self.loss_types[0] not in FUSED_LOSS_TYPES:
+            return f"loss_type={self.loss_types} (the fused loss computes one of {', '.join(FUSED_LOSS_TYPES)})"
+        return ("f_divergence_type=" + repr(self.f_divergence_type) if self.f_divergence_type != "reverse_kl" else
+                f"ld_alpha={self.ld_alpha} (LD-DPO weights the tokens)" if self.ld_alpha is not None else
+                "use_weighting=True (WPO weights the pairs)" if self.use_weighting else
+                "router_aux_loss_coef: the MoE auxiliary loss" if self.aux_loss_enabled else None)
 
     # ------------------------------------------------------------ the reference, precomputed
 
@@ -160,7 +170,7 @@ class PrefrankDPOTrainer(DPOTrainer):
                if type(self.data_collator) is not DataCollatorForPreference else None)
         if why is not None:
             return None, why
-        return _checked_lm(self.accelerator.unwrap_model(self.ref_model or self.model))
+        return _checked_lm(self.accelerator.unwrap_model(self.ref_model or self.model), self.accelerator.autocast())
 
     def _reference_key(self, dataset, lm: CausalLM) -> str:
         """What decides the values: the data's token ids, the model (weights, config), TRL's
@@ -219,9 +229,7 @@ class PrefrankDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------ the training step
 
     def _fused_applies(self) -> bool:
-        return (self._policy_lm is not None and len(self.loss_types) == 1 and self.loss_types[0] in FUSED_LOSS_TYPES
-                and self.f_divergence_type == "reverse_kl" and self.ld_alpha is None and not self.use_weighting
-                and not self.aux_loss_enabled and (self.precompute_ref_logps or self._ref_lm is not None))
+        return self._not_fused is None and (self.precompute_ref_logps or self._ref_lm is not None)
 
     def _method(self, items) -> str | None:
         """packed or kv (scoring.resolve_method's choice), None if neither can run these items
@@ -258,8 +266,9 @@ class PrefrankDPOTrainer(DPOTrainer):
 
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:  # the policy's own computation on the reference, so that equal weights give equal sums
-            with torch.no_grad():
+        else:  # the policy's own computation on the reference, so that equal weights give equal sums,
+            # in the precision of TRL's reference forward (the accelerator's autocast)
+            with torch.no_grad(), self.accelerator.autocast():
                 zeros = torch.zeros(len(pairs.tokens) // 2, dtype=torch.float64, device=device)
                 ref_chosen, ref_rejected = fused(self._ref_lm, zeros, zeros)[1]["sequence_logps"].double().unbind(1)
 
