@@ -10,7 +10,8 @@ order) whose `detect` columns, and the id column it reads, are all in the first 
 in its `messages` columns and none of its `absent` columns, wins, so the more specific schemas come
 first: a row that lacks any of them is read with the default mapping (its own prompt, chosen and
 rejected columns), never with a preset that would drop or misread a column. A preset's optional
-prompt parts (Columns.optional: AlpacaFarm's `input`) may be absent from the rows it reads.
+prompt parts (Columns.optional: AlpacaFarm's `input`) may be absent from the rows it reads, and
+from the rows that select it.
 """
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ PRESETS = {
 
 def _selects(preset: Preset, row: dict) -> bool:
     named = preset.detect + ((preset.columns["id"],) if "id" in preset.columns else ())
+    named = [c for c in named if c not in preset.columns.get("optional", ())]  # the preset reads rows without them
     return all(c in row for c in named) and not any(c in row for c in preset.absent) and all(
         isinstance(row[c], list) and all(isinstance(m, dict) for m in row[c]) for c in preset.messages)
 

@@ -665,13 +665,14 @@ def test_alpaca_eval_annotations_are_detected_and_read_from_the_raw_preference(t
 
 
 def test_optional_prompt_parts_may_be_absent_and_a_missing_column_is_named_once(tmp_path):
-    """AlpacaFarm's and PandaLM's `input` may be left out (read as empty, as their own rows with
-    an empty input read); a null one is still a row error; a column named twice by a mapping
+    """AlpacaFarm's and PandaLM's `input` may be left out (the format still detected; read as
+    empty, as their own rows with an empty input read); a null one is still a row error; a column named twice by a mapping
     (prompt and group_by) and missing is named once."""
     for name, rows in (("alpacafarm-human-annotations", ALPACA_ANNOTATIONS),
                        ("alpacafarm-human-preference", ALPACA_PREFERENCE), ("pandalm", PANDALM_ROWS)):
         empty = write_jsonl(tmp_path / "empty.jsonl", [{**r, "input": ""} for r in rows])
         absent = write_jsonl(tmp_path / "absent.jsonl", [{k: v for k, v in r.items() if k != "input"} for r in rows])
+        assert detect({k: v for k, v in rows[0].items() if k != "input"}) == name
         want = [(ex.prompt, ex.completions, ex.alpha, ex.n_votes) for ex in read_examples(empty, preset_columns(name))]
         assert all(w[0] == r["instruction"] for w, r in zip(want, rows)), name
         got = [(ex.prompt, ex.completions, ex.alpha, ex.n_votes) for ex in read_examples(absent, preset_columns(name))]
