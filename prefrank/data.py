@@ -102,8 +102,8 @@ class Columns:
         group="columns")
     prompt_separator: str = option("\n\n", "joins several prompt columns (empty ones skipped)", cli=False)
     optional: list[str] = option(
-        help="prompt columns a row may lack (read as empty: AlpacaFarm's and PandaLM's input, which AlpacaEval's "
-        "files drop); the presets name them", cli=False, default_factory=list)
+        help="prompt columns a row may lack, read as empty (in the prompt and in group_by keys): AlpacaFarm's and "
+        "PandaLM's input; the presets name them", cli=False, default_factory=list)
 
     def __post_init__(self):
         if self.vote_coding not in vote_codings.CODINGS:
