@@ -17,6 +17,7 @@ from prefrank.cli import main
 from prefrank.data import Columns, open_examples, preset_columns, read_examples
 from prefrank.errors import InputError
 from prefrank.formats import PRESETS, detect
+from prefrank.io import read_sidecar
 from conftest import STORIES, needs_shared
 
 
@@ -743,3 +744,25 @@ def test_alpaca_eval_annotation_files_score_and_analyze_in_one_command(tmp_path,
         assert main(["report", str(out), "--out", str(tmp_path / kind / "rep")]) == 0
         assert "| α (the preference strength the idealized accuracy uses) | a model's probability" in \
             (tmp_path / kind / "rep" / "report.md").read_text()
+
+
+@needs_shared
+def test_vote_coding_prob_on_the_command_line(tmp_path, capsys):
+    """A reward model's P(first better) column (`--vote-coding prob`): alpha is the probability of
+    the side it prefers (1 - p where it prefers the second), n_votes null, and out-of-range or
+    non-finite values are row errors naming the value."""
+    ps = [0.8, 0.25, 0.5, 1.2, "nan", 0.0]
+    rows = [{"prompt": f"Q{i}:", "chosen": f" a{i}", "rejected": f" b{i}", "p": p} for i, p in enumerate(ps)]
+    out = tmp_path / "s.parquet"
+    assert main(["score", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--model", str(STORIES),
+                 "--vote-cols", "p", "--vote-coding", "prob", "--out", str(out)]) == 0
+    got = _table(out)
+    good = [isinstance(p, float) and 0 <= p <= 1 for p in ps]
+    assert got["status"] == ["ok" if g else "error" for g in good]
+    assert [a for a, g in zip(got["alpha"], good) if g] == [max(p, 1 - p) for p, g in zip(ps, good) if g]
+    assert [r for r, g in zip(got["reoriented"], good) if g] == [p < 0.5 for p, g in zip(ps, good) if g]
+    assert got["n_votes"] == [None] * len(ps)
+    assert got["error"][3].startswith("'p': 1.2 is not a vote in the prob coding (P(the first candidate is better)")
+    assert got["error"][4].startswith("'p': 'nan' is not a vote in the prob coding")
+    assert read_sidecar(out)["alpha_source"] == ("a model's probability, not human votes: column(s) p in the prob "
+                                                 "coding (n_votes is null)")
