@@ -170,6 +170,8 @@ def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
         print(text)
     _warn_theorem(summary.get("implied_pairs", summary))
     _warn_orientation(summary)
+    if summary.get("alpha_source"):
+        print(f"prefrank: alpha: {summary['alpha_source']}", file=sys.stderr)
     acc = summary[headline]["value"]
     counts = [f"{summary['n_errors']} errors"] + [f"{summary[key]} {what}" for key, what in (
         ("n_ties", "tied, left out of the rankings"), ("n_reoriented", "reoriented to the raters' choice"))

@@ -16,13 +16,15 @@ and a list of human scores, one per completion (higher is better, or lower with 
 object (UltraFeedback: completions.response and completions.overall_score).
 The raters' verdict on a pair gives its `alpha`, the share of votes for the chosen completion
 (ties count half):
-  vote columns   Columns.votes, one vote each, in a coding of VOTE_CODINGS (a label column is
-                 one vote column); with Columns.group_by, the votes of all rows of a pair
+  vote columns   Columns.votes, one vote each, in a coding of prefrank.votes (a label column is
+                 one vote column); with Columns.group_by, the votes of all rows of a pair; a
+                 probability coding reads a model's P(first better) as the share (n_votes null)
   `votes` column a list of per-rater shares for the first completion: 1, 0, or 0.5 for a tie
   `alpha` column the share itself
 The chosen completion is the raters' choice: a pair with alpha < 0.5 is reoriented (chosen and
 rejected swapped, alpha -> 1 - alpha, `reoriented` set) unless Columns.keep_column_order. A pair
-whose votes tie exactly keeps alpha = 0.5 (the analysis leaves it out of rankings).
+whose votes tie exactly (or whose probability is 0.5) keeps alpha = 0.5 (the analysis leaves it
+out of rankings). Columns.optional names prompt parts a row may lack (AlpacaFarm's `input`).
 Named mappings for published datasets (presets) live in prefrank.formats.
 """
 import gzip
@@ -38,25 +40,13 @@ from pathlib import Path
 from typing import Iterator
 
 from prefrank import formats
+from prefrank import votes as vote_codings  # the name `votes` is a Columns field
 from prefrank.errors import InputError, RowError
 from prefrank.options import name_list, option, options
 
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-# A vote's share for the first candidate column (chosen), by coding; ties count half.
-VOTE_CODINGS = {
-    "1/2": {1: 1.0, 2: 0.0, 0: 0.5},  # PandaLM, LLMBar, AlpacaFarm: 1 = the first, 2 = the second, 0 = tie
-    "0/1": {0: 1.0, 1: 0.0},  # PKU-SafeRLHF better_response_id: 0 = the first, 1 = the second
-    "1/0": {1: 1.0, 0: 0.0},  # SHP labels, booleans: 1 (true) = the first, 0 (false) = the second
-    "names": {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5},  # MT-Bench, Chatbot Arena winner
-}
-VOTE_CODING_HELP = {
-    "1/2": "1 = the first candidate (the chosen column), 2 = the second (the rejected column), 0 = tie",
-    "0/1": "0 = the first candidate, 1 = the second",
-    "1/0": "1 or true = the first candidate, 0 or false = the second",
-    "names": "model_a = the first candidate, model_b = the second, tie or 'tie (bothbad)' = tie",
-}
 SCORES_ORDERS = ("higher-better", "lower-better")
 
 
@@ -81,10 +71,13 @@ class Columns:
     votes: list[str] | None = option(
         None, "vote columns, one vote each in --vote-coding (a label column naming the better candidate is one "
         "vote column; PandaLM: annotator1,annotator2,annotator3); alpha = the share of votes for the chosen "
-        "column, ties half. Without it, an 'alpha' column, or a 'votes' list of 1/0/0.5, is used when present",
+        "column, ties half, or with a probability coding (prob, alpaca-eval) the model's probability that the "
+        "chosen column is better (n_votes then null). Without it, an 'alpha' column, or a 'votes' list of "
+        "1/0/0.5, is used when present",
         flag="--vote-cols", type=name_list, group="columns")
     vote_coding: str = option("1/2", "what a vote says: " + "; ".join(
-        f"{name}: {text}" for name, text in VOTE_CODING_HELP.items()), choices=list(VOTE_CODINGS), group="columns")
+        f"{name}: {text}" for name, text in vote_codings.HELP.items()), choices=list(vote_codings.CODINGS),
+        group="columns")
     group_by: list[str] | None = option(
         None, "rows that agree on these columns are votes on one pair (one output row per pair, in the order "
         "of each pair's first row; 'a+b' is the unordered pair of columns a and b, so a pair shown in either "
@@ -108,10 +101,14 @@ class Columns:
         False, "chosen/rejected start with the prompt: strip it (rows where they don't are errors)",
         group="columns")
     prompt_separator: str = option("\n\n", "joins several prompt columns (empty ones skipped)", cli=False)
+    optional: list[str] = option(
+        help="prompt columns a row may lack, read as empty (in the prompt and in group_by keys): AlpacaFarm's and "
+        "PandaLM's input; the presets name them", cli=False, default_factory=list)
 
     def __post_init__(self):
-        if self.vote_coding not in VOTE_CODINGS:
-            raise InputError(f"<vote_coding> {self.vote_coding!r}: expected one of {', '.join(VOTE_CODINGS)}")
+        if self.vote_coding not in vote_codings.CODINGS:
+            raise InputError(f"<vote_coding> {self.vote_coding!r}: expected one of "
+                             f"{', '.join(vote_codings.CODINGS)}")
         if self.scores_order not in SCORES_ORDERS:
             raise InputError(f"<scores_order> {self.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
         if self.group_by and (self.completions is not None or not self.votes):
@@ -125,8 +122,8 @@ class Example:
     id: str
     prompt: str | list | None = None  # text, or a list of chat messages
     completions: list = field(default_factory=list)  # [chosen, rejected], or K: texts or message lists
-    alpha: float | None = None  # pairs: share of raters preferring chosen
-    n_votes: int | None = None  # pairs: the votes alpha comes from (None: an alpha column, or no votes)
+    alpha: float | None = None  # pairs: share of raters preferring chosen, or a model's P(chosen better)
+    n_votes: int | None = None  # pairs: the votes alpha comes from (None: an alpha column, a probability, no votes)
     reoriented: bool = False  # the raters preferred the `rejected` column: the two were swapped
     multi_turn: bool = False  # a completion holds more than one message (later turns, earlier answers)
     human_scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
@@ -135,7 +132,7 @@ class Example:
 
     @property
     def tie(self) -> bool | None:
-        """The raters tied (alpha = 0.5: exact, a share of votes); None without alpha."""
+        """The raters tied (alpha = 0.5: exact, a share of votes or a probability as given); None without alpha."""
         return None if self.alpha is None else self.alpha == 0.5
 
 
@@ -397,32 +394,18 @@ def _prompt(row: dict, cols: Columns):
         return _field(row, "prompt") if "prompt" in row else None  # absent: implicit; null: an error
     if not cols.prompt:
         return None
-    parts = [_field(row, c) for c in cols.prompt]
+    names = [c for c in cols.prompt if c in row or c not in cols.optional]  # an absent optional part: empty
+    parts = [_field(row, c) for c in names]
     if len(parts) == 1:
         return parts[0]
-    for c, p in zip(cols.prompt, parts):
+    for c, p in zip(names, parts):
         if not isinstance(p, str):
             raise RowError(f"field {c!r} must be a string, got {type(p).__name__}")
     return cols.prompt_separator.join(p for p in parts if p)
 
 
-def _whole_number(value) -> int | None:
-    """The integer a cell holds: an int, an integral float, or the text of one (CSV cells are
-    text); None for anything else (a bool is not a number here)."""
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or (isinstance(number, float)
-                                                                         and not number.is_integer()):
-        return None
-    return int(number)
-
-
 def _integer(value, what: str) -> int:
-    number = _whole_number(value)
+    number = vote_codings.whole_number(value)
     if number is None:
         raise RowError(f"{what!r} must be an integer; got {value!r}")
     return number
@@ -492,27 +475,10 @@ def _human_scores(row: dict, cols: Columns, k: int) -> list[float]:
 
 
 
-def _vote_share(value, coding: str, column: str) -> float:
-    """One vote's share for the first candidate. CSV cells are text: numeric codings read the
-    number it spells ("2", "2.0"), and 0/1, 1/0 also "true" / "false"."""
-    shares = VOTE_CODINGS[coding]
-    key = value
-    if coding != "names":
-        if isinstance(key, str):
-            key = {"true": True, "false": False}.get(key.strip().lower(), key)
-        if isinstance(key, bool):  # true / false: a vote in the 0/1 and 1/0 codings only
-            key = None if coding == "1/2" else int(key)
-        else:
-            key = _whole_number(key)
-    if not isinstance(key, (int, str)) or isinstance(key, bool) or key not in shares:
-        raise RowError(f"{column!r}: {value!r} is not a vote in the {coding} coding ({VOTE_CODING_HELP[coding]})")
-    return shares[key]
-
-
 def _verdict(row: dict, cols: Columns) -> tuple[list[float] | None, float | None]:
     """The raters' verdict on a pair: (vote shares for the first candidate, or None; a given alpha, or None)."""
     if cols.votes:
-        return [_vote_share(_field(row, c), cols.vote_coding, c) for c in cols.votes], None
+        return [vote_codings.share(_field(row, c), cols.vote_coding, c) for c in cols.votes], None
     a = row.get("alpha")
     if a is not None and a != "":  # an empty CSV cell is no alpha
         try:
@@ -523,21 +489,23 @@ def _verdict(row: dict, cols: Columns) -> tuple[list[float] | None, float | None
             raise RowError(f"'alpha' must be a number in [0, 1]; got {a!r}")
         return None, float(value)
     if row.get("votes") is not None:
-        votes = row["votes"]
-        if (not isinstance(votes, list) or not votes
-                or any(isinstance(v, bool) or v not in (0, 0.5, 1) for v in votes)):
-            raise RowError(f"'votes' must be a non-empty list of 1 (chosen), 0 (rejected) or 0.5 (tie); got {votes!r}")
-        return [float(v) for v in votes], None
+        listed = row["votes"]
+        if (not isinstance(listed, list) or not listed
+                or any(isinstance(v, bool) or v not in (0, 0.5, 1) for v in listed)):
+            raise RowError(f"'votes' must be a non-empty list of 1 (chosen), 0 (rejected) or 0.5 (tie); got {listed!r}")
+        return [float(v) for v in listed], None
     return None, None
 
 
 def _orient(example: Example, cols: Columns, shares: list[float] | None, alpha: float | None):
     """Set the pair's alpha from its votes (or a given alpha) and make the raters' choice the chosen
     completion: alpha < 0.5 swaps the two (unless keep_column_order). Swapping flips each vote
-    (exact for 1, 0, 0.5), so the new alpha is computed, not 1 - alpha rounded."""
+    (exact for 1, 0, 0.5, and for AlpacaEval's 2 - p), so the new alpha is computed from the flipped
+    shares, not 1 - alpha rounded."""
     if shares is not None:
         alpha = sum(shares) / len(shares)
-        example.n_votes = len(shares)
+        # a probability is no count of votes (a `votes` list always is one)
+        example.n_votes = None if cols.votes and cols.vote_coding in vote_codings.PROBABILITY else len(shares)
     if alpha is not None and alpha < 0.5 and not cols.keep_column_order:
         example.completions.reverse()
         example.reoriented = True
@@ -620,7 +588,7 @@ def _group_key(row: dict, cols: Columns) -> bytes:
     (128 bits: the key of the spill, whatever the size of the values)."""
     parts = []
     for name in cols.group_by:
-        values = [_field(row, c) for c in name.split("+")]
+        values = [_field(row, c) if c in row or c not in cols.optional else "" for c in name.split("+")]
         parts.append(sorted(values, key=_canonical) if len(values) > 1 else values[0])
     return hashlib.blake2b(_canonical(parts).encode(), digest_size=16).digest()
 
@@ -725,7 +693,7 @@ def check_columns(row: dict, cols: Columns):
         named = (cols.prompt or []) + [cols.completions, cols.human_scores]
     named += ([cols.turn] if cols.turn else []) + [c for g in cols.group_by or [] for c in g.split("+")]
     named += [cols.id] if cols.id is not None else []
-    missing = [c for c in named if c.partition(".")[0] not in row]
+    missing = list(dict.fromkeys(c for c in named if c.partition(".")[0] not in row and c not in cols.optional))
     if missing:
         kwise = cols.completions is None and "completions" in row
         preset = formats.detect(row) if cols.format is None else None

@@ -7,9 +7,11 @@ published schema; `data.read_examples` picks one from the columns of the first r
 default one (HH, GPT-J), or another preset of the same dataset is the automatic choice (PKU-SafeRLHF
 picks better_response_id; `pku-saferlhf-safer` reads safer_response_id). The first preset (in this
 order) whose `detect` columns, and the id column it reads, are all in the first row, with message lists
-in its `messages` columns, wins, so the more specific schemas come first: a row that lacks any of them
-is read with the default mapping (its own prompt, chosen and rejected columns), never with a preset
-that would drop or misread a column.
+in its `messages` columns and none of its `absent` columns, wins, so the more specific schemas come
+first: a row that lacks any of them is read with the default mapping (its own prompt, chosen and
+rejected columns), never with a preset that would drop or misread a column. A preset's optional
+prompt parts (Columns.optional: AlpacaFarm's `input`) may be absent from the rows it reads, and
+from the rows that select it.
 """
 from dataclasses import dataclass
 
@@ -21,11 +23,12 @@ class Preset:
     detect: tuple[str, ...] | None  # first-row columns that select it (None: only with --format)
     note: str = ""  # what the mapping decides
     messages: tuple[str, ...] = ()  # detection columns that must hold message lists
+    absent: tuple[str, ...] = ()  # first-row columns that rule it out (another preset reads those rows)
 
 
 # AlpacaFarm's human annotations and cross-annotations: one vote per row, grouped into pairs
 _ALPACA_VOTES = dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
-                     vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"])
+                     vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"], optional=["input"])
 _MT = dict(chosen="conversation_a", rejected="conversation_b", votes=["winner"], vote_coding="names", turn="turn")
 
 PRESETS = {
@@ -37,7 +40,7 @@ PRESETS = {
     "pandalm": Preset(
         "WeOpenML/PandaLM testset-v1.json",
         dict(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",
-             votes=["annotator1", "annotator2", "annotator3"], vote_coding="1/2"),
+             votes=["annotator1", "annotator2", "annotator3"], vote_coding="1/2", optional=["input"]),
         ("instruction", "input", "response1", "response2", "annotator1", "annotator2", "annotator3"),
         "three raters per pair: 1 = response1, 2 = response2, 0 = tie"),
     "shp": Preset(
@@ -59,6 +62,15 @@ PRESETS = {
         dict(prompt=["prompt"], chosen="response_0", rejected="response_1", votes=["safer_response_id"],
              vote_coding="0/1"),
         None, "the harmlessness preference: safer_response_id 0 = response_0, 1 = response_1"),
+    # before the AlpacaFarm annotations, whose columns these files also have (but for `input`)
+    "alpaca-eval-annotations": Preset(
+        "tatsu-lab/alpaca_eval results/MODEL/ANNOTATOR/annotations.json",
+        dict(prompt=["instruction"], chosen="output_1", rejected="output_2", votes=["preference"],
+             vote_coding="alpaca-eval"),
+        ("instruction", "output_1", "generator_1", "output_2", "generator_2", "annotator", "preference"),
+        "one judgment per row by a model: preference = 1 + P(output_2 is better) (weighted annotators; the 1/2 "
+        "annotators' 1 and 2 read as probabilities 1 and 0), 1.5 and the legacy 0 a draw; alpha is the "
+        "probability, n_votes null", absent=("input",)),
     "alpacafarm-cross-annotations": Preset(
         "tatsu-lab/alpaca_eval alpaca_farm_human_crossannotations", _ALPACA_VOTES,
         ("instruction", "output_1", "output_2", "preference", "annotator_index"),
@@ -70,7 +82,7 @@ PRESETS = {
     "alpacafarm-human-preference": Preset(
         "tatsu-lab/alpaca_farm alpaca_human_preference",
         dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
-             vote_coding="1/2"),
+             vote_coding="1/2", optional=["input"]),
         ("instruction", "input", "output_1", "output_2", "preference"),
         "one vote per pair: preference 1 = output_1, 2 = output_2"),
     "chatbot-arena-conversations": Preset(
@@ -107,7 +119,8 @@ PRESETS = {
 
 def _selects(preset: Preset, row: dict) -> bool:
     named = preset.detect + ((preset.columns["id"],) if "id" in preset.columns else ())
-    return all(c in row for c in named) and all(
+    named = [c for c in named if c not in preset.columns.get("optional", ())]  # the preset reads rows without them
+    return all(c in row for c in named) and not any(c in row for c in preset.absent) and all(
         isinstance(row[c], list) and all(isinstance(m, dict) for m in row[c]) for c in preset.messages)
 
 

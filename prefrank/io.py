@@ -5,8 +5,10 @@ Columns (one row per input row):
   logp_chosen, logp_rejected          Σ log π(completion | prompt), float64 (null on error)
   n_chosen, n_rejected                completion tokens scored
   ref_logp_chosen, ref_logp_rejected  the same under the reference model (with --ref-model)
-  alpha                               share of raters preferring chosen (null without votes)
-  n_votes                             the votes alpha comes from (null without vote columns or a votes list)
+  alpha                               share of raters preferring chosen, or a model's P(chosen is better)
+                                      with a probability vote coding (null without votes)
+  n_votes                             the votes alpha comes from (null without vote columns or a votes
+                                      list, and for a probability: no votes were counted)
   tie                                 the raters tied: alpha = 0.5 (null without alpha)
   reoriented                          the raters preferred the input's rejected column: the two were swapped
   multi_turn                          a completion holds more than one message (a later turn, with its

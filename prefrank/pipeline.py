@@ -26,6 +26,7 @@ from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenize
 from prefrank.runtime import max_length as run_max_length
 from prefrank.scoring import METHODS, first_completion, resolve_method, score
 from prefrank.tokenization import TokenizeOptions, tokenize_examples
+from prefrank.votes import alpha_source
 
 
 @options
@@ -375,6 +376,8 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "files": {name: fingerprint(getattr(opts, name)) for name in ("model", "ref_model", "tokenizer")
                   if getattr(opts, name)},
         "table": _table_options(opts, ref_lm is not None),
+        # the analysis repeats it: rater votes, or a model's probability (a probability vote coding)
+        "alpha_source": None if opts.columns.completions is not None else alpha_source(asdict(opts.columns)),
         "world_size": world,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__,

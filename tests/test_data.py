@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from prefrank.data import VOTE_CODING_HELP, Columns, read_examples, read_rows, split_implicit_prompt, to_example
+from prefrank.data import Columns, read_examples, read_rows, split_implicit_prompt, to_example
 from prefrank.errors import InputError
+from prefrank.votes import HELP as VOTE_CODING_HELP
 from conftest import HH, PANDALM, needs_shared
 
 PAIR = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
@@ -260,8 +261,37 @@ def test_vote_codings_and_orientation(coding, votes, share_first):
     assert (kept.completions, kept.alpha, kept.reoriented) == ([" a", " b"], pytest.approx(share_first), False)
 
 
+@pytest.mark.parametrize("coding, values, p_first", [
+    ("prob", [0.7], 0.7), ("prob", [0.2], 0.2), ("prob", ["0.25"], 0.25), ("prob", [1], 1.0), ("prob", [0], 0.0),
+    ("prob", [0.5], 0.5), ("prob", [0.9, 0.3], (0.9 + 0.3) / 2), ("prob", [0.1, 0.3], (0.1 + 0.3) / 2),
+    ("alpaca-eval", [1.000039552], 2 - 1.000039552), ("alpaca-eval", [1.9999930129], 2 - 1.9999930129),
+    ("alpaca-eval", [1.5], 0.5), ("alpaca-eval", [0], 0.5), ("alpaca-eval", [1.0], 1.0), ("alpaca-eval", [2], 0.0),
+    ("alpaca-eval", ["1.25"], 0.75),
+])
+def test_probability_codings_give_alpha_as_the_probability(coding, values, p_first):
+    """A model's soft preference is alpha itself (no votes counted: n_votes null); chosen is the
+    side it prefers, alpha then the probability of that side, computed here from the raw values
+    (1 - p; AlpacaEval: preference - 1)."""
+    cols = Columns(**TWO_COLS, votes=[f"v{i}" for i in range(len(values))], vote_coding=coding)
+    row = {**TWO, **{f"v{i}": v for i, v in enumerate(values)}}
+    ex = to_example(0, row, cols)
+    assert ex.error is None and ex.n_votes is None
+    if p_first >= 0.5:
+        assert (ex.completions, ex.alpha, ex.reoriented) == ([" a", " b"], pytest.approx(p_first, abs=1e-15), False)
+    else:
+        flipped = [1 - float(v) if coding == "prob" else float(v) - 1 for v in values]  # P(second better)
+        assert (ex.completions, ex.alpha, ex.reoriented) == ([" b", " a"], sum(flipped) / len(flipped), True)
+    assert ex.tie == (p_first == 0.5)
+    kept = to_example(0, row, Columns(**TWO_COLS, votes=cols.votes, vote_coding=coding, keep_column_order=True))
+    assert (kept.completions, kept.alpha, kept.n_votes) == ([" a", " b"], pytest.approx(p_first, abs=1e-15), None)
+
+
 @pytest.mark.parametrize("coding, vote", [("1/2", 3), ("1/2", True), ("1/2", 1.5), ("1/2", "one"), ("0/1", 2),
-                                          ("1/0", "yes"), ("names", "model_c"), ("names", 1), ("1/2", None)])
+                                          ("1/0", "yes"), ("names", "model_c"), ("names", 1), ("1/2", None),
+                                          ("prob", 1.5), ("prob", -0.1), ("prob", float("nan")), ("prob", float("inf")),
+                                          ("prob", True), ("prob", "likely"), ("prob", None), ("alpaca-eval", 0.5),
+                                          ("alpaca-eval", 2.0001), ("alpaca-eval", -1), ("alpaca-eval", float("nan")),
+                                          ("alpaca-eval", float("-inf")), ("alpaca-eval", "nan"), ("alpaca-eval", None)])
 def test_bad_votes_are_row_errors(coding, vote):
     ex = to_example(0, {**TWO, "v": vote}, Columns(**TWO_COLS, votes=["v"], vote_coding=coding))
     if vote is None:  # present but null, as for any named field

@@ -2,6 +2,7 @@
 (column names, types, codings; nothing downloaded), compared with a conversion written here;
 votes grouped into pairs; the raters' orientation end to end."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from prefrank.cli import main
 from prefrank.data import Columns, open_examples, preset_columns, read_examples
 from prefrank.errors import InputError
 from prefrank.formats import PRESETS, detect
+from prefrank.io import read_sidecar
 from conftest import STORIES, needs_shared
 
 
@@ -97,6 +99,50 @@ ALPACA_PAIRS = [("Name a fruit.", "", "Apple.", "Chair.", [1, 1, 2, 1]),  # 3 of
 ALPACA_EXPECTED = [oriented(p[0], p[2], p[3], [float(v == 1) for v in p[4]]) for p in ALPACA_PAIRS]
 ALPACA_CROSS = alpaca_votes(ALPACA_PAIRS, lambda round_, i: {"annotator_index": round_})
 ALPACA_ANNOTATIONS = alpaca_votes(ALPACA_PAIRS, lambda round_, i: {"annotator": 10 * round_ + i})
+
+
+
+def alpaca_eval_rows(annotator, reference, model, judged):
+    """AlpacaEval's results/MODEL/ANNOTATOR/annotations.json, a row per instruction in its keys
+    and their order (pandas' records: floats as written, NaN as null); the 1/2 annotators'
+    rows have no raw_completion. judged = [(instruction, output_1, output_2, preference)]."""
+    rows = []
+    for instruction, out1, out2, preference in judged:
+        row = {"dataset": "helpful_base", "instruction": instruction, "output_1": out1, "generator_1": reference,
+               "output_2": out2, "generator_2": model, "annotator": annotator, "preference": preference,
+               "time_per_example": 0.3821284187, "price_per_example": 0.00978}
+        if annotator.startswith("weighted_"):
+            row["raw_completion"] = {"concise_explanation": "", "ordered_models": [{"model": "m", "rank": 1}]}
+        rows.append(row)
+    return rows
+
+
+ALPACA_EVAL_WEIGHTED = alpaca_eval_rows("weighted_alpaca_eval_gpt4_turbo", "gpt4_1106_preview", "tiny_model", [
+    ("Name a fruit.", "Apple.", "Chair.", 1.000039552),  # output_1 better
+    ("Add 2 and 2.", "5", "4", 1.9999930129),  # output_2 better: reoriented, alpha = preference - 1
+    ("Say hi.", "Hi!", "Hello!", 1.5),  # a draw
+    ("Spell cat.", "c-a-t", "k-a-t", 1.2345678901),
+    ("Name a colour.", "Loud.", "Blue.", 1.7310585786),  # reoriented
+    ("Count to two.", "1 2", "2 1", 0),  # the legacy draw
+])
+ALPACA_EVAL_HARD = alpaca_eval_rows("alpaca_eval_gpt4", "text_davinci_003", "tiny_model", [
+    ("Name a fruit.", "Apple.", "Chair.", 1.0), ("Add 2 and 2.", "5", "4", 2.0), ("Say hi.", "Hi!", "Hello!", 2.0),
+    ("Spell cat.", "c-a-t", "k-a-t", 1.0)])
+
+
+def alpaca_eval_expected(rows):
+    """(prompt, [chosen, rejected], alpha, n_votes None) from the raw preference, computed here:
+    alpha = 2 - preference, or preference - 1 with the candidates swapped where output_2 is
+    preferred (preference > 1.5); 1.5 and 0 are draws."""
+    out = []
+    for r in rows:
+        p = r["preference"]
+        if p > 1.5:
+            out.append((r["instruction"], [r["output_2"], r["output_1"]], p - 1, None))
+        else:
+            out.append((r["instruction"], [r["output_1"], r["output_2"]], 0.5 if p == 0 else 2 - p, None))
+    return out
+
 
 Q1, Q2 = "Write a haiku about rain.", "Now make it rhyme."
 
@@ -207,6 +253,8 @@ CASES = {
     "alpacafarm-human-preference": (ALPACA_PREFERENCE, "alpacafarm-human-preference", ALPACA_PREFERENCE_EXPECTED),
     "alpacafarm-cross-annotations": (ALPACA_CROSS, "alpacafarm-cross-annotations", ALPACA_EXPECTED),
     "alpacafarm-human-annotations": (ALPACA_ANNOTATIONS, "alpacafarm-human-annotations", ALPACA_EXPECTED),
+    "alpaca-eval-annotations": (ALPACA_EVAL_WEIGHTED, "alpaca-eval-annotations",
+                                alpaca_eval_expected(ALPACA_EVAL_WEIGHTED)),
     "mt-bench-human-judgments": (MT_BENCH, "mt-bench-human-judgments", MT_EXPECTED),
     "chatbot-arena-conversations": (ARENA, "chatbot-arena-conversations", ARENA_EXPECTED),
     "pandalm": (PANDALM_ROWS, "pandalm", PANDALM_EXPECTED),
@@ -599,3 +647,122 @@ def test_a_column_option_alone_names_the_format_it_turned_off(tmp_path):
         open_examples(path, Columns(vote_coding="0/1"))
     assert "unknown column(s) 'chosen', 'rejected'" in str(caught.value)
     assert "looks like pandalm" in str(caught.value) and "add format pandalm to start" in str(caught.value)
+
+
+# ---------------------------------------------------------------- AlpacaEval's annotations: a model's probability as alpha
+
+def test_alpaca_eval_annotations_are_detected_and_read_from_the_raw_preference(tmp_path):
+    """Both kinds of AlpacaEval annotation files (a JSON array, as published) are detected from
+    their columns and read with alpha from the raw preference; with an `input` column the rows are
+    AlpacaFarm's and their preset reads them."""
+    for rows in (ALPACA_EVAL_HARD, ALPACA_EVAL_WEIGHTED):
+        path = tmp_path / "annotations.json"
+        path.write_text(json.dumps(rows, indent=2))
+        cols, examples = open_examples(str(path), Columns(format="auto"))
+        assert cols.format == "alpaca-eval-annotations" and cols.vote_coding == "alpaca-eval"
+        got = [(ex.prompt, ex.completions, ex.alpha, ex.n_votes) for ex in examples]
+        assert got == alpaca_eval_expected(rows)
+    assert detect({**ALPACA_EVAL_WEIGHTED[0], "input": ""}) == "alpacafarm-human-annotations"
+
+
+def test_optional_prompt_parts_may_be_absent_and_a_missing_column_is_named_once(tmp_path):
+    """AlpacaFarm's and PandaLM's `input` may be left out (the format still detected; read as
+    empty, as their own rows with an empty input read); a null one is still a row error; a column named twice by a mapping
+    (prompt and group_by) and missing is named once."""
+    for name, rows in (("alpacafarm-human-annotations", ALPACA_ANNOTATIONS),
+                       ("alpacafarm-human-preference", ALPACA_PREFERENCE), ("pandalm", PANDALM_ROWS)):
+        empty = write_jsonl(tmp_path / "empty.jsonl", [{**r, "input": ""} for r in rows])
+        absent = write_jsonl(tmp_path / "absent.jsonl", [{k: v for k, v in r.items() if k != "input"} for r in rows])
+        assert detect({k: v for k, v in rows[0].items() if k != "input"}) == name
+        want = [(ex.prompt, ex.completions, ex.alpha, ex.n_votes) for ex in read_examples(empty, preset_columns(name))]
+        assert all(w[0] == r["instruction"] for w, r in zip(want, rows)), name
+        got = [(ex.prompt, ex.completions, ex.alpha, ex.n_votes) for ex in read_examples(absent, preset_columns(name))]
+        assert got == want, name
+        null = write_jsonl(tmp_path / "null.jsonl", [{**rows[0], "input": None}])
+        assert next(iter(read_examples(null, preset_columns(name)))).error == "field 'input' is null"
+    path = write_jsonl(tmp_path / "v.jsonl", [{"q": "Q", "a": "x", "b": "y", "v": 1}])
+    with pytest.raises(InputError) as caught:
+        open_examples(path, Columns(prompt=["q", "ctx"], chosen="a", rejected="b", votes=["v"], group_by=["q", "ctx"]))
+    assert str(caught.value).startswith("unknown column(s) 'ctx': the first row has 'q', 'a', 'b', 'v'")
+
+
+@needs_shared
+def test_alpaca_eval_annotation_files_score_and_analyze_in_one_command(tmp_path, capsys):
+    """`prefrank score --data annotations.json --model M` with no column option, on both kinds of
+    AlpacaEval files (the weighted one with a null preference): alpha on every scored row equals
+    2 - preference (preference - 1 where the candidates were swapped), n_votes is null, the null
+    row is an error in its place and the rest score as the explicit pairs converted here; then
+    `prefrank analyze` reports the idealized accuracy, equal to a brute-force computation from the
+    raw preferences, and says alpha is a model's probability."""
+    model = str(STORIES)
+    weighted = ALPACA_EVAL_WEIGHTED + alpaca_eval_rows("weighted_alpaca_eval_gpt4_turbo", "gpt4_1106_preview",
+                                                       "tiny_model", [("Say bye.", "Bye!", "Ciao!", None)])
+    for kind, rows in (("hard", ALPACA_EVAL_HARD), ("weighted", weighted)):
+        (tmp_path / kind).mkdir()
+        data, out = tmp_path / kind / "annotations.json", tmp_path / kind / "scores.parquet"
+        data.write_text(json.dumps(rows, indent=2))
+        assert main(["score", "--data", str(data), "--model", model, "--ref-model", model, "--out", str(out)]) == 0
+        got = _table(out)
+        scored = [r for r in rows if r["preference"] is not None]
+        assert got["status"] == ["ok" if r["preference"] is not None else "error" for r in rows]
+        assert got["error"][-1 if kind == "weighted" else 0] == ("field 'preference' is null" if kind == "weighted"
+                                                                 else None)
+        ok = [i for i, s in enumerate(got["status"]) if s == "ok"]
+        expected = alpaca_eval_expected(scored)
+        raw = [r["preference"] for r in scored]
+        assert [got["alpha"][i] for i in ok] == [2 - p if 1 <= p <= 1.5 else p - 1 if p > 1.5 else 0.5 for p in raw]
+        assert [got["alpha"][i] for i in ok] == [a for *_, a, _ in expected]
+        assert [got["reoriented"][i] for i in ok] == [p > 1.5 for p in raw]
+        assert [got["tie"][i] for i in ok] == [p in (1.5, 0) for p in raw]
+        assert got["n_votes"] == [None] * len(rows)
+        explicit = write_jsonl(tmp_path / kind / "explicit.jsonl", [
+            {"prompt": prompt, "chosen": c[0], "rejected": c[1]} for prompt, c, _, _ in expected])
+        assert main(["score", "--data", explicit, "--model", model, "--ref-model", model,
+                     "--out", str(tmp_path / kind / "explicit.parquet")]) == 0
+        want = _table(tmp_path / kind / "explicit.parquet")
+        for column in ("logp_chosen", "logp_rejected", "ref_logp_chosen", "ref_logp_rejected", "n_chosen"):
+            assert [got[column][i] for i in ok] == want[column], (kind, column)
+        capsys.readouterr()
+        assert main(["analyze", str(out), "--out", str(tmp_path / kind / "a.json"), "--betas", "0.1,1,10"]) == 0
+        assert "prefrank: alpha: a model's probability, not human votes: column(s) preference in the alpaca-eval " \
+               "coding" in capsys.readouterr().err
+        s = json.loads((tmp_path / kind / "a.json").read_text())
+        assert s["alpha_source"].startswith("a model's probability, not human votes")
+        assert (s["n_pairs"], s["n_errors"], s["n_ties"]) == (len(scored), len(rows) - len(scored),
+                                                              sum(p in (1.5, 0) for p in raw))
+        eps = s["options"]["epsilon"]
+        for beta in (0.1, 1.0, 10.0):  # brute force over the untied pairs, alpha from the raw preference
+            correct = []
+            for i, p in zip(ok, raw):
+                if p in (1.5, 0):
+                    continue
+                a = min(max(p - 1 if p > 1.5 else 2 - p, eps), 1 - eps)
+                correct.append(got["ref_logp_chosen"][i] - got["ref_logp_rejected"][i]
+                               + math.log(a / (1 - a)) / beta > 0)
+            print(kind, beta, s["idealized"]["raw"]["per_beta"][str(beta)], sum(correct) / len(correct))
+            assert s["idealized"]["raw"]["per_beta"][str(beta)] == sum(correct) / len(correct)
+        assert main(["report", str(out), "--out", str(tmp_path / kind / "rep")]) == 0
+        assert "| α (the preference strength the idealized accuracy uses) | a model's probability" in \
+            (tmp_path / kind / "rep" / "report.md").read_text()
+
+
+@needs_shared
+def test_vote_coding_prob_on_the_command_line(tmp_path, capsys):
+    """A reward model's P(first better) column (`--vote-coding prob`): alpha is the probability of
+    the side it prefers (1 - p where it prefers the second), n_votes null, and out-of-range or
+    non-finite values are row errors naming the value."""
+    ps = [0.8, 0.25, 0.5, 1.2, "nan", 0.0]
+    rows = [{"prompt": f"Q{i}:", "chosen": f" a{i}", "rejected": f" b{i}", "p": p} for i, p in enumerate(ps)]
+    out = tmp_path / "s.parquet"
+    assert main(["score", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--model", str(STORIES),
+                 "--vote-cols", "p", "--vote-coding", "prob", "--out", str(out)]) == 0
+    got = _table(out)
+    good = [isinstance(p, float) and 0 <= p <= 1 for p in ps]
+    assert got["status"] == ["ok" if g else "error" for g in good]
+    assert [a for a, g in zip(got["alpha"], good) if g] == [max(p, 1 - p) for p, g in zip(ps, good) if g]
+    assert [r for r, g in zip(got["reoriented"], good) if g] == [p < 0.5 for p, g in zip(ps, good) if g]
+    assert got["n_votes"] == [None] * len(ps)
+    assert got["error"][3].startswith("'p': 1.2 is not a vote in the prob coding (P(the first candidate is better)")
+    assert got["error"][4].startswith("'p': 'nan' is not a vote in the prob coding")
+    assert read_sidecar(out)["alpha_source"] == ("a model's probability, not human votes: column(s) p in the prob "
+                                                 "coding (n_votes is null)")

@@ -172,6 +172,8 @@ def _pct(x) -> str:
 
 def _headline(s: dict) -> list[str]:
     lines = ["| measure | value |", "|---|---|", f"| pairs scored (errors) | {s['n_pairs']} ({s['n_errors']}) |"]
+    if "alpha_source" in s:
+        lines.append(f"| α (the preference strength the idealized accuracy uses) | {s['alpha_source']} |")
     if s["n_ties"]:
         lines.append(f"| pairs the raters tied (α = 0.5) | {s['n_ties']}, " + (
             "counted with the tie band |" if s["options"]["tie_band"] is not None else

@@ -10,6 +10,10 @@ the idealized accuracy over triples (x, y_w, y_l) whose y_w the raters prefer, a
 drops ties (include_ties=False) before computing R*. So every measure here is taken over the
 untied pairs, and the ties are counted (`n_ties`); with a tie band they count instead, as correct
 when the model's (or the idealized model's) log-likelihoods lie within the band.
+
+alpha is used as the table gives it: a share of rater votes, or a judge's or reward model's
+probability (a probability vote coding); the table's sidecar says which, and the summary repeats
+it (`alpha_source`).
 """
 from dataclasses import dataclass, fields
 
@@ -20,6 +24,7 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
 from prefrank.errors import InputError
+from prefrank.io import read_sidecar
 from prefrank.options import flags, float_list, option, options, positive_float, positive_int
 
 
@@ -55,6 +60,7 @@ class Pairs:
     reoriented: np.ndarray  # bool: the scorer swapped the input's columns to the raters' choice
     n_rows: int
     ref_ches: np.ndarray | None = None  # [n, 2]: the reference's CHES and its length-normalized form (--ches)
+    alpha_source: str | None = None  # where alpha came from (the sidecar's words), when known
 
     @property
     def n_errors(self) -> int:
@@ -66,13 +72,13 @@ class Pairs:
 
     @property
     def tie(self) -> np.ndarray:
-        """bool: the raters tied (alpha = 0.5; exact, as alpha is a share of votes)."""
+        """bool: the raters tied (alpha = 0.5; exact, as alpha is a share of votes or a probability as given)."""
         return np.zeros(len(self.ids), bool) if self.alpha is None else self.alpha == 0.5
 
     def subset(self, keep: np.ndarray) -> "Pairs":
         """The pairs where `keep` is true (n_rows unchanged)."""
         def part(name, values):
-            if name == "n_rows" or values is None:
+            if name in ("n_rows", "alpha_source") or values is None:
                 return values
             return values.filter(pa.array(keep)) if name == "ids" else values[keep]
         return Pairs(**{f.name: part(f.name, getattr(self, f.name)) for f in fields(self)})
@@ -138,6 +144,17 @@ def _ok(rows: pa.Table) -> pa.Array:
     return pc.fill_null(pc.equal(rows.column("status"), "ok"), False)
 
 
+def _alpha_source(scores) -> str | None:
+    """Where the table's alpha came from, as its sidecar records it (None for a table without one,
+    or from a prefrank that did not record it)."""
+    if isinstance(scores, dict):
+        return None
+    try:
+        return read_sidecar(scores).get("alpha_source")
+    except (OSError, ValueError, AttributeError):  # no sidecar, or not prefrank's
+        return None
+
+
 def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
     """Pairs from a pair score table: a Parquet path (read in record batches), or its columns as a
     dict of lists."""
@@ -194,7 +211,8 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
                  pol_w=column("logp_chosen"), pol_l=column("logp_rejected"),
                  n_w=column("n_chosen", np.int64), n_l=column("n_rejected", np.int64),
                  ref_w=ref_w, ref_l=ref_l, alpha=alpha, reoriented=reoriented, n_rows=n_rows,
-                 ref_ches=np.stack(ches, 1) if ches else None)
+                 ref_ches=np.stack(ches, 1) if ches else None,
+                 alpha_source=None if alpha is None else _alpha_source(scores))
 
 
 def ranked_pairs(p: Pairs, tie_band: float | None = None) -> Pairs:
@@ -255,6 +273,7 @@ def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
         "n_pairs": len(pairs.ids), "n_errors": pairs.n_errors, "n_ties": int(pairs.tie.sum()), "n_ranked": len(p.ids),
         "n_reoriented": int(pairs.reoriented.sum()),
         "n_chosen_rejected_by_raters": 0 if pairs.alpha is None else int((pairs.alpha < 0.5).sum()),
+        **({"alpha_source": pairs.alpha_source} if pairs.alpha_source else {}),
         "ranking_accuracy": _accuracy(observed["raw"], n_boot, bootstrap_seed),
         "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, bootstrap_seed),
         # keyed as the command line names them (--bootstrap: n_boot)
