@@ -176,7 +176,8 @@ def _refuse_non_finite(hidden, weight, bias, ref_logps):
     """A NaN or inf result: name the input that holds NaN or inf (an error, not a NaN loss)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias), ("the reference log-probs", ref_logps)):
         if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"{name} holds NaN or inf: the loss would be NaN")
+            verb = "hold" if name.endswith("log-probs") else "holds"
+            raise ValueError(f"{name} {verb} NaN or inf: the loss would be NaN")
     raise FloatingPointError("the DPO loss overflowed (finite inputs, non-finite loss): check the inputs' scale")
 
 
@@ -313,7 +314,9 @@ def _fused_setup(ctx, inputs, output):
 
 def _fused_backward(ctx, grad_loss, *_):
     if ctx.reduction == "none":
-        grads = torch.ops.prefrank.fused_linear_dpo_backward(grad_loss, *ctx.saved_tensors, *ctx.scalars, *ctx.needs)
+        with torch.no_grad():  # first derivatives only: the backward op has no backward
+            grads = torch.ops.prefrank.fused_linear_dpo_backward(grad_loss, *ctx.saved_tensors, *ctx.scalars,
+                                                                 *ctx.needs)
     else:  # scale by the upstream gradient (1 unless the loss was scaled before backward)
         grads = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
     return (*(g if need else None for g, need in zip(grads, ctx.needs)), *([None] * 17))

@@ -81,8 +81,9 @@ def _logits_setup(ctx, inputs, output):
 
 def _logits_backward(ctx, grad_logp, _grad_lse):
     logits, targets, lse = ctx.saved_tensors
-    grad = torch.ops.prefrank.logprobs_from_logits_backward(grad_logp, logits, targets, lse, ctx.ignore_index,
-                                                            ctx.backend)
+    with torch.no_grad():  # first derivatives only: the backward ops have no backward
+        grad = torch.ops.prefrank.logprobs_from_logits_backward(grad_logp, logits, targets, lse, ctx.ignore_index,
+                                                                ctx.backend)
     return grad, None, None, None, None
 
 
@@ -133,8 +134,9 @@ def _hidden_setup(ctx, inputs, output):
 
 def _hidden_backward(ctx, grad_logp, _grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
-    grads = torch.ops.prefrank.logprobs_from_hidden_backward(grad_logp, hidden, weight, bias, targets, lse, *ctx.args,
-                                                             *ctx.needs)
+    with torch.no_grad():  # first derivatives only
+        grads = torch.ops.prefrank.logprobs_from_hidden_backward(grad_logp, hidden, weight, bias, targets, lse,
+                                                                 *ctx.args, *ctx.needs)
     return (*(_none_if_empty(g, need) for g, need in zip(grads, ctx.needs)), None, None, None, None, None, None)
 
 
@@ -174,7 +176,8 @@ def _sums_setup(ctx, inputs, output):
 
 def _sums_backward(ctx, grad_sums):
     cu_seqlens, values = ctx.saved_tensors
-    return torch.ops.prefrank.segment_sums_backward(grad_sums, cu_seqlens, values), None, None
+    with torch.no_grad():  # first derivatives only
+        return torch.ops.prefrank.segment_sums_backward(grad_sums, cu_seqlens, values), None, None
 
 
 segment_sums.register_autograd(_sums_backward, setup_context=_sums_setup)
