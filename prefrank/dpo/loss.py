@@ -312,12 +312,22 @@ def _fused_setup(ctx, inputs, output):
                                                                         ref_logps)))
 
 
+def _tracing() -> bool:
+    """Whether torch.compile, AOTAutograd or make_fx is tracing (values are symbolic: no .item())."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
 def _fused_backward(ctx, grad_loss, *_):
     if ctx.reduction == "none":
         with torch.no_grad():  # first derivatives only: the backward op has no backward
             grads = torch.ops.prefrank.fused_linear_dpo_backward(grad_loss, *ctx.saved_tensors, *ctx.scalars,
                                                                  *ctx.needs)
-    else:  # scale by the upstream gradient (1 unless the loss was scaled before backward)
+    elif not _tracing() and grad_loss.item() == 1.0:
+        # eager, loss not scaled: hand the forward's gradients over as they are; without retain_graph
+        # autograd then keeps them as .grad instead of copying them (d weight in fp32 is 0.5 GB at a
+        # 128k vocabulary)
+        grads = ctx.saved_tensors
+    else:  # scale by the upstream gradient (traced: always, a graph has no data-dependent branch)
         grads = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
     return (*(g if need else None for g, need in zip(grads, ctx.needs)), *([None] * 17))
 
