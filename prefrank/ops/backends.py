@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from prefrank.ops.torch_backend import logprobs_backward_ as torch_logprobs_backward_
-from prefrank.ops.torch_backend import sum_by_sequence, upcast
+from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence, upcast
 from prefrank.ops.torch_backend import logprobs_from_logits as torch_logprobs_from_logits
 
 BACKENDS = ("triton", "cpp", "torch")
@@ -107,12 +107,16 @@ def logprobs_and_lse(backend: str, logits, targets, ignore_index: int, num_threa
     return logp, torch.where(keep, torch.logsumexp(upcast(logits), -1), 0.0)
 
 
-def logprobs_backward_(backend: str, logits, targets, lse, g, ignore_index: int):
+def logprobs_backward_(backend: str, logits, targets, lse, g, ignore_index: int | None):
     """d logits for per-row gradients g [N], written over `logits` [N, V] where they are fp32 (or
-    half on Triton) and returned; ignored rows get 0. The C++ extension has no backward: the torch
-    formula serves it."""
+    half on Triton) and returned; ignored rows get 0. ignore_index None: no row is ignored (the
+    head's chunks), which spares the torch formula a masking pass. The C++ extension has no
+    backward: the torch formula serves it."""
     if backend == "triton":
-        return _triton_kernels().logprobs_from_logits_backward(logits, targets, lse, g, ignore_index, inplace=True)
+        return _triton_kernels().logprobs_from_logits_backward(
+            logits, targets, lse, g, IGNORE_INDEX if ignore_index is None else ignore_index, inplace=True)
+    if ignore_index is None:
+        return torch_logprobs_backward_(upcast(logits), targets, lse, g)
     keep = targets != ignore_index
     d = torch_logprobs_backward_(upcast(logits), torch.where(keep, targets, 0), lse, torch.where(keep, g, 0.0))
     return d.masked_fill_(~keep[:, None], 0.0)

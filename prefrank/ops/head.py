@@ -77,7 +77,7 @@ class Head:
         if self.fp32_logits or self.backend != "triton":
             logits = upcast(logits)  # a copy for half logits; fp32 logits are updated in place
             tanh_sq = (logits / self.softcap) ** 2 if self.softcap else None
-        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, IGNORE_INDEX)
+        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None)  # chunks: no ignored rows
         if tanh_sq is not None:
             d_logits.mul_(1 - tanh_sq)
         d_raw = (d_logits.div_(self.temperature) if self.temperature != 1.0 else d_logits).to(self.weight.dtype)
