@@ -30,7 +30,7 @@ from torch import Tensor
 from prefrank import ops
 from prefrank.ops import IGNORE_INDEX, backends, sum_by_sequence
 from prefrank.ops.head import Head
-from prefrank.ops.registered import check_targets
+from prefrank.ops.registered import check_targets, grad_fakes, grad_outputs
 from prefrank.ops.torch_backend import upcast
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
@@ -236,16 +236,6 @@ class _Opts:
         self.__dict__.update(zip(self.names, values))
 
 
-def _grad_outputs(grads, needs, hidden, weight):
-    """Gradients as op outputs: an empty tensor for each one not computed (ops return no None)."""
-    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (hidden, weight, hidden)))
-
-
-def _grad_fakes(needs, hidden, weight, bias):
-    like = (hidden, weight, bias if bias is not None else hidden)
-    return tuple(torch.empty_like(x) if need else hidden.new_empty(0) for need, x in zip(needs, like))
-
-
 @torch.library.custom_op("prefrank::fused_linear_dpo", mutates_args=())
 def _fused_linear_dpo(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, seq_ids: Tensor,
                       ref_logps: Tensor, beta: float, loss_type: str, label_smoothing: float, gamma: float,
@@ -267,7 +257,7 @@ def _fused_linear_dpo(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     losses, policy, stats, grads = _dpo_pass(hidden, weight, bias, targets, seq_ids, ref_logps, o, pair_grads, needs)
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
     return (loss, policy, policy.new_empty(0) if stats is None else stats,
-            *_grad_outputs(grads, needs, hidden, weight))
+            *grad_outputs(grads, hidden, weight))
 
 
 @_fused_linear_dpo.register_fake
@@ -278,7 +268,7 @@ def _(hidden, weight, bias, targets, seq_ids, ref_logps, beta, loss_type, label_
     loss = hidden.new_empty((n_seq // 2,) if reduction == "none" else (), dtype=acc)
     stats = hidden.new_empty((4, n_seq) if token_stats else (0,), dtype=acc)
     needs = (need_hidden, need_weight, need_bias) if reduction != "none" else (False, False, False)
-    return loss, hidden.new_empty(n_seq, dtype=acc), stats, *_grad_fakes(needs, hidden, weight, bias)
+    return loss, hidden.new_empty(n_seq, dtype=acc), stats, *grad_fakes(needs, hidden, weight, bias)
 
 
 @torch.library.custom_op("prefrank::fused_linear_dpo_backward", mutates_args=())
@@ -293,13 +283,13 @@ def _fused_linear_dpo_backward(grad_losses: Tensor, hidden: Tensor, weight: Tens
     o = _Opts(beta, loss_type, label_smoothing, gamma, softcap, temperature, ignore_index, chunk_bytes, backend, False)
     needs = (need_hidden, need_weight, need_bias)
     grads = _dpo_pass(hidden, weight, bias, targets, seq_ids, ref_logps, o, grad_losses, needs)[3]
-    return _grad_outputs(grads, needs, hidden, weight)
+    return grad_outputs(grads, hidden, weight)
 
 
 @_fused_linear_dpo_backward.register_fake
 def _(grad_losses, hidden, weight, bias, targets, seq_ids, ref_logps, beta, loss_type, label_smoothing, gamma,
       softcap, temperature, ignore_index, chunk_bytes, backend, token_stats, need_hidden, need_weight, need_bias):
-    return _grad_fakes((need_hidden, need_weight, need_bias), hidden, weight, bias)
+    return grad_fakes((need_hidden, need_weight, need_bias), hidden, weight, bias)
 
 
 def _fused_setup(ctx, inputs, output):

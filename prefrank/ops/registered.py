@@ -34,13 +34,16 @@ def check_targets(targets: Tensor, vocab: int, ignore_index: int):
                          f"ignore_index={ignore_index}")
 
 
-def _empty_if(need: bool, like: Tensor, dtype=None) -> Tensor:
-    """A gradient's fake: `like`'s shape where it is needed, else an empty tensor (ops return no None)."""
-    return torch.empty_like(like, dtype=dtype) if need else like.new_empty(0, dtype=dtype)
+def grad_outputs(grads, hidden, weight) -> tuple:
+    """[d hidden, d weight, d bias] as op outputs: an empty tensor for each one not computed (ops
+    return no None)."""
+    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (hidden, weight, hidden)))
 
 
-def _none_if_empty(grad: Tensor, need: bool):
-    return grad if need else None
+def grad_fakes(needs, hidden, weight, bias) -> tuple:
+    """grad_outputs' fakes: each gradient shaped like its input where needed, else empty."""
+    like = (hidden, weight, bias if bias is not None else hidden)
+    return tuple(torch.empty_like(x) if need else hidden.new_empty(0) for need, x in zip(needs, like))
 
 
 # ---------------------------------------------------------------- logprobs_from_logits
@@ -116,14 +119,13 @@ def logprobs_from_hidden_backward(grad_logp: Tensor, hidden: Tensor, weight: Ten
     """(d hidden, d weight, d bias) in the inputs' dtypes; an empty tensor for each one not needed."""
     h = head.Head(weight, bias, softcap, temperature, backend, chunk_bytes)
     grads = head.backward(grad_logp, hidden, targets, lse, h, ignore_index, need_hidden, need_weight, need_bias)
-    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (hidden, weight, hidden)))
+    return grad_outputs(grads, hidden, weight)
 
 
 @logprobs_from_hidden_backward.register_fake
 def _(grad_logp, hidden, weight, bias, targets, lse, softcap, temperature, ignore_index, chunk_bytes, backend,
       need_hidden, need_weight, need_bias):
-    return (_empty_if(need_hidden, hidden), _empty_if(need_weight, weight),
-            _empty_if(need_bias, bias) if bias is not None else hidden.new_empty(0))
+    return grad_fakes((need_hidden, need_weight, need_bias), hidden, weight, bias)
 
 
 def _hidden_setup(ctx, inputs, output):
@@ -137,7 +139,7 @@ def _hidden_backward(ctx, grad_logp, _grad_lse):
     with torch.no_grad():  # first derivatives only
         grads = torch.ops.prefrank.logprobs_from_hidden_backward(grad_logp, hidden, weight, bias, targets, lse,
                                                                  *ctx.args, *ctx.needs)
-    return (*(_none_if_empty(g, need) for g, need in zip(grads, ctx.needs)), None, None, None, None, None, None)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs)), None, None, None, None, None, None)
 
 
 logprobs_from_hidden.register_autograd(_hidden_backward, setup_context=_hidden_setup)
