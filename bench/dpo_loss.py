@@ -10,6 +10,8 @@ peak RSS during them above the RSS once the inputs exist (the peak is reset thro
 /proc/self/clear_refs after the set-up). Methods:
   naive          full logits, log_softmax, gather, sums, DPO loss, autograd
   prefrank       fused_linear_dpo_loss with precomputed reference log-probs (how it is meant to be used)
+  prefrank_compiled  the same step under torch.compile(fullgraph=True) (inductor); its first call, the
+                 compilation, is timed apart ("compile_seconds") and left out of the median
   prefrank_refh  the same, the reference given as hidden states + weight (what Liger needs)
   liger          LigerFusedLinearDPOLoss(use_ref_model=True, compiled=False), reference hidden states
 All methods' losses are compared before timing.
@@ -71,6 +73,15 @@ def run_method(method: str, vocab: int, tokens: int, reps: int):
         from prefrank.dpo import fused_linear_dpo_loss
         step = lambda: fused_linear_dpo_loss(h, w, targets, ref_chosen_logps=ref_chosen,  # noqa: E731
                                              ref_rejected_logps=ref_rejected, return_metrics=False)
+    elif method == "prefrank_compiled":
+        from prefrank.dpo import fused_linear_dpo_loss
+        compiled = torch.compile(lambda h, w: fused_linear_dpo_loss(h, w, targets, ref_chosen_logps=ref_chosen,
+                                                                    ref_rejected_logps=ref_rejected,
+                                                                    return_metrics=False), fullgraph=True)
+        start = time.perf_counter()
+        compiled(h, w).backward()
+        compile_seconds = time.perf_counter() - start
+        step = lambda: compiled(h, w)  # noqa: E731
     elif method == "prefrank_refh":
         from prefrank.dpo import fused_linear_dpo_loss
         step = lambda: fused_linear_dpo_loss(h, w, targets, ref_hidden=ref_hidden, ref_weight=weight.detach(),  # noqa: E731
@@ -89,8 +100,11 @@ def run_method(method: str, vocab: int, tokens: int, reps: int):
         loss = step()
         loss.backward()
         times.append(time.perf_counter() - start)
-    return {"method": method, "vocab": vocab, "tokens": tokens, "seconds": statistics.median(times),
-            "extra_peak_mb": (peak_rss_since_reset() - base) / 2**20, "loss": loss.item()}
+    result = {"method": method, "vocab": vocab, "tokens": tokens, "seconds": statistics.median(times),
+              "extra_peak_mb": (peak_rss_since_reset() - base) / 2**20, "loss": loss.item()}
+    if method == "prefrank_compiled":
+        result["compile_seconds"] = compile_seconds
+    return result
 
 
 def main(argv=None):
@@ -98,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--vocab", default="32000,128256")
     parser.add_argument("--tokens", default="4096,2048", help="2B·T per vocabulary size")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--methods", default="naive,prefrank,prefrank_refh,liger")
+    parser.add_argument("--methods", default="naive,prefrank,prefrank_compiled,prefrank_refh,liger")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir")
     args = parser.parse_args(argv)

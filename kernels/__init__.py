@@ -1,5 +1,6 @@
-"""Triton kernels for CUDA tensors, one file per op (kernel, autograd Function, torch reference).
-Installed as `prefrank.kernels`; only `prefrank.ops.backends` calls them."""
+"""Triton kernels for CUDA tensors, one file per op (kernels and their launchers; the registered ops
+and the torch reference are in prefrank/ops). Installed as `prefrank.kernels`; only
+`prefrank.ops.backends` calls them."""
 if __name__ == "kernels":
     # Imported as the top-level `kernels`: Python runs from the repository root (`python -m pytest`,
     # `python -m prefrank`), which puts this folder on sys.path where it shadows Hugging Face's

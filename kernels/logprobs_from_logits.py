@@ -11,7 +11,8 @@ Shapes and dtypes: logits [N, V] float32 / bfloat16 / float16 with unit stride a
 int64 in [0, V) or ignore_index (prefrank.ops checks them before launching: an out-of-range
 target would give NaN here); logp [N] float32; d logits [N, V] in the logits' dtype. Kernel
 arguments are grouped as pointers, shapes, strides, constants. The plain torch definition is
-prefrank.ops.torch_backend.logprobs_from_logits; prefrank.ops.backends is the only caller.
+prefrank.ops.torch_backend.logprobs_from_logits; prefrank.ops.backends is the only caller (behind the
+registered ops prefrank::logprobs_from_logits and its backward, which give autograd the backward).
 """
 import torch
 import triton
@@ -100,22 +101,3 @@ def logprobs_from_logits_backward(logits, targets, lse, grad_logp, ignore_index:
                                    logits.stride(0), grad_logits.stride(0), ignore_index,
                                    BLOCK_V=_block(V), num_warps=8 if V >= 8192 else 4)
     return grad_logits
-
-
-class LogprobsFromLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        logp, lse = logprobs_from_logits_forward(logits, targets, ignore_index)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.ignore_index = ignore_index
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, targets, lse = ctx.saved_tensors
-        return logprobs_from_logits_backward(logits, targets, lse, grad_logp, ctx.ignore_index), None, None
-
-
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """Triton log-probs of `targets` under `logits` [N, V]; differentiable w.r.t. logits."""
-    return LogprobsFromLogits.apply(logits, targets, ignore_index)

@@ -11,7 +11,9 @@ IGNORE = -100
 TYPES = ["sigmoid", "robust", "hinge", "ipo", "gamma"]
 
 
-def naive_loss(h, w, b, targets, seq, ref_w, ref_l, loss_type, beta, eps, gamma, softcap=None, temperature=1.0):
+def naive_loss(h, w, b, targets, seq, ref_w, ref_l, loss_type, beta, eps, gamma, softcap=None, temperature=1.0,
+               per_pair=False):
+    """(the loss, averaged over pairs or per pair, and the policy's sequence log-probs [2B])."""
     z = (h @ w.T + (b if b is not None else 0)) / temperature
     if softcap:
         z = softcap * torch.tanh(z / softcap)
@@ -26,14 +28,14 @@ def naive_loss(h, w, b, targets, seq, ref_w, ref_l, loss_type, beta, eps, gamma,
         pw, pl, rw, rl = pw / lengths[0::2], pl / lengths[1::2], rw / lengths[0::2], rl / lengths[1::2]
     x = (pw - pl) - (gamma if loss_type == "gamma" else 1.0) * (rw - rl)
     logsig = lambda v: -torch.log1p(torch.exp(-v))  # noqa: E731
-    per_pair = {
+    losses = {
         "sigmoid": -(1 - eps) * logsig(beta * x) - eps * logsig(-beta * x),
         "robust": (-(1 - eps) * logsig(beta * x) + eps * logsig(-beta * x)) / (1 - 2 * eps),
         "hinge": torch.clamp(1 - beta * x, min=0),
         "ipo": (x - 1 / (2 * beta)) ** 2,
         "gamma": -logsig(beta * x),
     }[loss_type]
-    return per_pair.mean(), sums
+    return (losses if per_pair else losses.mean()), sums
 
 
 def make_case(n_pairs=5, d=24, v=211, dtype=torch.float32, seed=0, bias=True):

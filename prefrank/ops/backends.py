@@ -6,9 +6,10 @@ as prefrank._cpu_ops).
   cpp     CPU tensors, forward only (OpenMP over rows)
   torch   any device, differentiable (torch_backend.py, the definition)
 
-`PREFRANK_BACKEND=triton|cpp|torch` forces one; forcing one that cannot run is an error, and a
-C++ extension that fails to import is reported once before the torch backend takes its place.
-Every launcher here takes targets already checked to be in range (the public API checks them).
+A call's `backend=` argument forces one, and `PREFRANK_BACKEND=triton|cpp|torch` is its default;
+forcing one that cannot run is an error, and a C++ extension that fails to import is reported once
+before the torch backend takes its place. Every launcher here takes targets already checked to be
+in range (the registered ops check them, registered.py).
 """
 import functools
 import os
@@ -17,7 +18,8 @@ import warnings
 
 import torch
 
-from prefrank.ops.torch_backend import IGNORE_INDEX, logprobs_backward_, sum_by_sequence, upcast
+from prefrank.ops.torch_backend import logprobs_backward_ as torch_logprobs_backward_
+from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence, upcast
 from prefrank.ops.torch_backend import logprobs_from_logits as torch_logprobs_from_logits
 
 BACKENDS = ("triton", "cpp", "torch")
@@ -48,23 +50,24 @@ def _warn_no_cpp():
                   f"to silence this.", RuntimeWarning, stacklevel=3)
 
 
-def choose(t: torch.Tensor, chunked: bool = False) -> str:
-    """The backend for `t`. `chunked`: the op runs on detached chunks of logits inside an autograd
-    Function (the head), so the C++ forward serves tensors that need gradients too."""
-    forced = os.environ.get("PREFRANK_BACKEND")
+def choose(t: torch.Tensor, backend: str | None = None) -> str:
+    """The backend for `t`: `backend` if given, else $PREFRANK_BACKEND if set, else the fastest
+    for t's device and dtype. Every backend is differentiable (the backward of the C++ forward is
+    the torch formula)."""
+    forced, name = (backend, "backend") if backend is not None else (os.environ.get("PREFRANK_BACKEND"),
+                                                                     "PREFRANK_BACKEND")
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"PREFRANK_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
+            raise ValueError(f"{name}={forced!r}: expected one of {', '.join(BACKENDS)}")
         if forced == "cpp" and _cpu_ops is None:
-            raise RuntimeError(f"PREFRANK_BACKEND=cpp, but the C++ extension prefrank._cpu_ops did not import: "
+            raise RuntimeError(f"{name}=cpp, but the C++ extension prefrank._cpu_ops did not import: "
                                f"{_CPP_IMPORT_ERROR}")
         if forced == "triton" and _triton_kernels() is None:
-            raise RuntimeError("PREFRANK_BACKEND=triton but triton is not installed")
+            raise RuntimeError(f"{name}=triton but triton is not installed")
         return forced
     if t.device.type == "cuda" and t.dtype != torch.float64 and _triton_kernels() is not None:
         return "triton"
-    needs_grad = torch.is_grad_enabled() and t.requires_grad and not chunked
-    if t.device.type == "cpu" and not needs_grad:
+    if t.device.type == "cpu":
         if _cpu_ops is None:
             _warn_no_cpp()
         elif t.dtype in _CPP_DTYPES:
@@ -89,35 +92,34 @@ def _cpp_logprobs(logits, targets, ignore_index, num_threads):
     return out
 
 
-def logprobs_from_logits(backend: str, logits, targets, ignore_index: int, num_threads: int = 0):
-    """[N] log-probs (ops.logprobs_from_logits) on `backend`."""
+def logprobs_and_lse(backend: str, logits, targets, ignore_index: int, num_threads: int = 0):
+    """(logp [N], lse [N]) of `logits` [N, V] at `targets` on `backend`: fp32 (float64 for float64
+    logits on cpp and torch); 0 in both for ignored rows. `logits` is left intact."""
+    keep = targets != ignore_index
     if backend == "triton":
-        return _triton_kernels().logprobs_from_logits(logits, targets, ignore_index)
+        logp, lse = _triton_kernels().logprobs_from_logits_forward(logits, targets, ignore_index)
+        return logp.to(upcast(logits[:0]).dtype), lse.to(upcast(logits[:0]).dtype)
     if backend == "cpp":
-        return _cpp_logprobs(logits, targets, ignore_index, num_threads)
-    return torch_logprobs_from_logits(logits, targets, ignore_index)
+        logp = _cpp_logprobs(logits, targets, ignore_index, num_threads)
+        picked = upcast(logits.gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1))
+        return logp, torch.where(keep, picked - logp, 0.0)  # the kernel returns no lse: the target's logit minus logp
+    logp = torch_logprobs_from_logits(logits, targets, ignore_index)
+    return logp, torch.where(keep, torch.logsumexp(upcast(logits), -1), 0.0)
 
 
-def chunk_logprobs(backend: str, logits, targets):
-    """(logp, lse) of one of the head's chunks (no ignored rows), fp32 (float64 for float64
-    logits); `logits` is left intact."""
+def logprobs_backward_(backend: str, logits, targets, lse, g, ignore_index: int | None):
+    """d logits for per-row gradients g [N], written over `logits` [N, V] where they are fp32 (or
+    half on Triton) and returned; ignored rows get 0. ignore_index None: no row is ignored (the
+    head's chunks), which spares the torch formula a masking pass. The C++ extension has no
+    backward: the torch formula serves it."""
     if backend == "triton":
-        return _triton_kernels().logprobs_from_logits_forward(logits, targets, IGNORE_INDEX)
-    if backend == "cpp":
-        logp = _cpp_logprobs(logits, targets, IGNORE_INDEX, 0)
-        return logp, upcast(logits.gather(1, targets[:, None]).squeeze(1)) - logp
-    logits = upcast(logits)
-    lse = torch.logsumexp(logits, -1)
-    return logits.gather(1, targets[:, None]).squeeze(1) - lse, lse
-
-
-def chunk_backward_(backend: str, logits, targets, lse, g):
-    """d logits for per-row gradients g of one chunk, written over `logits` (its dtype) and
-    returned. The C++ extension has no backward: the torch formula serves it."""
-    if backend == "triton":
-        return _triton_kernels().logprobs_from_logits_backward(logits, targets, lse, g, IGNORE_INDEX,
-                                                               inplace=True)
-    return logprobs_backward_(logits, targets, lse, g)
+        return _triton_kernels().logprobs_from_logits_backward(
+            logits, targets, lse, g, IGNORE_INDEX if ignore_index is None else ignore_index, inplace=True)
+    if ignore_index is None:
+        return torch_logprobs_backward_(upcast(logits), targets, lse, g)
+    keep = targets != ignore_index
+    d = torch_logprobs_backward_(upcast(logits), torch.where(keep, targets, 0), lse, torch.where(keep, g, 0.0))
+    return d.masked_fill_(~keep[:, None], 0.0)
 
 
 def segment_sums(backend: str, values, cu_seqlens):

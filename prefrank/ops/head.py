@@ -11,16 +11,18 @@ dtype, exactly what the model itself would output; otherwise they are fp32. Then
 The per-chunk log-softmax steps go to the backend the public API chose (backends.py: Triton on
 CUDA, the C++ extension on CPU, torch otherwise); the matmuls stay with torch (cuBLAS / MKL), in
 the weight's dtype (tensor cores for half-precision weights; d logits is rounded to that dtype, as
-the model's own backward would, and d weight accumulates across chunks in it: one rounding per
-chunk). Chunks hold a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs
-nearly empty. `LogprobsFromHidden` is the autograd Function: its forward keeps one logsumexp per
-row, its backward recomputes each chunk.
+the model's own backward would). d weight and d bias accumulate across chunks in fp32 and are cast
+to the weight's dtype once at the end: a half-precision accumulator would round once per chunk,
+and its error would grow with the number of chunks past plain torch's single rounding. Chunks hold
+a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs nearly empty.
+`forward` keeps one logsumexp per row, `backward` recomputes each chunk; the registered op
+prefrank::logprobs_from_hidden runs them (registered.py).
 """
 import torch
 import torch.nn.functional as F
 
 from prefrank.ops import backends
-from prefrank.ops.torch_backend import head_logits, upcast
+from prefrank.ops.torch_backend import IGNORE_INDEX, head_logits, upcast
 
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # logits per chunk: GEMMs big enough for a GPU; cache-sized on CPU
 
@@ -46,17 +48,25 @@ class Head:
         return F.linear(hidden_rows.to(self.weight.dtype), self.weight, self.bias)
 
     def logprobs(self, logits, targets):
-        """(logp, lse) of a chunk, fp32 (float64 for float64 logits); `logits` is left intact."""
-        return backends.chunk_logprobs(self.backend, logits, targets)
+        """(logp, lse) of a chunk without ignored rows, fp32 (float64 for float64 logits); `logits`
+        is left intact."""
+        return backends.logprobs_and_lse(self.backend, logits, targets, IGNORE_INDEX)
 
     def new_grads(self, hidden, need_h: bool, need_w: bool, need_b: bool) -> list:
-        """Zeroed [d hidden, d weight, d bias] accumulators (None where not needed): d weight in the
-        GEMMs' dtype (the weight's), d bias in fp32 (float64 for float64)."""
-        acc = upcast(hidden[:0]).dtype
+        """Zeroed [d hidden, d weight, d bias] accumulators (None where not needed): d hidden in
+        hidden's dtype (each row is written once), d weight and d bias in fp32 (float64 for
+        float64), cast by `finish_grads`."""
+        acc = upcast(self.weight[:0]).dtype
         w = self.weight
         return [torch.zeros_like(hidden) if need_h else None,
-                torch.zeros_like(w) if need_w else None,
+                torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None,
                 torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None]
+
+    def finish_grads(self, grads) -> list:
+        """The accumulators of new_grads in the parameters' dtypes."""
+        grad_h, grad_w, grad_b = grads
+        return [grad_h, None if grad_w is None else grad_w.to(self.weight.dtype),
+                None if grad_b is None else grad_b.to(self.bias.dtype)]
 
     def backward_(self, logits, targets, lse, g, hidden_rows, grads, row_index):
         """Turn a chunk's logits (in place where they allow it) into d raw for per-row gradients
@@ -67,7 +77,7 @@ class Head:
         if self.fp32_logits or self.backend != "triton":
             logits = upcast(logits)  # a copy for half logits; fp32 logits are updated in place
             tanh_sq = (logits / self.softcap) ** 2 if self.softcap else None
-        d_logits = backends.chunk_backward_(self.backend, logits, targets, lse, g)
+        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None)  # chunks: no ignored rows
         if tanh_sq is not None:
             d_logits.mul_(1 - tanh_sq)
         d_raw = (d_logits.div_(self.temperature) if self.temperature != 1.0 else d_logits).to(self.weight.dtype)
@@ -75,35 +85,44 @@ class Head:
         if grad_h is not None:
             grad_h[row_index] = (d_raw @ self.weight).to(grad_h.dtype)
         if grad_w is not None:
-            grad_w.addmm_(d_raw.T, hidden_rows.to(grad_w.dtype))  # in place: no [V, d] temporary
+            _add_product_(grad_w, d_raw.T, hidden_rows.to(d_raw.dtype))
         if grad_b is not None:
             grad_b += upcast(d_raw).sum(0)
 
 
-class LogprobsFromHidden(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, head: Head, ignore_index: int):
-        rows = torch.nonzero(targets != ignore_index).squeeze(1)
-        out = torch.zeros(targets.shape[0], dtype=upcast(hidden[:0]).dtype, device=hidden.device)
-        lse = torch.empty(rows.numel(), dtype=out.dtype, device=hidden.device)
-        for start in range(0, rows.numel(), head.rows):
-            idx = rows[start:start + head.rows]
-            logp, lse[start:start + head.rows] = head.logprobs(head.logits(hidden[idx]), targets[idx])
-            out[idx] = logp.to(out.dtype)
-        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse)
-        ctx.head = head
-        return out
+def _add_product_(acc, a, b):
+    """acc += a @ b, with acc fp32 (or float64) and a, b maybe half: the product is accumulated in
+    acc's precision, not rounded to the operands' dtype first."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)  # in place: no [V, d] temporary
+    elif a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)  # half GEMM (tensor cores), fp32 result
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # CPU has no half GEMM with an fp32 result
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, targets, rows, lse = ctx.saved_tensors
-        head = ctx.head
-        grads = head.new_grads(hidden, *ctx.needs_input_grad[:3])
-        for start in range(0, rows.numel(), head.rows):
-            idx = rows[start:start + head.rows]
-            h = hidden[idx]
-            head.backward_(head.logits(h), targets[idx], lse[start:start + head.rows], grad_out[idx].to(lse.dtype), h,
-                           grads, idx)
-        grad_h, grad_w, grad_b = grads
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+def forward(hidden, weight, bias, targets, head: Head, ignore_index: int):
+    """(logp [N], lse [N]) of `targets` [N] under the head applied to `hidden` [N, d], in fp32
+    (float64 for float64 hidden states); 0 in both at ignored rows, which cost nothing."""
+    rows = torch.nonzero(targets != ignore_index).squeeze(1)
+    acc = upcast(hidden[:0]).dtype
+    out = torch.zeros(targets.shape[0], dtype=acc, device=hidden.device)
+    lse = torch.zeros(targets.shape[0], dtype=acc, device=hidden.device)
+    for start in range(0, rows.numel(), head.rows):
+        idx = rows[start:start + head.rows]
+        logp, chunk_lse = head.logprobs(head.logits(hidden[idx]), targets[idx])
+        out[idx], lse[idx] = logp.to(acc), chunk_lse.to(acc)
+    return out, lse
+
+
+def backward(grad_out, hidden, targets, lse, head: Head, ignore_index: int, need_h: bool, need_w: bool,
+             need_b: bool) -> list:
+    """[d hidden, d weight, d bias] (None where not needed) for per-row upstream gradients
+    grad_out [N], recomputing each chunk's logits; lse from `forward`."""
+    rows = torch.nonzero(targets != ignore_index).squeeze(1)
+    grads = head.new_grads(hidden, need_h, need_w, need_b)
+    for start in range(0, rows.numel(), head.rows):
+        idx = rows[start:start + head.rows]
+        h = hidden[idx]
+        head.backward_(head.logits(h), targets[idx], lse[idx], grad_out[idx].to(lse.dtype), h, grads, idx)
+    return head.finish_grads(grads)
