@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from prefrank import ops
 from prefrank.ops import IGNORE_INDEX, sum_by_sequence
+from prefrank.ops.sharded import gather_head
 from prefrank.ops.torch_backend import upcast
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
@@ -225,7 +226,12 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     the entropy of the next-token distribution ("sequence_entropy"), of the mean logit over the
     vocabulary ("sequence_logits") and of whether the target is the (first) argmax
     ("sequence_top1"), computed from the logits the loss computes anyway (what trainers log).
+    A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh (FSDP2's, the
+    lm_head as its own unit) is gathered for the op, its gradient returned sharded and averaged
+    over the ranks as FSDP2's would be (ops/sharded.py); other layouts are refused.
     """
+    weight, bias, ref_weight, ref_bias = gather_head(weight=weight, bias=bias, ref_weight=ref_weight,
+                                                     ref_bias=ref_bias)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     flat_h, flat_t, seq = _flatten_layout(hidden, targets, sequence_ids)

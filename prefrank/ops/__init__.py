@@ -14,6 +14,7 @@ import torch
 from prefrank.ops import backends
 from prefrank.ops.backends import BACKENDS
 from prefrank.ops.head import Head, LogprobsFromHidden
+from prefrank.ops.sharded import gather_head
 from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence
 
 __all__ = ["BACKENDS", "IGNORE_INDEX", "Head", "check_targets", "head_for", "logprobs_from_hidden",
@@ -55,8 +56,10 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, te
     hidden: [N, d]; weight: [V, d]; bias: [V] or None; targets: [N] int64 (ignore_index rows give 0
     and cost nothing). Head: z = (hidden @ weight.T + bias) / temperature, then
     softcap * tanh(z / softcap) if softcap. Returns [N] float32 (float64 for float64 inputs).
-    chunk_bytes: memory for one chunk of scores (None: 256 MiB on GPU, 64 MiB on CPU).
+    chunk_bytes: memory for one chunk of scores (None: 256 MiB on GPU, 64 MiB on CPU). A DTensor
+    weight or bias sharded Shard(0) on a 1-D mesh (FSDP2's) is gathered first (ops/sharded.py).
     """
+    weight, bias = gather_head(weight=weight, bias=bias)
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     check_targets(targets, weight.shape[0], ignore_index)
