@@ -31,6 +31,7 @@ from prefrank import ops
 from prefrank.ops import IGNORE_INDEX, backends, sum_by_sequence
 from prefrank.ops.head import Head
 from prefrank.ops.registered import check_targets, grad_fakes, grad_outputs
+from prefrank.ops.sharded import gather_head
 from prefrank.ops.torch_backend import upcast
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
@@ -439,8 +440,12 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     the mean logit over the vocabulary ("sequence_logits") and of whether the target is the
     (first) argmax ("sequence_top1"), computed from the logits the loss computes anyway (what
     trainers log). Bad input (shapes, dtypes, options, target ids, NaN / inf) raises, naming the
-    argument.
+    argument. A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh
+    (FSDP2's, the lm_head as its own unit) is gathered for the op, its gradient returned sharded
+    and averaged over the ranks as FSDP2's would be (ops/sharded.py); other layouts are refused.
     """
+    weight, bias, ref_weight, ref_bias = gather_head(weight=weight, bias=bias, ref_weight=ref_weight,
+                                                     ref_bias=ref_bias)
     _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
                    temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
     flat_h, flat_t, seq = _flatten_layout(hidden, targets, sequence_ids)

@@ -18,6 +18,7 @@ from prefrank.ops import backends
 from prefrank.ops.backends import BACKENDS
 from prefrank.ops.head import Head
 from prefrank.ops.registered import check_targets
+from prefrank.ops.sharded import gather_head
 from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence
 
 __all__ = ["BACKENDS", "IGNORE_INDEX", "Head", "check_targets", "logprobs_from_hidden", "logprobs_from_logits",
@@ -56,8 +57,10 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, te
     (ignore_index rows give 0 and cost nothing). Head: z = (hidden @ weight.T + bias) / temperature,
     then softcap * tanh(z / softcap) if softcap. Returns [N] float32 (float64 for float64 inputs).
     chunk_bytes: memory for one chunk of scores (None: 256 MiB on GPU, 64 MiB on CPU).
-    backend: see the module. Works under torch.compile(fullgraph=True).
+    backend: see the module. Works under torch.compile(fullgraph=True). A DTensor weight or bias
+    sharded Shard(0) on a 1-D mesh (FSDP2's) is gathered first (ops/sharded.py).
     """
+    weight, bias = gather_head(weight=weight, bias=bias)
     _check_shapes("hidden", hidden, targets)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, d] with d = {hidden.shape[1]} (hidden's last dimension); "
