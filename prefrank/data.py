@@ -165,8 +165,18 @@ def _open_text(path: Path, encoding: str, newline: str | None = None):
     return open(path, encoding=encoding, newline=newline)
 
 
+def _json_kind(value) -> str:
+    """The JSON name of a parsed value's type (for messages: null, not NoneType)."""
+    for kind, types in (("null", type(None)), ("boolean", bool), ("number", (int, float)), ("string", str),
+                        ("array", list), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
 def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
-    """One JSON line (None if blank); a line that cannot be decoded or parsed is a BadRow."""
+    """One JSON line (None if blank); a line that cannot be decoded or parsed, or that holds a value
+    other than an object (null, a number, an array ...), is a BadRow: every non-blank line is a row."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -174,13 +184,14 @@ def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         return BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
     except RecursionError:
         return BadRow(f"line {line_no}: JSON nested too deeply")
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         return BadRow(f"line {line_no}: invalid JSON ({e})")
+    return value if isinstance(value, dict) else BadRow(f"line {line_no}: a JSON {_json_kind(value)}, not an object")
 
 
 def _json_lines(path: Path) -> Iterator[dict | BadRow]:
@@ -600,7 +611,7 @@ def to_example(index: int, row, cols: Columns) -> Example:
     if isinstance(row, BadRow):
         return Example(index, str(index), error=row.message)
     if not isinstance(row, dict):
-        return Example(index, str(index), error=f"row is a JSON {type(row).__name__}, not an object")
+        return Example(index, str(index), error=f"row is a JSON {_json_kind(row)}, not an object")
     example = Example(index, _row_id(index, row, cols))
     try:
         return _finish(example, cols, *_normalize(row, cols))

@@ -1,0 +1,73 @@
+"""Hostile inputs and faults, second round (issue 30): each escape the audits found, one test each."""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from prefrank.cli import main
+from prefrank.demo.default import build_tokenizer
+from tiny_models import float64_logp, tiny_model
+
+GOOD = [{"id": f"g{i}", "prompt": f"Q: {i}+{i}=?\nA:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
+        for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tiny_model("llama", seed=0).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def score(data, model, out, *extra):
+    return main(["score", "--data", str(data), "--model", str(model), "--out", str(out), *extra])
+
+
+def one_line(err: str) -> str:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# ---------------------------------------------------------------- every non-blank JSONL line is a row
+
+def test_json_lines_that_are_not_objects_are_error_rows_naming_the_line(model_dir, tmp_path, capsys):
+    lines = [json.dumps(GOOD[0]), "null", "", "3", '"text"', "true", "[]", json.dumps(GOOD[1])]
+    out = tmp_path / "s.parquet"
+    assert score(write_lines(tmp_path / "d.jsonl", lines), model_dir, out) == 0, capsys.readouterr().err
+    table = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in table] == ["g0", "1", "2", "3", "4", "5", "g1"]  # fallback ids do not shift
+    assert [r["status"] for r in table] == ["ok"] + ["error"] * 5 + ["ok"]
+    for row, (line, kind) in zip(table[1:6], [(2, "null"), (4, "number"), (5, "string"), (6, "boolean"),
+                                              (7, "array")]):
+        assert row["error"] == f"line {line}: a JSON {kind}, not an object", row["error"]
+    assert table[6]["logp_chosen"] == pytest.approx(float64_logp(model_dir, GOOD[1]["prompt"], GOOD[1]["chosen"]),
+                                                    abs=1e-4)
+
+
+def test_a_file_of_null_lines_is_not_a_clean_empty_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "s.parquet"
+    assert score(write_lines(tmp_path / "d.jsonl", ["null"] * 3), model_dir, out) == 2
+    err = capsys.readouterr().err
+    assert "none of the 3 rows could be scored" in err and "line 1: a JSON null, not an object" in err, err
+    assert "NoneType" not in err
+    assert pq.read_table(out).num_rows == 3
+
+
+def test_json_array_null_element_is_named_as_json(model_dir, tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([GOOD[0], None, GOOD[1]]))
+    out = tmp_path / "s.parquet"
+    assert score(data, model_dir, out) == 0
+    table = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in table] == ["ok", "error", "ok"]
+    assert table[1]["error"] == "row is a JSON null, not an object"
