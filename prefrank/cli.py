@@ -143,6 +143,10 @@ def _analyze_kwise(args) -> dict:
 
 def run_analyze(args) -> int:
     from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
+    from prefrank.io import check_writable
+    for path, flag in ((args.out, "--out"), (args.pairs_out, "--pairs-out")):
+        if path is not None:  # before the analysis runs
+            check_writable(path, flag)
     if kwise.is_kwise_table(args.table):
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
     opts = _analysis_options(args)

@@ -633,7 +633,9 @@ def _group_key(row: dict, cols: Columns) -> bytes:
     for name in cols.group_by:
         values = [_field(row, c) for c in name.split("+")]
         parts.append(sorted(values, key=_canonical) if len(values) > 1 else values[0])
-    return hashlib.blake2b(_canonical(parts).encode(), digest_size=16).digest()
+    # surrogatepass: a lone surrogate in a key column keys its rows like any other text (the
+    # row's texts and id are checked for surrogates apart); plain UTF-8 cannot encode it
+    return hashlib.blake2b(_canonical(parts).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _spill_record(pos: int, row, cols: Columns) -> tuple[bytes, int, str]:

@@ -34,14 +34,24 @@ class LoadOptions:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` names: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+    Other devices torch knows (meta, mps, xpu ...) are refused: the scorer's kernels and checks run
+    on CPU and CUDA tensors only."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise InputError(f"<device> {device!r}: {e}") from None
+    usable = "cpu" + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+                      if torch.cuda.is_available() else "")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"<device> {device}: CUDA is not available on this machine")
+        raise InputError(f"<device> {device}: CUDA is not available on this machine (usable: {usable})")
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise InputError(f"<device> {device}: prefrank scores on {usable} (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"<device> {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(usable: {usable})")
     return dev
 
 
@@ -72,6 +82,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
             template = open(chat_template, encoding="utf-8").read()
         except OSError as e:
             raise InputError(f"cannot read chat template {chat_template}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"chat template {chat_template}: not UTF-8 text (invalid byte at offset {e.start})") \
+                from None
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         try:  # parsed in the sandbox transformers renders in: a syntax error is the invocation's, not every row's

@@ -71,3 +71,46 @@ def test_json_array_null_element_is_named_as_json(model_dir, tmp_path, capsys):
     table = pq.read_table(out).to_pylist()
     assert [r["status"] for r in table] == ["ok", "error", "ok"]
     assert table[1]["error"] == "row is a JSON null, not an object"
+
+
+# ---------------------------------------------------------------- no tracebacks
+
+def test_group_key_with_a_lone_surrogate_is_a_key_like_any_other(model_dir, tmp_path, capsys):
+    rows = [{**GOOD[0], "q": "a", "v": 1}, {**GOOD[1], "q": "b\ud800", "v": 2}, {**GOOD[0], "q": "a", "v": 1},
+            {**GOOD[1], "q": "b\ud800", "v": 1}]
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])  # the surrogate escaped: valid JSON
+    out = tmp_path / "s.parquet"
+    assert score(data, model_dir, out, "--vote-cols", "v", "--group-by", "q") == 0, capsys.readouterr().err
+    table = pq.read_table(out).to_pylist()
+    assert [(r["id"], r["status"], r["alpha"], r["n_votes"]) for r in table] == [("g0", "ok", 1.0, 2),
+                                                                                ("g1", "ok", 0.5, 2)]
+    assert not (tmp_path / "s.parquet.parts").exists()
+
+
+def test_chat_template_that_is_not_utf8_is_one_line(model_dir, tmp_path, capsys):
+    template = tmp_path / "t.jinja"
+    template.write_bytes(b"{% for m in messages %}\xff{{ m.content }}{% endfor %}")
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD[0])])
+    assert score(data, model_dir, tmp_path / "s.parquet", "--chat-template", str(template)) == 2
+    err = one_line(capsys.readouterr().err)
+    assert str(template) in err and "UTF-8" in err and "offset 23" in err
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu:1", "cuda:99"])
+def test_devices_prefrank_cannot_use_are_refused_naming_those_it_can(model_dir, tmp_path, capsys, device):
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD[0])])
+    assert score(data, model_dir, tmp_path / "s.parquet", "--device", device) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"--device {device}" in err and "cpu" in err, err
+    assert not list(tmp_path.glob("s.parquet*"))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--pairs-out"])
+def test_analyze_output_in_a_missing_folder_is_refused_in_one_line(model_dir, tmp_path, capsys, flag):
+    table = tmp_path / "s.parquet"
+    assert score(write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in GOOD]), model_dir, table) == 0
+    capsys.readouterr()
+    target = tmp_path / "missing" / "x.json"
+    assert main(["analyze", str(table), flag, str(target)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{flag} {target}: the folder {target.parent} does not exist" in err, err
