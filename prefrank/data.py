@@ -254,7 +254,11 @@ def _csv_file(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
             except csv.Error as e:  # strict: the reader resumes on the next line
                 yield BadRow(f"line {reader.line_num}: invalid CSV ({e})")
                 continue
-            except (UnicodeDecodeError, *_UNREADABLE) as e:  # the text stream cannot go on past it
+            except UnicodeDecodeError:  # the text stream decodes ahead of the reader: locate the byte
+                line, byte = _first_invalid_utf8(path)
+                raise InputError(f"{path}: invalid UTF-8 on line {line} (byte {byte} of the line): the file cannot "
+                                 f"be read past it") from None
+            except _UNREADABLE as e:  # the text stream cannot go on past it
                 raise InputError(f"{path}: unreadable after line {reader.line_num}: {_one_line(e)}") from None
             if header is None:
                 header = values
@@ -267,6 +271,18 @@ def _csv_file(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
                 yield BadRow(f"line {reader.line_num}: {len(values)} fields where the header has {len(header)}")
                 continue
             yield dict(zip(header, values))
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int, int]:
+    """(line, byte of the line) of the first bytes of a file that are not UTF-8 (line 1 after a BOM).
+    Lines end at "\n", which never occurs inside a UTF-8 sequence."""
+    with _open_binary(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                (raw.removeprefix(BOM) if line_no == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line_no, e.start + (len(BOM) if line_no == 1 and raw.startswith(BOM) else 0)
+    raise AssertionError(f"{path} decodes as UTF-8")
 
 
 def _parquet_file(path: Path) -> Iterator[dict]:
@@ -337,6 +353,12 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
             return _parquet_file(path)
         raise InputError(f"{source}: unknown file type (expected .json, .jsonl, .csv, .tsv, each optionally .gz, "
                          f"or .parquet)")
+    if os.path.lexists(source) and not path.is_dir():  # there, but neither a file nor a folder
+        try:
+            os.stat(source)
+        except OSError as e:  # a symlink loop, a link to a missing file, a folder it cannot enter
+            raise InputError(f"{source}: cannot open: {e.strerror}") from None
+        raise InputError(f"{source}: not a regular file (a device, pipe or socket): give a data file")
     if path.is_dir() or (source.count("/") <= 1 and not source.startswith((".", "/", "~")) and not path.suffix):
         return _hf_dataset(source, subset, split)
     raise InputError(f"data file not found: {source}")

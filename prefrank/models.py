@@ -17,6 +17,10 @@ from prefrank.io import hash_file
 from prefrank.options import option, options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The files a tokenizer loads from (transformers' fast and slow tokenizers, SentencePiece, tiktoken):
+# a folder with none of them holds no tokenizer, whatever else transformers' error then says
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "*.spm", "vocab.*", "merges.txt",
+                   "*.tiktoken")
 
 
 @options
@@ -91,10 +95,14 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
             ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
         except jinja2.TemplateSyntaxError as e:
             raise InputError(f"chat template {chat_template}, line {e.lineno}: {e.message}") from None
+    if os.path.isdir(path) and not any(f.is_file() for pattern in TOKENIZER_FILES
+                                                 for f in Path(path).glob(pattern)):
+        raise InputError(f"cannot load tokenizer {path!r}: the folder holds no tokenizer file (none of "
+                         f"{', '.join(TOKENIZER_FILES)}): give the tokenizer's folder with <tokenizer>")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {e}") from None
+        raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if template is not None:
         tokenizer.chat_template = template
     return tokenizer
@@ -279,6 +287,9 @@ class CausalLM:
             expected = torch.log_softmax(self.logits(ids, mask).float(), -1)[0]
             hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
             got = torch.log_softmax(head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature), -1)
+        if not (expected.isfinite().all() and got.isfinite().all()):  # an overflow says nothing of the head
+            raise InputError(f"{type(self.model).__name__}: its log-probs are not finite in {str(self.weight.dtype).removeprefix('torch.')} "
+                             f"on a short probe input (it overflows in this dtype): use <dtype> bfloat16 or float32")
         tol = 1e-3 if self.weight.dtype == torch.float32 else 0.15
         err = (got - expected).abs().max().item()
         if not err <= tol:

@@ -151,3 +151,55 @@ def test_sigterm_releases_the_lock_keeps_the_parts_and_resume_finishes(model_dir
     monkeypatch.setattr(Parts, "write", real_write)
     assert score(data, model_dir, out, "--chunk-rows", "1", "--resume") == 0
     assert pq.read_table(out).equals(pq.read_table(clean))
+
+
+# ---------------------------------------------------------------- messages that say what is wrong
+
+def test_tokenizer_folder_without_a_tokenizer_says_so(model_dir, tmp_path, capsys):
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD[0])])
+    assert score(data, model_dir, tmp_path / "s.parquet", "--tokenizer", str(empty)) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "no tokenizer file" in err and str(empty) in err and "sentencepiece" not in err, err
+
+
+@pytest.mark.parametrize("kind", ["device", "symlink-loop"])
+def test_data_that_is_there_but_no_file_is_not_called_missing(model_dir, tmp_path, capsys, kind):
+    if kind == "device":
+        data, needle = Path(os.devnull), "not a regular file"
+    else:
+        data = tmp_path / "loop.jsonl"
+        data.symlink_to(tmp_path / "loop.jsonl")
+        needle = os.strerror(40)  # ELOOP: "Too many levels of symbolic links"
+    assert score(data, model_dir, tmp_path / "s.parquet") == 2
+    err = one_line(capsys.readouterr().err)
+    assert needle in err and str(data) in err and "not found" not in err, err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_csv_invalid_byte_names_its_line(model_dir, tmp_path, capsys, suffix):
+    import gzip
+    text = b'prompt,chosen,rejected\n"Q: 1+1=?",\xe9 2, 3\n"Q: 2+2=?", 4, 5\n'
+    data = tmp_path / f"d{suffix}"
+    data.write_bytes(gzip.compress(text) if suffix.endswith(".gz") else text)
+    assert score(data, model_dir, tmp_path / "s.parquet") == 2
+    err = one_line(capsys.readouterr().err)
+    byte = text.split(b"\n")[1].index(b"\xe9")
+    assert f"{data}: invalid UTF-8 on line 2 (byte {byte} of the line)" in err, err
+
+
+def test_float16_overflow_in_the_head_check_suggests_another_dtype(tmp_path, capsys):
+    """A model whose float16 logits overflow on the token ids the head check feeds it (0..7): the
+    check says overflow and names the dtypes that work, not --method naive."""
+    from test_reliability import fp16_overflow_model
+    tokenizer = build_tokenizer()
+    model = tmp_path / "overflow"
+    fp16_overflow_model(model, tokenizer, token=tokenizer.convert_ids_to_tokens(5))
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD[0])])
+    for method in ("auto", "kv", "packed"):
+        assert score(data, model, tmp_path / "s.parquet", "--dtype", "float16", "--method", method) == 2
+        err = one_line(capsys.readouterr().err)
+        assert "overflows" in err and "--dtype bfloat16 or float32" in err and "naive" not in err, err
+    assert score(data, model, tmp_path / "s.parquet", "--dtype", "float32") == 0
