@@ -203,3 +203,62 @@ def test_float16_overflow_in_the_head_check_suggests_another_dtype(tmp_path, cap
         err = one_line(capsys.readouterr().err)
         assert "overflows" in err and "--dtype bfloat16 or float32" in err and "naive" not in err, err
     assert score(data, model, tmp_path / "s.parquet", "--dtype", "float32") == 0
+
+
+# ---------------------------------------------------------------- --resume compares the weights' contents
+
+def interrupt_after(monkeypatch, n_parts: int):
+    """Parts.write stops the run (as Ctrl-C would) once n_parts parts are written; returns the undo."""
+    from prefrank.io import Parts
+    real_write, written = Parts.write, []
+
+    def write(self, *args, **kwargs):
+        if len(written) == n_parts:
+            raise KeyboardInterrupt
+        real_write(self, *args, **kwargs)
+        written.append(1)
+
+    monkeypatch.setattr(Parts, "write", write)
+    return lambda: monkeypatch.setattr(Parts, "write", real_write)
+
+
+def test_resume_refuses_weights_replaced_with_size_and_mtime_kept(model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)  # the same shapes: the same size and header
+    weights = model / "model.safetensors"
+    assert weights.stat().st_size == (other / "model.safetensors").stat().st_size
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in GOOD])
+    out = tmp_path / "s.parquet"
+    undo = interrupt_after(monkeypatch, 2)
+    assert score(data, model, out, "--chunk-rows", "1") == 130
+    undo()
+    before = weights.stat()
+    shutil.copyfile(other / "model.safetensors", weights)  # as `cp -p` or `rsync -a` would: mtime kept
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    capsys.readouterr()
+    assert score(data, model, out, "--chunk-rows", "1", "--resume") == 2
+    err = one_line(capsys.readouterr().err)
+    assert "model.safetensors of --model" in err, err
+
+
+def test_resume_accepts_the_same_weights_with_a_new_mtime(model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in GOOD])
+    clean = tmp_path / "clean.parquet"
+    assert score(data, model, clean, "--chunk-rows", "1") == 0
+    out = tmp_path / "s.parquet"
+    undo = interrupt_after(monkeypatch, 2)
+    assert score(data, model, out, "--chunk-rows", "1") == 130
+    undo()
+    for file in model.iterdir():  # an identical copy, every file with a new mtime
+        shutil.copyfile(file, tmp_path / "tmp")
+        os.replace(tmp_path / "tmp", file)
+    assert score(data, model, out, "--chunk-rows", "1", "--resume") == 0, capsys.readouterr().err
+    assert "2 parts were on disk" in capsys.readouterr().err
+    assert pq.read_table(out).equals(pq.read_table(clean))
