@@ -262,3 +262,58 @@ def test_resume_accepts_the_same_weights_with_a_new_mtime(model_dir, tmp_path, c
     assert score(data, model, out, "--chunk-rows", "1", "--resume") == 0, capsys.readouterr().err
     assert "2 parts were on disk" in capsys.readouterr().err
     assert pq.read_table(out).equals(pq.read_table(clean))
+
+
+# ---------------------------------------------------------------- a hostile chat template cannot stall a run
+
+HOSTILE_TEMPLATE = (
+    "{% if messages[0].content == 'loop' %}{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}"
+    "{% endfor %}{% endif %}"
+    "{% if messages[0].content == 'big' %}{{ 'x' * 30000000 }}{% endif %}"
+    "{{ bos_token }}{% for m in messages %}{{ 'Q' if m.role == 'user' else 'A' }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}A:{% endif %}")
+
+
+@pytest.mark.parametrize("tokenization", ["joint", "separate"])
+def test_chat_template_render_is_bounded_in_time_and_size(model_dir, tmp_path, capsys, monkeypatch, tokenization):
+    import time
+    from prefrank import tokenization as tok
+    monkeypatch.setattr(tok, "RENDER_SECONDS", 1.0)  # the bound itself, made short for the test
+    template = tmp_path / "t.jinja"
+    template.write_text(HOSTILE_TEMPLATE)
+
+    def row(question):
+        return {"prompt": [{"role": "user", "content": question}], "chosen": [{"role": "assistant", "content": "3"}],
+                "rejected": [{"role": "assistant", "content": "4"}]}
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(row(q)) for q in ("1+2", "loop", "big", "2+1")])
+    out = tmp_path / "s.parquet"
+    start = time.monotonic()
+    assert score(data, model_dir, out, "--chat-template", str(template), "--tokenization", tokenization) == 0, \
+        capsys.readouterr().err
+    assert time.monotonic() - start < 30
+    table = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in table] == ["ok", "error", "error", "ok"]
+    assert "took over 1 s to render" in table[1]["error"], table[1]["error"]
+    assert "30,000,0" in table[2]["error"] and "over the limit" in table[2]["error"], table[2]["error"]
+    # the rows the template renders plainly are scored as their text: BOS Q: ...\nA: + the answer
+    assert table[0]["logp_chosen"] == pytest.approx(float64_logp(model_dir, "Q: 1+2\nA:", " 3\n"), abs=1e-4)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_render_deadline_restores_the_callers_alarm(model_dir):
+    from prefrank.tokenization import _apply_chat_template
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = HOSTILE_TEMPLATE
+
+    def outer(*_):
+        raise AssertionError("the caller's alarm went off during the test")
+
+    previous = signal.signal(signal.SIGALRM, outer)
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    try:
+        assert _apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}]) == "<s>Q: hi\n"
+        assert signal.getsignal(signal.SIGALRM) is outer and 90 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
