@@ -317,3 +317,17 @@ def test_render_deadline_restores_the_callers_alarm(model_dir):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------- what the documented features need is declared
+
+def test_install_requires_declares_what_tp_needs():
+    """--tp loads models with a tensor-parallel plan, which transformers refuses without accelerate
+    (the test extra pulls it in through TRL, so the tests alone would not notice a plain install
+    lacking it); the content fingerprint needs xxhash."""
+    import ast
+    setup = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    call = next(node for node in ast.walk(setup) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    requires = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "install_requires"))
+    names = {r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip() for r in requires}
+    assert {"accelerate", "xxhash"} <= names, names
