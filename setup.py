@@ -45,6 +45,8 @@ setup(
         "datasets>=3.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "xxhash>=3.0",  # the content hash of model files that --resume compares (prefrank.models.fingerprint)
+        "accelerate>=1.0",  # transformers loads a model sharded by its tensor-parallel plan (--tp) only with it
     ],
     # trl: the drop-in test of prefrank's fused loss inside TRL's DPOTrainer
     extras_require={"test": ["pytest>=8", "trl>=1.16,<1.17"]},  # PrefrankDPOTrainer overrides a private TRL method

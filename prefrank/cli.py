@@ -1,7 +1,9 @@
 """Command line: `prefrank score | analyze | report ...` (see `prefrank COMMAND --help`)."""
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from prefrank import options
 from prefrank.data import Columns
@@ -143,6 +145,10 @@ def _analyze_kwise(args) -> dict:
 
 def run_analyze(args) -> int:
     from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
+    from prefrank.io import check_writable
+    for path, flag in ((args.out, "--out"), (args.pairs_out, "--pairs-out")):
+        if path is not None:  # before the analysis runs
+            check_writable(path, flag)
     if kwise.is_kwise_table(args.table):
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
     opts = _analysis_options(args)
@@ -380,22 +386,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, batch schedulers, some shells' Ctrl-C): the run stops as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _catch_sigterm() -> bool:
+    """Make SIGTERM stop a single process as Ctrl-C does (its output's lock released, its parts kept
+    for --resume). Not under torchrun: its agent stops the other ranks with SIGTERM when one fails,
+    and a rank waiting in a collective would only see the exception once that wait ends (the next
+    run takes over the lock such a rank leaves)."""
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    signal.signal(signal.SIGTERM, _terminate)
+    return True
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import transformers
     transformers.logging.set_verbosity_error()  # prefrank reports its own progress and problems
     transformers.logging.disable_progress_bar()
+    previous = signal.getsignal(signal.SIGTERM)
+    caught = _catch_sigterm()
     try:
         return args.func(args)
     except InputError as e:  # the user's mistake: one line, the options named by their flags
         print(f"prefrank {args.command}: error: {e.text(option_flags())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         resume = (" (the parts written so far are kept: rerun the same command with --resume to continue)"
                   if args.command == "score" else "")
-        print(f"prefrank: interrupted{resume}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print(f"prefrank: {'terminated (SIGTERM)' if terminated else 'interrupted'}{resume}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
+        if caught:
+            signal.signal(signal.SIGTERM, previous)
         from prefrank.runtime import shutdown
         shutdown()
 

@@ -162,8 +162,18 @@ def _open_text(path: Path, encoding: str, newline: str | None = None):
     return open(path, encoding=encoding, newline=newline)
 
 
+def _json_kind(value) -> str:
+    """The JSON name of a parsed value's type (for messages: null, not NoneType)."""
+    for kind, types in (("null", type(None)), ("boolean", bool), ("number", (int, float)), ("string", str),
+                        ("array", list), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
 def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
-    """One JSON line (None if blank); a line that cannot be decoded or parsed is a BadRow."""
+    """One JSON line (None if blank); a line that cannot be decoded or parsed, or that holds a value
+    other than an object (null, a number, an array ...), is a BadRow: every non-blank line is a row."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -171,13 +181,14 @@ def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         return BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
     except RecursionError:
         return BadRow(f"line {line_no}: JSON nested too deeply")
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         return BadRow(f"line {line_no}: invalid JSON ({e})")
+    return value if isinstance(value, dict) else BadRow(f"line {line_no}: a JSON {_json_kind(value)}, not an object")
 
 
 def _json_lines(path: Path) -> Iterator[dict | BadRow]:
@@ -240,7 +251,11 @@ def _csv_file(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
             except csv.Error as e:  # strict: the reader resumes on the next line
                 yield BadRow(f"line {reader.line_num}: invalid CSV ({e})")
                 continue
-            except (UnicodeDecodeError, *_UNREADABLE) as e:  # the text stream cannot go on past it
+            except UnicodeDecodeError:  # the text stream decodes ahead of the reader: locate the byte
+                line, byte = _first_invalid_utf8(path)
+                raise InputError(f"{path}: invalid UTF-8 on line {line} (byte {byte} of the line): the file cannot "
+                                 f"be read past it") from None
+            except _UNREADABLE as e:  # the text stream cannot go on past it
                 raise InputError(f"{path}: unreadable after line {reader.line_num}: {_one_line(e)}") from None
             if header is None:
                 header = values
@@ -253,6 +268,18 @@ def _csv_file(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
                 yield BadRow(f"line {reader.line_num}: {len(values)} fields where the header has {len(header)}")
                 continue
             yield dict(zip(header, values))
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int, int]:
+    """(line, byte of the line) of the first bytes of a file that are not UTF-8 (line 1 after a BOM).
+    Lines end at "\n", which never occurs inside a UTF-8 sequence."""
+    with _open_binary(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                (raw.removeprefix(BOM) if line_no == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line_no, e.start + (len(BOM) if line_no == 1 and raw.startswith(BOM) else 0)
+    raise AssertionError(f"{path} decodes as UTF-8")
 
 
 def _parquet_file(path: Path) -> Iterator[dict]:
@@ -323,6 +350,12 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
             return _parquet_file(path)
         raise InputError(f"{source}: unknown file type (expected .json, .jsonl, .csv, .tsv, each optionally .gz, "
                          f"or .parquet)")
+    if os.path.lexists(source) and not path.is_dir():  # there, but neither a file nor a folder
+        try:
+            os.stat(source)
+        except OSError as e:  # a symlink loop, a link to a missing file, a folder it cannot enter
+            raise InputError(f"{source}: cannot open: {e.strerror}") from None
+        raise InputError(f"{source}: not a regular file (a device, pipe or socket): give a data file")
     if path.is_dir() or (source.count("/") <= 1 and not source.startswith((".", "/", "~")) and not path.suffix):
         return _hf_dataset(source, subset, split)
     raise InputError(f"data file not found: {source}")
@@ -568,7 +601,7 @@ def to_example(index: int, row, cols: Columns) -> Example:
     if isinstance(row, BadRow):
         return Example(index, str(index), error=row.message)
     if not isinstance(row, dict):
-        return Example(index, str(index), error=f"row is a JSON {type(row).__name__}, not an object")
+        return Example(index, str(index), error=f"row is a JSON {_json_kind(row)}, not an object")
     example = Example(index, _row_id(index, row, cols))
     try:
         return _finish(example, cols, *_normalize(row, cols))
@@ -590,7 +623,9 @@ def _group_key(row: dict, cols: Columns) -> bytes:
     for name in cols.group_by:
         values = [_field(row, c) if c in row or c not in cols.optional else "" for c in name.split("+")]
         parts.append(sorted(values, key=_canonical) if len(values) > 1 else values[0])
-    return hashlib.blake2b(_canonical(parts).encode(), digest_size=16).digest()
+    # surrogatepass: a lone surrogate in a key column keys its rows like any other text (the
+    # row's texts and id are checked for surrogates apart); plain UTF-8 cannot encode it
+    return hashlib.blake2b(_canonical(parts).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _spill_record(pos: int, row, cols: Columns) -> tuple[bytes, int, str]:

@@ -358,14 +358,21 @@ def check_output(out: str, inputs: dict[str, str | None]):
                     or (path.exists() and os.path.samefile(path, read))):
                 raise InputError(f"<out> {out}: {path} is, is inside or contains the input {option} {source}: "
                                  f"write the table elsewhere")
-    if out.is_dir():
-        raise InputError(f"<out> {out} is a directory: give the table's file name")
-    if not out.parent.is_dir():
-        raise InputError(f"<out> {out}: the folder {out.parent} does not exist")
-    if out.exists() and not (out.stat().st_mode & 0o222 and os.access(out, os.W_OK)):
-        raise InputError(f"<out> {out} is read-only: make it writable or choose another <out>")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InputError(f"<out> {out}: cannot write in {out.parent}")
+    check_writable(out)
+
+
+def check_writable(path, option: str = "<out>"):
+    """Refuse an output file (`option`: how messages name it) that cannot be written: a directory,
+    in a missing or unwritable folder, or read-only."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory: give the file's name")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: the folder {path.parent} does not exist")
+    if path.exists() and not (path.stat().st_mode & 0o222 and os.access(path, os.W_OK)):
+        raise InputError(f"{option} {path} is read-only: make it writable or choose another {option}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: cannot write in {path.parent}")
 
 
 def sidecar_path(table_path) -> Path:

@@ -5,12 +5,12 @@ pickled checkpoints are allowed explicitly. The adapter exposes what the KV-reus
 the decoder's final hidden states (post final norm) with an explicit cache, and the output head
 as (weight, bias, softcap, temperature) so log-probs never need the full logits.
 """
-import hashlib
 import inspect
 import os
 from pathlib import Path
 
 import torch
+import xxhash
 
 from prefrank.errors import InputError
 from prefrank.io import hash_file
@@ -22,6 +22,10 @@ class HeadError(InputError):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The files a tokenizer loads from (transformers' fast and slow tokenizers, SentencePiece, tiktoken):
+# a folder with none of them holds no tokenizer, whatever else transformers' error then says
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "*.spm", "vocab.*", "merges.txt",
+                   "*.tiktoken")
 
 
 @options
@@ -39,14 +43,24 @@ class LoadOptions:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` names: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+    Other devices torch knows (meta, mps, xpu ...) are refused: the scorer's kernels and checks run
+    on CPU and CUDA tensors only."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise InputError(f"<device> {device!r}: {e}") from None
+    usable = "cpu" + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+                      if torch.cuda.is_available() else "")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"<device> {device}: CUDA is not available on this machine")
+        raise InputError(f"<device> {device}: CUDA is not available on this machine (usable: {usable})")
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise InputError(f"<device> {device}: prefrank scores on {usable} (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"<device> {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(usable: {usable})")
     return dev
 
 
@@ -77,16 +91,23 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
             template = open(chat_template, encoding="utf-8").read()
         except OSError as e:
             raise InputError(f"cannot read chat template {chat_template}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"chat template {chat_template}: not UTF-8 text (invalid byte at offset {e.start})") \
+                from None
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         try:  # parsed in the sandbox transformers renders in: a syntax error is the invocation's, not every row's
             ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
         except jinja2.TemplateSyntaxError as e:
             raise InputError(f"chat template {chat_template}, line {e.lineno}: {e.message}") from None
+    if os.path.isdir(path) and not any(f.is_file() for pattern in TOKENIZER_FILES
+                                                 for f in Path(path).glob(pattern)):
+        raise InputError(f"cannot load tokenizer {path!r}: the folder holds no tokenizer file (none of "
+                         f"{', '.join(TOKENIZER_FILES)}): give the tokenizer's folder with <tokenizer>")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {e}") from None
+        raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if template is not None:
         tokenizer.chat_template = template
     return tokenizer
@@ -118,13 +139,12 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
 
 def fingerprint(path: str) -> dict[str, dict]:
     """What identifies the files of a model or tokenizer (a local folder, or a hub id's snapshot in the
-    local cache) without reading its weights: for each file, its size, mtime and the sha256 of its
-    safetensors header (tensor names, dtypes, shapes, offsets), or of the whole file for any other
-    file (configs, tokenizers, templates, code; pickled weights). Other weights under the same path
-    change the mtime at least. Measured on the 2-core development CPU (python -m bench.fingerprint): a
-    folder with a 101 MB safetensors file takes 0.04 ms (stories260K's six files: 0.3 ms), where a full
-    sha256 of that file takes 65 ms (1.5 GB/s: ~10 s for 8B bf16 weights, ~90 s at 70B, more from a
-    cold disk)."""
+    local cache): each file's size and the 128-bit XXH3 hash of all its bytes, weights included, so
+    other weights under the same path are told apart whatever their size and mtime (`cp -p`, `rsync
+    -a`), and an identical copy elsewhere is the same model. XXH3, not sha256: it tells accidental
+    replacements apart (not a forgery built to collide) at ~8 GB/s from the page cache, where sha256
+    runs at ~1.2 GB/s and blake2b at ~0.4 GB/s on the development CPU (python -m bench.fingerprint,
+    a 4.3 GB file: 0.5 s; ~2 s for 8B bf16 weights, which the run has just read to load them)."""
     folder = Path(path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -136,15 +156,7 @@ def fingerprint(path: str) -> dict[str, dict]:
     for file in sorted(folder.iterdir()):
         if file.name.startswith(".") or not file.is_file():
             continue
-        stat = file.stat()
-        digest = hashlib.sha256()
-        if file.suffix == ".safetensors":
-            with open(file, "rb") as f:
-                head = f.read(8)  # the header's length, little-endian, then the JSON header (at most 100 MB)
-                digest.update(head + f.read(min(int.from_bytes(head, "little"), 100 << 20)))
-        else:
-            hash_file(digest, file)
-        files[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+        files[file.name] = {"size": file.stat().st_size, "xxh3_128": hash_file(xxhash.xxh3_128(), file).hexdigest()}
     return files
 
 
@@ -279,6 +291,10 @@ class CausalLM:
                 head = head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature)
         finally:
             self.model.train(training)
+        if not (logits.isfinite().all() and head.isfinite().all()):  # an overflow says nothing of the head
+            raise InputError(f"{type(self.model).__name__}: its log-probs are not finite in "
+                             f"{str(self.weight.dtype).removeprefix('torch.')} on a short probe input (it overflows "
+                             f"in this dtype): use <dtype> bfloat16 or float32")
         err = (torch.log_softmax(head, -1) - torch.log_softmax(logits, -1)).abs().max().item()
         dtype, tol = self._head_tolerance(logits)
         if not err <= tol:

@@ -24,6 +24,10 @@ through the tokenizer's chat template (the prompt with the generation prompt), w
 its own special tokens. `append_eos` adds the EOS id to each completion (joint and separate).
 The text rows of a chunk are encoded in one batch call (fast tokenizers encode a batch in parallel).
 """
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prefrank.data import Example
@@ -96,10 +100,10 @@ def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
     """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
     (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
     _check_chat_template(tokenizer)
-    prompt = _apply_chat_template(tokenizer, example.prompt, tokenize=False, add_generation_prompt=True)
+    prompt = _apply_chat_template(tokenizer, example.prompt, add_generation_prompt=True)
     completions = []
     for messages in example.completions:
-        full = _apply_chat_template(tokenizer, example.prompt + messages, tokenize=False)
+        full = _apply_chat_template(tokenizer, example.prompt + messages)
         if not full.startswith(prompt):
             raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
         completions.append(full[len(prompt):])
@@ -111,19 +115,67 @@ def _check_chat_template(tokenizer):
         raise RowError("conversational row, but the tokenizer has no chat template")
 
 
-def _apply_chat_template(tokenizer, messages: list, **kwargs):
+# A chat template renders a row in milliseconds, into its messages' text plus headers (and at most a
+# default system prompt or tool schemas): one that loops for seconds or writes megabytes more than
+# the row holds is hostile (it can arrive in a downloaded tokenizer_config), and the row an error.
+RENDER_SECONDS = 10.0
+RENDER_EXTRA_CHARS = 1 << 20
+
+
+class _RenderTimeout(BaseException):
+    """Raised into a render that ran past RENDER_SECONDS (a BaseException: no template or library
+    code catching Exception swallows it)."""
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Raise _RenderTimeout in the block once `seconds` have passed: a SIGALRM timer, so only in the
+    main thread (signals reach no other; there the block runs unbounded). The caller's SIGALRM
+    handler and timer are restored, the timer less the time spent here."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    start = time.monotonic()
+    outer, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return tokenizer.apply_chat_template(messages, **kwargs)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-6), interval)
+
+
+def _apply_chat_template(tokenizer, messages: list, add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`, rendered within RENDER_SECONDS and RENDER_EXTRA_CHARS
+    more than twice the messages' text; a RowError says why not."""
+    try:
+        with _deadline(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except _RenderTimeout:
+        raise RowError(f"the chat template took over {RENDER_SECONDS:g} s to render this row") from None
     except Exception as e:  # the template refuses the row (raise_exception, the sandbox's SecurityError, ...)
         message = " ".join(str(e).split())
         raise RowError(f"the chat template failed on this row: {type(e).__name__}: {message}") from None
+    limit = 2 * sum(len(m["content"]) for m in messages) + RENDER_EXTRA_CHARS
+    if len(text) > limit:
+        raise RowError(f"the chat template rendered this row into {len(text):,} characters, over the limit of "
+                       f"{limit:,} (twice the messages' text and {RENDER_EXTRA_CHARS:,} more)")
+    return text
 
 
 def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
-    """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them."""
+    """Token ids of chat messages through the tokenizer's chat template, as TRL tokenizes them (the
+    rendered text encoded without added special tokens: transformers' apply_chat_template with
+    tokenize=True, the render bounded first)."""
     _check_chat_template(tokenizer)
-    return list(_apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True,
-                                     add_generation_prompt=generation_prompt)["input_ids"])
+    text = _apply_chat_template(tokenizer, messages, add_generation_prompt=generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _requests(example: Example, tokenizer, mode: str) -> list[tuple[str, bool]]:

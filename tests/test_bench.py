@@ -42,7 +42,7 @@ def test_grouping_smoke():
 
 
 def test_fingerprint_smoke():
-    """The fingerprint benchmark on a 4 MB safetensors file: all three timings come back."""
+    """The fingerprint benchmark on a 4 MB file: every timing comes back."""
     from bench.fingerprint import main
     result = main(["--smoke"])
     assert set(result["ms"]) >= {"fingerprint_big", "sha256_big"} and all(ms > 0 for ms in result["ms"].values())

@@ -274,12 +274,12 @@ def test_torchrun_refused_by_a_held_lock_exits_on_every_rank(setup, tmp_path):
 
 # ---------------------------------------------------------------- 5. non-finite log-probs are errors
 
-def fp16_overflow_model(path: Path, tokenizer):
+def fp16_overflow_model(path: Path, tokenizer, token: str = "9"):
     """A tiny Llama whose logits overflow float16 (finite in float32) exactly where the input token is
-    "9": hidden dimension 0 carries only that token's embedding, layers neither read nor write it, and
-    the final norm and the head amplify it past 65504."""
+    `token`: hidden dimension 0 carries only that token's embedding, layers neither read nor write it,
+    and the final norm and the head amplify it past 65504."""
     model = tiny_model("llama")
-    nine = tokenizer.convert_tokens_to_ids("9")
+    nine = tokenizer.convert_tokens_to_ids(token)
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 0
         model.model.embed_tokens.weight[nine, 0] = 100.0
