@@ -81,7 +81,8 @@ def _loss_slope(z, beta: float, loss_type: str, eps: float):
     if loss_type == "robust":
         return beta * (-(1 - eps) * torch.sigmoid(-beta * z) - eps * torch.sigmoid(beta * z)) / (1 - 2 * eps)
     if loss_type == "hinge":
-        return torch.where(1 - beta * z > 0, -beta, 0.0).to(z.dtype)
+        # -β times the mask in z's dtype: torch.where(mask, -β, 0.0) would round β to float32
+        return -beta * (1 - beta * z > 0).to(z.dtype)
     if loss_type == "ipo":
         return 2 * (z - 1 / (2 * beta))
     return -beta * torch.sigmoid(-beta * z)  # gamma
