@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq

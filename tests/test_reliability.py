@@ -253,7 +253,7 @@ def test_stale_lock_is_taken_over_and_foreign_lock_refused(setup, tmp_path, caps
     write_lock(out, pid, socket.gethostname())
     assert main(score_args(setup["data"], setup["models"][0], out)) == 0
     err = capsys.readouterr().err
-    assert f"stale lock" in err and f"pid {pid}" in err and not Path(str(out) + ".lock").exists()
+    assert "stale lock" in err and f"pid {pid}" in err and not Path(str(out) + ".lock").exists()
     assert pq.read_table(out).equals(setup["clean"])
     write_lock(out, 1, "another-host")  # a run on another machine sharing the folder: cannot be judged dead
     assert main(score_args(setup["data"], setup["models"][0], out)) == 2

@@ -12,8 +12,6 @@ gives the right gradient too. Other layouts are refused naming the argument and 
 """
 import sys
 
-import torch
-
 
 def _dtensor_type():
     """torch's DTensor class, or None when torch.distributed.tensor was never imported (then no
