@@ -6,9 +6,9 @@ as `prefrank.kernels`: a top-level package named `kernels` would clash with Hugg
 repository root, Python still finds the folder as a top-level `kernels`; its __init__ then hands the
 name over to Hugging Face's package.
 """
-from pybind11.setup_helpers import Pybind11Extension, build_ext
 import re
 
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 version = re.search(r'__version__ = "(.+)"', open("prefrank/__init__.py").read()).group(1)

@@ -23,6 +23,7 @@ def write_table(path: Path, n: int, batch: int = 500_000):
     """n synthetic pairs in the scorer's schema, written batch by batch (this process stays small)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from prefrank.io import table_schema
     schema = table_schema(with_ref=True, per_token=False)
     rng = np.random.default_rng(0)

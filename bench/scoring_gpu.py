@@ -60,6 +60,7 @@ def make_model(config: str, device, dtype, vocab: int, max_length: int):
 def write_lengths(path: Path = LENGTHS):
     """Regenerate bench/hh_lengths.json from ../shared's HH helpful-base test split."""
     import gzip
+
     from bench.common import SHARED
     from prefrank.data import Columns, to_example
     lengths = []
@@ -116,7 +117,8 @@ def hidden_head_logprobs(name: str):
 
 def profile(paths: dict, names: tuple, rows: int = 15) -> dict:
     """torch.profiler's table of the top ops by device time (CPU time without a GPU), one run each."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     tables = {}

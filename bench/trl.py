@@ -32,8 +32,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (SHARED, alternate, command, cuda_peak_mb, flop_ideal, machine, peak_rss_since_reset,
-                          reset_peak_rss, write_result)
+from bench.common import (
+    SHARED,
+    alternate,
+    command,
+    cuda_peak_mb,
+    flop_ideal,
+    machine,
+    peak_rss_since_reset,
+    reset_peak_rss,
+    write_result,
+)
 
 CONFIGS = ("llama-11m", "llama-3.2-1b", "llama-3.1-8b", "smoke")
 
@@ -124,8 +133,8 @@ def main(argv=None):
     os.environ["TQDM_DISABLE"] = "1"  # TRL's precompute bar
 
     from prefrank.dpo.trl_reference import collate_pairs
-    from prefrank.scoring import packed_rows
     from prefrank.models import CausalLM
+    from prefrank.scoring import packed_rows
 
     work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
     trl_trainer, ours = trainers(args.config, device, work, args.batch_size, args.max_length,

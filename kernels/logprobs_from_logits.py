@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, lse_ptr,  # pointers

@@ -254,6 +254,7 @@ def run_pairs(args) -> int:
     import json
 
     import numpy as np
+
     from prefrank.analysis import kwise
     if args.input.endswith(".parquet") and kwise.is_kwise_table(args.input):
         import pyarrow as pa

@@ -18,8 +18,16 @@ import torch
 from prefrank import __version__
 from prefrank.data import Columns, count_rows, open_examples
 from prefrank.errors import InputError, WriteError
-from prefrank.io import (COMPLETION_NAMES, OutputLock, Parts, check_output, ches_columns, completion_fields,
-                         input_hash, table_schema)
+from prefrank.io import (
+    COMPLETION_NAMES,
+    OutputLock,
+    Parts,
+    check_output,
+    ches_columns,
+    completion_fields,
+    input_hash,
+    table_schema,
+)
 from prefrank.models import DTYPES, CausalLM, HeadError, LoadOptions, fingerprint, resolve_dtype
 from prefrank.options import option, options, positive_int, row_options
 from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenizer, on_rank_0, process_device

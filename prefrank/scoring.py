@@ -26,9 +26,9 @@ from itertools import accumulate
 import torch
 
 from prefrank import ops
-from prefrank.ops import IGNORE_INDEX
 from prefrank.batching import length_batches, pad
 from prefrank.errors import InputError
+from prefrank.ops import IGNORE_INDEX
 from prefrank.tokenization import Tokenized
 
 METHODS = ("auto", "packed", "kv", "naive")

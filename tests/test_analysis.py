@@ -8,11 +8,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefrank.analysis import (AnalysisOptions, bootstrap_ci, sigmoid_dpo_loss, flip_groups, idealized_correct,
-                               idealized_sweep, load_pairs, ranking_correct, spearman, summarize, theorem41)
-from prefrank.cli import main
 from conftest import PANDALM, STORIES, needs_shared
-
+from prefrank.analysis import (
+    AnalysisOptions,
+    bootstrap_ci,
+    flip_groups,
+    idealized_correct,
+    idealized_sweep,
+    load_pairs,
+    ranking_correct,
+    sigmoid_dpo_loss,
+    spearman,
+    summarize,
+    theorem41,
+)
+from prefrank.cli import main
 
 # ---------------------------------------------------------------- idealized ranking accuracy
 

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import HH, STORIES, needs_shared
 from prefrank.cli import main
 from prefrank.data import Columns, to_example
 from prefrank.models import CausalLM
 from prefrank.scoring import score
 from prefrank.tokenization import tokenize_example
-from conftest import HH, STORIES, needs_shared
 from test_scoring import random_items
 from tiny_models import tiny_model
 
@@ -87,6 +87,7 @@ def test_ches_on_real_pairs_end_to_end(method, tmp_path):
     a random-init model of its shape as the reference: each pair's CHES and hidden sums against float64,
     each model's in its own columns."""
     from transformers import AutoModelForCausalLM
+
     from prefrank.models import load_tokenizer
     rows = [json.loads(line) for line in gzip.open(HH / "helpful-base" / "test.jsonl.gz", "rt")]
     rows = [r for r in rows if len(r["chosen"]) + len(r["rejected"]) < 700][:6]
@@ -117,8 +118,9 @@ def test_ches_on_real_pairs_end_to_end(method, tmp_path):
 def test_kwise_gram_and_implied_pairs(tmp_path):
     """K-wise tables hold each prompt's hidden Gram matrix; `prefrank pairs` turns it into each
     implied pair's CHES."""
-    from tiny_models import byte_level_bpe
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import byte_level_bpe
     tokenizer = byte_level_bpe()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -152,11 +154,12 @@ def test_kwise_gram_and_implied_pairs(tmp_path):
 
 
 def test_report_shows_ches_against_displacement(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
     from prefrank.analysis import AnalysisOptions, load_pairs, summarize
     from prefrank.analysis.metrics import spearman
     from test_analysis import write_scores
-    import numpy as np
-    import pyarrow as pa
     rng = np.random.default_rng(2)
     ref = rng.normal(-20, 5, (30, 2))
     pol = ref + rng.normal(-1, 2, (30, 2))

@@ -181,6 +181,7 @@ def test_help_and_module_entry_point():
 def bpe_model_dir(tmp_path_factory):
     """A tiny random-init Llama with a byte-level BPE whose merges cross prompt/completion boundaries."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from tiny_models import byte_level_bpe
     tokenizer = byte_level_bpe()
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
+from conftest import HH, PANDALM, needs_shared
 from prefrank.data import Columns, read_examples, read_rows, split_implicit_prompt, to_example
 from prefrank.errors import InputError
 from prefrank.votes import HELP as VOTE_CODING_HELP
-from conftest import HH, PANDALM, needs_shared
 
 PAIR = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
 

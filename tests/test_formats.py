@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import STORIES, needs_shared
 from prefrank.cli import main
 from prefrank.data import Columns, open_examples, preset_columns, read_examples
 from prefrank.errors import InputError
 from prefrank.formats import PRESETS, detect
 from prefrank.io import read_sidecar
-from conftest import STORIES, needs_shared
 
 
 def write_jsonl(path, rows):
@@ -578,6 +578,7 @@ def test_keep_column_order_is_recorded_and_warned(tmp_path, capsys):
 def test_loss_plot_frames_its_points(tmp_path, monkeypatch):
     """The Theorem 4.1 curve spans hundreds of decades on a log axis; the axis shows the points."""
     import matplotlib.figure
+
     from prefrank.analysis import metrics, report
     limits = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: limits.append(fig.axes[0].get_ylim()))

@@ -276,6 +276,7 @@ HOSTILE_TEMPLATE = (
 @pytest.mark.parametrize("tokenization", ["joint", "separate"])
 def test_chat_template_render_is_bounded_in_time_and_size(model_dir, tmp_path, capsys, monkeypatch, tokenization):
     import time
+
     from prefrank import tokenization as tok
     monkeypatch.setattr(tok, "RENDER_SECONDS", 1.0)  # the bound itself, made short for the test
     template = tmp_path / "t.jinja"
@@ -300,8 +301,9 @@ def test_chat_template_render_is_bounded_in_time_and_size(model_dir, tmp_path, c
 
 
 def test_render_deadline_restores_the_callers_alarm(model_dir):
-    from prefrank.tokenization import _apply_chat_template
     from transformers import AutoTokenizer
+
+    from prefrank.tokenization import _apply_chat_template
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = HOSTILE_TEMPLATE
 

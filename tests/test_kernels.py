@@ -3,8 +3,10 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from prefrank.kernels.logprobs_from_logits import logprobs_from_logits_backward  # noqa: E402
-from prefrank.kernels.logprobs_from_logits import logprobs_from_logits_forward  # noqa: E402
+from prefrank.kernels.logprobs_from_logits import (
+    logprobs_from_logits_backward,  # noqa: E402
+    logprobs_from_logits_forward,  # noqa: E402
+)
 
 IGNORE = -100  # the kernels take ignore_index explicitly; -100 is the convention prefrank.ops uses
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -124,6 +124,7 @@ def test_a_cpp_extension_that_does_not_import_is_reported(monkeypatch):
     """The C++ extension missing or broken: one warning, then the torch backend; forcing cpp fails
     loudly with the import error."""
     import warnings
+
     from prefrank.ops import backends
     monkeypatch.setattr(backends, "_cpu_ops", None)
     monkeypatch.setattr(backends, "_CPP_IMPORT_ERROR", ImportError("undefined symbol: _ZN3foo"))

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import free_port
 from prefrank.cli import main
 from prefrank.data import Columns, to_example
 from prefrank.demo.default import build_tokenizer
 from prefrank.demo.task import make_pairs
 from prefrank.io import Parts
-from conftest import free_port
 from tiny_models import tiny_model
 
 N_ROWS, CHUNK = 300, 7
@@ -168,6 +168,7 @@ def test_resume_refuses_replaced_weights_and_tokenizer(setup, tmp_path, record_w
 
 def test_hub_ids_fingerprint_their_cached_files(setup, tmp_path, monkeypatch):
     import huggingface_hub
+
     from prefrank.models import fingerprint
     revision = "0123456789abcdef0123456789abcdef01234567"
     snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / revision
@@ -441,6 +442,7 @@ def test_unreadable_input_is_one_line_and_a_plain_rerun_works(setup, tmp_path, c
 
 def test_full_disk_is_one_line_and_resume_finishes(setup, tmp_path, monkeypatch, capsys):
     import builtins
+
     import prefrank.io
     out = tmp_path / "s.parquet"
     parts_opened = []

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_port
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from prefrank.demo.task import make_pairs
 from prefrank.io import Parts
-from conftest import free_port
 from tiny_models import tiny_model
 
 

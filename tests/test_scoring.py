@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from conftest import HH, PANDALM, STORIES, needs_shared
 from prefrank.data import Columns, to_example
 from prefrank.models import CausalLM
 from prefrank.scoring import score
 from prefrank.tokenization import Tokenized, tokenize_example
-from conftest import HH, PANDALM, STORIES, needs_shared
 from tiny_models import ARCHS, VOCAB, tiny_model
 
 
@@ -168,9 +168,10 @@ def test_auto_picks_an_exact_method_for_the_model():
     """auto: packed for full-attention sdpa/eager models and for sliding windows the sequences fit;
     naive where they do not; kv for other attention implementations. Explicit methods that would
     be inexact are refused. Each choice matches float64."""
+    from transformers import MistralConfig, MistralForCausalLM
+
     from prefrank.errors import InputError
     from prefrank.scoring import resolve_method
-    from transformers import MistralConfig, MistralForCausalLM
     items = random_items(4, seed=5)
     n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
     assert resolve_method(CausalLM(tiny_model("llama")), "auto", items) == "packed"
@@ -197,9 +198,10 @@ def test_auto_picks_an_exact_method_for_the_model():
 def test_alibi_models_refuse_packed_and_auto_takes_kv():
     """Falcon with ALiBi: transformers builds its biases from a 2-D mask, so packed's 4D block mask
     died inside the model ("too many values to unpack"); it is refused, and auto's kv equals float64."""
+    from transformers import FalconConfig, FalconForCausalLM
+
     from prefrank.errors import InputError
     from prefrank.scoring import resolve_method
-    from transformers import FalconConfig, FalconForCausalLM
     torch.manual_seed(0)
     falcon = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                             num_attention_heads=4, alibi=True, initializer_range=0.3)).eval()
@@ -216,8 +218,9 @@ def test_alibi_models_refuse_packed_and_auto_takes_kv():
 def test_auto_prefers_kv_where_packed_wastes_attention():
     """The crossover measured in bench/RESULTS.md: on HH-sized pairs packed's block mask costs half
     the matmul work again at hidden size 64 (kv was 1.2x faster) and 8% at 384 (packed was faster)."""
-    from prefrank.scoring import PACKED_ATTENTION_LIMIT, packed_attention_overhead, resolve_method
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefrank.scoring import PACKED_ATTENTION_LIMIT, packed_attention_overhead, resolve_method
     items = [Tokenized(list(range(148)), [list(range(99)), list(range(99))])]
     overheads = {}
     for hidden, ff, heads, expected in ((64, 172, 8, "kv"), (384, 1024, 6, "packed")):

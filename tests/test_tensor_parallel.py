@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_port
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from prefrank.demo.task import make_pairs
 from prefrank.io import Parts
-from conftest import free_port
 from tiny_models import tiny_model
 
 FLOATS = ("logp_chosen", "logp_rejected", "ref_logp_chosen", "ref_logp_rejected", "ches", "ches_normalized",

@@ -14,11 +14,11 @@ import random
 
 import pytest
 
-from prefrank.data import Columns, Example, read_examples
-from prefrank.errors import RowError
-from prefrank.demo.default import build_tokenizer
-from prefrank.tokenization import TOKENIZATION_MODES, tokenize_example
 from conftest import HH, PANDALM, STORIES, needs_shared
+from prefrank.data import Columns, Example, read_examples
+from prefrank.demo.default import build_tokenizer
+from prefrank.errors import RowError
+from prefrank.tokenization import TOKENIZATION_MODES, tokenize_example
 from tiny_models import byte_level_bpe
 
 
@@ -65,10 +65,12 @@ def common_prefix(a, b):
 def trl_token_ids(rows, tokenizer):
     """TRL 1.16's own preprocessing (DPOTrainer's dataset preparation) of `rows`: per row its
     (prompt_ids, [chosen_ids, rejected_ids])."""
+    import tempfile
+
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
     from tiny_models import tiny_model
-    import tempfile
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, report_to=[], use_cpu=True, max_length=None, bf16=False)
         trainer = DPOTrainer(model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args,

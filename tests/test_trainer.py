@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
+from conftest import HH, STORIES, needs_shared
 from prefrank.data import Columns
 from prefrank.dpo.trainer import TrainOptions, dpo_step_loss, train
 from prefrank.models import CausalLM
 from prefrank.scoring import score
 from prefrank.tokenization import Tokenized
-from conftest import HH, STORIES, needs_shared
 from tiny_models import VOCAB, tiny_model
 
 
@@ -206,6 +206,7 @@ def test_trainer_tokenizes_as_the_scorer_does(mode, hh_pairs, tmp_path):
     with the same tokenization mode (and differ from another mode's)."""
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
+
     from prefrank.cli import main
     data = str(hh_pairs)
     out = tmp_path / "dpo"

@@ -14,13 +14,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
-from prefrank.errors import InputError
 from prefrank.analysis.summary import AnalysisOptions, load_pairs, pair_measures, ranked_pairs, summarize
+from prefrank.errors import InputError
 
 
 def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,

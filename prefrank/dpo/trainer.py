@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from prefrank import ops
-from prefrank.ops import IGNORE_INDEX
 from prefrank.analysis import metrics
 from prefrank.data import Columns, read_examples
-from prefrank.errors import InputError
 from prefrank.dpo.loss import LOSS_TYPES, dpo_loss, fused_linear_dpo_loss
+from prefrank.errors import InputError
 from prefrank.models import CausalLM, LoadOptions
+from prefrank.ops import IGNORE_INDEX
 from prefrank.options import option, options, positive_float, positive_int, row_options
 from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, process_device
 from prefrank.runtime import max_length as run_max_length

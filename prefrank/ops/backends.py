@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from prefrank.ops.torch_backend import logprobs_backward_ as torch_logprobs_backward_
 from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence, upcast
+from prefrank.ops.torch_backend import logprobs_backward_ as torch_logprobs_backward_
 from prefrank.ops.torch_backend import logprobs_from_logits as torch_logprobs_from_logits
 
 BACKENDS = ("triton", "cpp", "torch")
