@@ -3,9 +3,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from prefrank.kernels.logprobs_from_logits import (
-    logprobs_from_logits_backward,  # noqa: E402
-    logprobs_from_logits_forward,  # noqa: E402
+from prefrank.kernels.logprobs_from_logits import (  # noqa: E402
+    logprobs_from_logits_backward,
+    logprobs_from_logits_forward,
 )
 
 IGNORE = -100  # the kernels take ignore_index explicitly; -100 is the convention prefrank.ops uses

@@ -2,19 +2,19 @@
 alignment gap, DPO loss and Theorem 4.1, the four flip groups, and a report with plots."""
 from prefrank.analysis import kwise
 from prefrank.analysis.metrics import (
-                                       DEFAULT_BETAS,
-                                       DEFAULT_EPSILON,
-                                       bootstrap_ci,
-                                       bootstrap_ratio_ci,
-                                       dpo_margin,
-                                       flip_groups,
-                                       idealized_correct,
-                                       idealized_sweep,
-                                       length_normalized,
-                                       ranking_correct,
-                                       sigmoid_dpo_loss,
-                                       spearman,
-                                       theorem41,
+    DEFAULT_BETAS,
+    DEFAULT_EPSILON,
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    dpo_margin,
+    flip_groups,
+    idealized_correct,
+    idealized_sweep,
+    length_normalized,
+    ranking_correct,
+    sigmoid_dpo_loss,
+    spearman,
+    theorem41,
 )
 from prefrank.analysis.report import checkpoint_series, write_report
 from prefrank.analysis.summary import AnalysisOptions, Pairs, load_pairs, per_pair_table, summarize
