@@ -48,7 +48,8 @@ setup(
         "xxhash>=3.0",  # the content hash of model files that --resume compares (prefrank.models.fingerprint)
         "accelerate>=1.0",  # transformers loads a model sharded by its tensor-parallel plan (--tp) only with it
     ],
-    # trl: the drop-in test of prefrank's fused loss inside TRL's DPOTrainer
-    extras_require={"test": ["pytest>=8", "trl>=1.16,<1.17"]},  # PrefrankDPOTrainer overrides a private TRL method
+    # trl: the drop-in test of prefrank's fused loss inside TRL's DPOTrainer (<1.17: PrefrankDPOTrainer
+    # overrides a private TRL method); ruff: the lint CI runs before the tests (rules in pyproject.toml)
+    extras_require={"test": ["pytest>=8", "trl>=1.16,<1.17", "ruff>=0.6"]},
     entry_points={"console_scripts": ["prefrank=prefrank.cli:main"]},
 )

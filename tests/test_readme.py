@@ -16,6 +16,7 @@ def test_readme_opens_with_two_commands():
     commands = readme_commands()
     assert len(commands) == 2
     assert commands[0].endswith("prefrank demo") and "pytest" in commands[1]
+    assert commands[1].index("ruff check") < commands[1].index("pytest"), "the test command lints first"
 
 
 def test_ci_runs_the_readme_test_command():
