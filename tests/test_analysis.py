@@ -181,11 +181,35 @@ def test_summary_on_a_table(tmp_path):
     assert s["theorem41_violations"] == 0
 
 
+def check_idealized_against_brute_force(idealized, ref, alpha, n_boot=1000, seed=0, epsilon=1e-3):
+    """`analyze`'s idealized accuracy per β (its defaults: 1000 resamples, seed 0, α clipped to
+    [1e-3, 1 - 1e-3]) against Cor. 3.3 written out per pair, and its 95% CI against (a) the Binomial(n, R*)
+    draws the bootstrap takes with that seed and (b) a brute-force percentile bootstrap that resamples
+    the pairs themselves, 20,000 times with another generator (agreeing within Monte Carlo error)."""
+    a = np.clip(alpha, epsilon, 1 - epsilon)
+    resampled = np.random.default_rng(12345).integers(0, len(ref), (20_000, len(ref)))
+    assert [float(b) for b in idealized["per_beta"]] == [0.01, 0.1, 1.0, 5.0, 10.0]
+    for beta, value in idealized["per_beta"].items():
+        beta = float(beta)
+        correct = [(w - l) + math.log(x / (1 - x)) / beta > 0 for (w, l), x in zip(ref.tolist(), a.tolist())]
+        r_star = sum(correct) / len(correct)
+        binomial = np.random.default_rng(seed).binomial(len(correct), r_star, size=n_boot) / len(correct)
+        brute = np.asarray(correct)[resampled].mean(axis=1)
+        ci = idealized["per_beta_ci95"][str(beta)]
+        print(f"β = {beta}: R* {value} (by hand {r_star}), CI {ci}, brute-force bootstrap "
+              f"{np.quantile(brute, [0.025, 0.975]).tolist()}")
+        assert value == r_star
+        assert ci == pytest.approx(np.quantile(binomial, [0.025, 0.975]).tolist(), abs=1e-12)
+        assert ci == pytest.approx(np.quantile(brute, [0.025, 0.975]).tolist(), abs=0.021)  # one pair in 50, +MC
+        assert ci[0] < ci[1] or r_star in (0.0, 1.0)
+
+
 def test_analyze_and_report_cli(tmp_path, capsys):
     rng = np.random.default_rng(3)
     ref = rng.normal(-20, 5, (50, 2))
     pol = ref + rng.normal(0, 2, (50, 2))
-    scores = write_scores(tmp_path / "s.parquet", pol, ref, alpha=rng.uniform(0, 1, 50).tolist())
+    alpha = rng.uniform(0, 1, 50)
+    scores = write_scores(tmp_path / "s.parquet", pol, ref, alpha=alpha.tolist())
     later = write_scores(tmp_path / "s2.parquet", pol + [[1, -1]], ref, alpha=rng.uniform(0, 1, 50).tolist())
     assert main(["analyze", scores, "--out", str(tmp_path / "a.json"), "--checkpoints", scores, later,
                  "--pairs-out", str(tmp_path / "pairs.parquet"), "--beta", "0.5"]) == 0
@@ -195,8 +219,7 @@ def test_analyze_and_report_cli(tmp_path, capsys):
     margin = 0.5 * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
     assert per_pair["dpo_loss"] == pytest.approx(np.log1p(np.exp(-margin)).tolist())
     assert per_pair["policy_correct"] == (pol[:, 0] >= pol[:, 1]).tolist()
-    lo, hi = s["idealized"]["raw"]["per_beta_ci95"]["1.0"]
-    assert lo <= s["idealized"]["raw"]["per_beta"]["1.0"] <= hi
+    check_idealized_against_brute_force(s["idealized"]["raw"], ref, alpha)
     for key in ("n_pairs", "n_errors", "ranking_accuracy", "ranking_accuracy_length_normalized", "idealized",
                 "alignment_gap", "dpo_loss_mean", "theorem41_violations", "groups", "series"):
         assert key in s
