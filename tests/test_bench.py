@@ -1,12 +1,75 @@
 """The GPU benchmark script runs (tiny shapes, any device), so a GPU session can trust it."""
+import pytest
+
+
+class FakeClock:
+    """time.perf_counter for code whose timed calls each take a scripted number of seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def takes(self, durations):
+        """A function whose successive calls take the given seconds."""
+        durations = iter(durations)
+
+        def fn():
+            self.now += next(durations)
+        return fn
+
+
+def test_bench_timers_report_the_median_call(monkeypatch):
+    """`timed` (after one warm-up call) and `alternate` report the median of the calls' durations, on a
+    scripted clock: a timer that reported the mean, the minimum, the warm-up or the total would differ."""
+    import time
+
+    import torch
+
+    from bench.common import alternate
+    from bench.ops_gpu import timed
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert timed(clock.takes([100.0, 5.0, 1.0, 3.0, 50.0, 2.0]), 5, torch.device("cpu")) == 3.0  # odd reps: one median
+    assert alternate({"a": clock.takes([4.0, 1.0, 2.0]), "b": clock.takes([7.0, 9.0, 8.0])}, 3) == {"a": 2.0, "b": 8.0}
 
 
 def test_ops_gpu_smoke():
+    """The ops benchmark's script on tiny shapes: every op and method it promises, each agreeing with
+    torch (torch with itself exactly), its shapes as run (a quarter of op 2's rows ignored)."""
     from bench.ops_gpu import main
     result = main(["--smoke"])
-    assert result["op1_logprobs_from_logits"]["max_abs_diff_vs_torch"] < 1e-4
-    op2 = result["op2_logprobs_from_hidden"]
-    assert op2["prefrank"]["max_abs_diff_vs_torch"] < 1e-4 and op2["prefrank"]["fwd_bwd_seconds"] > 0
+    op1, op2 = result["op1_logprobs_from_logits"], result["op2_logprobs_from_hidden"]
+    print("max |Δ| vs torch:", op1["max_abs_diff_vs_torch"],
+          {name: op2[name]["max_abs_diff_vs_torch"] for name in ("prefrank", "torch")})
+    assert (op1["N"], op1["V"]) == (64, 1000) and op1["max_abs_diff_vs_torch"] < 1e-4
+    for name in ("prefrank_fwd", "torch_fwd", "prefrank_fwd_bwd", "torch_fwd_bwd"):
+        assert isinstance(op1[name]["seconds"], float) and 0 < op1[name]["seconds"] < 60, name
+    assert (op2["N"], op2["N_kept"], op2["d"], op2["V"]) == (64, 48, 32, 1000)
+    assert op2["torch"]["max_abs_diff_vs_torch"] == 0.0 and op2["prefrank"]["max_abs_diff_vs_torch"] < 1e-4
+    for name in ("prefrank", "torch"):
+        assert all(0 < op2[name][key] < 60 for key in ("fwd_seconds", "fwd_bwd_seconds")), name
+
+
+def test_ops_gpu_rates_follow_from_the_measured_times():
+    """With ceilings (measured on a GPU; given here), op 1's share of the copy bandwidth and op 2's
+    share of the matmul rate are the bytes and FLOPs of the shapes over the reported times, by hand."""
+    import torch
+
+    from bench.ops_gpu import op1, op2
+    N, d, V, kept = 64, 32, 1000, 48
+    one = op1(N, V, torch.device("cpu"), 2, {"copy_GBps": 10.0})
+    bytes_read = N * V * 2  # the bf16 logits, read once
+    assert one["prefrank_fwd"]["pct_of_copy_bandwidth"] == pytest.approx(
+        100 * bytes_read / one["prefrank_fwd"]["seconds"] / 1e9 / 10.0, rel=1e-12)
+    two = op2(N, d, V, torch.device("cpu"), 2, {"bf16_matmul_TFLOPs": 0.5})
+    for name in ("prefrank", "torch"):
+        r = two[name]
+        flops = 2 * kept * d * V  # the forward's matmul over the kept rows; the backward's two are twice that
+        assert r["fwd_pct_of_matmul"] == pytest.approx(100 * flops / r["fwd_seconds"] / 0.5e12, rel=1e-12)
+        assert r["fwd_bwd_pct_of_matmul"] == pytest.approx(100 * 3 * flops / r["fwd_bwd_seconds"] / 0.5e12, rel=1e-12)
 
 
 def test_scoring_gpu_smoke():
@@ -45,7 +108,13 @@ def test_fingerprint_smoke():
     """The fingerprint benchmark on a 4 MB file: every timing comes back."""
     from bench.fingerprint import main
     result = main(["--smoke"])
-    assert set(result["ms"]) >= {"fingerprint_big", "sha256_big"} and all(ms > 0 for ms in result["ms"].values())
+    big = {"fingerprint_big", "sha256_big", "blake2b_big", "read_big"}
+    assert set(result["ms"]) >= big and result["file_mb"] == 4.0
+    for name in big:  # the rates are the file's size over the reported times
+        ms = result["ms"][name]
+        assert 0 < ms < 60_000
+        assert result["gb_per_s"][name] == pytest.approx(4e6 / (ms / 1e3) / 1e9, rel=1e-9), name
+        assert result["seconds_8b_bf16"][name] == pytest.approx(8.03e9 * 2 / 1e9 / result["gb_per_s"][name], rel=1e-9)
 
 
 def test_analysis_smoke(tmp_path):
