@@ -169,34 +169,66 @@ def test_two_gloo_processes_train_like_one(hh_pairs, tmp_path):
         assert a["param_sq_distance"] == pytest.approx(b["param_sq_distance"], rel=1e-4, abs=1e-9)
 
 
+def hand_win_rate(reward_model, reward_tokenizer, prompts, policy_texts, reference_texts) -> tuple[float, list]:
+    """The judge's rule written out: each prompt + completion scored alone (no batch, no padding) by
+    the reward model's body and score head at its last token; the policy wins a prompt when its
+    reward is higher, ties count half. Also returns the (policy, reference) rewards."""
+    def reward(text):
+        ids = torch.tensor([reward_tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            return reward_model.score(reward_model.model(input_ids=ids).last_hidden_state[0, -1]).item()
+
+    pairs = [(reward(p + a), reward(p + b)) for p, a, b in zip(prompts, policy_texts, reference_texts)]
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs), pairs
+
+
 def test_reward_model_judge(default_cache, tmp_path, capsys):
     """A reward model's win rate: exactly one half for a policy equal to the reference (same
-    samples), and logged at every evaluation of a training run."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    samples); for another policy, and at each evaluation of a training run, the win rate counted by
+    hand from both models' sampled completions (same seed) and the reward model's scores."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     from prefrank.cli import main
     from prefrank.demo.default import build_tokenizer
-    from prefrank.dpo.judge import reward_model_judge
+    from prefrank.dpo.judge import reward_model_judge, sample_completions
     from prefrank.models import load_model
     data, model_path = default_cache
     tokenizer = build_tokenizer()
     rm = tmp_path / "rm"
     torch.manual_seed(0)
-    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                               num_labels=1, pad_token_id=0)).save_pretrained(rm)
+    reward_model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0)).eval()
+    reward_model.save_pretrained(rm)
     tokenizer.save_pretrained(rm)
+    reward_tokenizer = AutoTokenizer.from_pretrained(rm)
     reference = load_model(model_path, dtype=torch.float32, device=torch.device("cpu"))
-    prompts = ["Q: 12+34=?\nA:", "Q: 56+78=?\nA:", "Q: 90+11=?\nA:"]
+    prompts = ["Q: 12+34=?\nA:", "Q: 56+78=?\nA:", "Q: 90+11=?\nA:", "Q: 23+45=?\nA:", "Q: 67+89=?\nA:"]
     judge = reward_model_judge(str(rm), reference, prompts, max_new_tokens=4)
     assert judge(reference, tokenizer) == 0.5
-    assert 0.0 <= judge(tiny_model("llama"), tokenizer) <= 1.0
+    policy = tiny_model("llama").eval()
+    reference_texts = sample_completions(reference, tokenizer, prompts, 4, 0)
+    policy_texts = sample_completions(policy, tokenizer, prompts, 4, 0)
+    expected, rewards = hand_win_rate(reward_model, reward_tokenizer, prompts, policy_texts, reference_texts)
+    print(f"by hand {expected} from {list(zip(policy_texts, reference_texts))}, rewards {rewards}")
+    assert expected not in (0.0, 0.5, 1.0)  # a judge that swapped the sides or ignored them would show
+    assert judge(policy, tokenizer) == pytest.approx(expected, abs=1e-6)  # the judge averages in float32
+
     out = tmp_path / "run"
-    assert main(["train", "--model", model_path, "--data", data, "--out", str(out), "--lr", "1e-3", "--max-steps", "1",
-                 "--eval-every", "1", "--eval-pairs", "8", "--judge-model", str(rm), "--judge-prompts", "4",
-                 "--judge-max-new-tokens", "4"]) == 0
+    rows = [row for row in open(data) if json.loads(row)["alpha"] != 0.5][:12]  # tied rows are left out
+    (tmp_path / "val.jsonl").write_text("".join(rows))
+    val_prompts = [json.loads(row)["prompt"] for row in rows[:7]]  # --judge-prompts 7: the first validation rows
+    assert main(["train", "--model", model_path, "--data", data, "--val-data", str(tmp_path / "val.jsonl"),
+                 "--out", str(out), "--lr", "3e-2", "--max-steps", "1", "--eval-every", "1", "--eval-pairs", "8",
+                 "--judge-model", str(rm), "--judge-prompts", "7", "--judge-max-new-tokens", "4"]) == 0
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert lines[0]["judge"] == 0.5 and 0.0 <= lines[1]["judge"] <= 1.0
+    trained = load_model(str(out / "final"), dtype=torch.float32, device=torch.device("cpu"))
+    expected, rewards = hand_win_rate(reward_model, reward_tokenizer, val_prompts,
+                                      sample_completions(trained, tokenizer, val_prompts, 4, 0),
+                                      sample_completions(reference, tokenizer, val_prompts, 4, 0))
+    print(f"after one step: logged {lines[1]['judge']}, by hand {expected}, rewards {rewards}")
+    assert expected != 0.5
+    assert lines[0]["judge"] == 0.5 and lines[1]["judge"] == pytest.approx(expected, abs=1e-6)
 
 
 @needs_shared
