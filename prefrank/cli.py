@@ -6,7 +6,7 @@ import sys
 import threading
 
 from prefrank import options
-from prefrank.data import Columns
+from prefrank.data import DETECTION_KEEPS, Columns
 from prefrank.errors import InputError
 from prefrank.options import positive_int
 
@@ -51,7 +51,7 @@ def columns_from_args(args) -> Columns:
     name = given.pop("format", "auto")
     if name != "auto":
         return preset_columns(name, **given)
-    mapping = {k: v for k, v in given.items() if k != "keep_column_order"}
+    mapping = {k: v for k, v in given.items() if k not in DETECTION_KEEPS}
     return Columns(**given, format=None if mapping else "auto")
 
 

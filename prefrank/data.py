@@ -35,14 +35,14 @@ import math
 import os
 import re
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from prefrank import formats
 from prefrank import votes as vote_codings  # the name `votes` is a Columns field
 from prefrank.errors import InputError, RowError
-from prefrank.options import name_list, option, options
+from prefrank.options import escaped_text, name_list, option, options
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -62,6 +62,13 @@ class Columns:
     prompt: list[str] | None = option(
         None, "prompt column(s), joined by blank lines when several (empty ones skipped)", flag="--prompt-cols",
         type=name_list, group="columns", default_text="'prompt' if present, else the implicit HH format")
+    join: str | None = option(
+        None, "how a text prompt meets each answer: 'chat' renders the prompt as the user's message and the answer "
+        "as the assistant's with the tokenizer's chat template (a blank line between them when it has none); any "
+        "other text is put between them (escapes \\n, \\t read: --join '\\n\\n', --join ' '). Message rows are "
+        "joined by the chat template, implicit transcripts as they are", type=escaped_text, metavar="TEXT",
+        group="columns", default_text="the format's rule (instruction/response formats: chat), else the prompt "
+        "and answer concatenated as given, as TRL does")
     chosen: str = option("chosen", "the chosen completion, or with votes the first candidate (the raters decide "
                          "which is chosen)", flag="--chosen-col", group="columns")
     rejected: str = option("rejected", "the rejected completion, or with votes the second candidate",
@@ -111,6 +118,9 @@ class Columns:
                              f"{', '.join(vote_codings.CODINGS)}")
         if self.scores_order not in SCORES_ORDERS:
             raise InputError(f"<scores_order> {self.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
+        if self.join is not None and self.completions_include_prompt:
+            raise InputError("<join> joins a prompt to its answers, but with <completions_include_prompt> the answers "
+                             "already hold their prompt")
         if self.group_by and (self.completions is not None or not self.votes):
             raise InputError("<group_by> pools the votes of a pair's rows: it needs vote columns (<votes>) and "
                              "pairs (not <completions>)")
@@ -128,12 +138,21 @@ class Example:
     multi_turn: bool = False  # a completion holds more than one message (later turns, earlier answers)
     human_scores: list[float] | None = None  # K-wise: human score per completion (higher is better)
     implicit: bool = False  # the prompt was split off full transcripts (no prompt in the row)
+    join: str | None = None  # text rows: how the prompt meets each completion (Columns.join; None: as given)
     error: str | None = None
 
     @property
     def tie(self) -> bool | None:
         """The raters tied (alpha = 0.5: exact, a share of votes or a probability as given); None without alpha."""
         return None if self.alpha is None else self.alpha == 0.5
+
+    @property
+    def glued(self) -> bool:
+        """A text prompt given with no join rule ends in a non-space character and a completion starts
+        with one: as given, they are scored as one word ("weatherman.He")."""
+        return (self.join is None and not self.implicit and isinstance(self.prompt, str) and self.prompt != ""
+                and not self.prompt[-1].isspace()
+                and any(isinstance(c, str) and c != "" and not c[0].isspace() for c in self.completions))
 
 
 @dataclass
@@ -572,6 +591,9 @@ def _normalize(row: dict, cols: Columns) -> tuple:
         _field(row, cols.id)  # a named id column must be there, and not null
     _check_unicode(row.get(cols.id or "id"), "the id")
     prompt, completions, implicit = _prompt_and_completions(row, cols)
+    if isinstance(prompt, list) and not implicit and cols.join not in (None, "chat"):
+        raise RowError(f"the join {cols.join!r} puts text between a text prompt and its answers; this row's are "
+                       f"message lists, which the chat template joins")
     _check_unicode(prompt, "the prompt")
     _check_unicode(completions, "a completion")
     _check_completions(completions, cols.completions is None)
@@ -581,6 +603,8 @@ def _normalize(row: dict, cols: Columns) -> tuple:
 
 
 def _finish(example: Example, cols: Columns, prompt, completions, implicit, shares, alpha) -> Example:
+    # the join applies to a text prompt from the row (message rows: the chat template; implicit: as given)
+    example.join = cols.join if isinstance(prompt, str) and not implicit else None
     example.prompt, example.completions, example.implicit = prompt, list(completions), implicit
     example.multi_turn = any(isinstance(c, list) and len(c) > 1 for c in completions)
     if cols.completions is None:
@@ -709,14 +733,20 @@ def preset_columns(name: str, **overrides) -> Columns:
     return Columns(**{**formats.PRESETS[name].columns, **overrides, "format": name})
 
 
+# options that say how the columns are read, not where: given alone they keep the format's
+# detection on, and apply on top of the format detected
+DETECTION_KEEPS = ("keep_column_order", "join")
+
+
 def resolve_columns(cols: Columns, row: dict | None) -> Columns:
     """With format "auto": the preset that the first row's columns select (prefrank.formats), or
-    the default mapping; any other mapping as it is."""
+    the default mapping, with the DETECTION_KEEPS options given (join: when not None); any other
+    mapping as it is."""
     if cols.format != "auto":
         return cols
+    kept = {"keep_column_order": cols.keep_column_order, **({"join": cols.join} if cols.join is not None else {})}
     name = formats.detect(row) if row is not None else None
-    return preset_columns(name, keep_column_order=cols.keep_column_order) if name else \
-        replace(Columns(), keep_column_order=cols.keep_column_order)
+    return preset_columns(name, **kept) if name else Columns(**kept)
 
 
 def check_columns(row: dict, cols: Columns):
@@ -728,6 +758,9 @@ def check_columns(row: dict, cols: Columns):
         named = (cols.prompt or []) + [cols.completions, cols.human_scores]
     named += ([cols.turn] if cols.turn else []) + [c for g in cols.group_by or [] for c in g.split("+")]
     named += [cols.id] if cols.id is not None else []
+    if cols.join is not None and (cols.prompt == [] or cols.prompt is None and "prompt" not in row):
+        raise InputError(f"<join> {cols.join!r} joins a prompt column to each answer, but the rows have none (the "
+                         f"prompt is what the completions share)")
     missing = list(dict.fromkeys(c for c in named if c.partition(".")[0] not in row and c not in cols.optional))
     if missing:
         kwise = cols.completions is None and "completions" in row

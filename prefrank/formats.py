@@ -12,6 +12,13 @@ first: a row that lacks any of them is read with the default mapping (its own pr
 rejected columns), never with a preset that would drop or misread a column. A preset's optional
 prompt parts (Columns.optional: AlpacaFarm's `input`) may be absent from the rows it reads, and
 from the rows that select it.
+
+How a prompt meets its answers is part of a mapping (Columns.join). The presets whose prompt is an
+instruction (or a post, a question) and whose answers are responses to it join them with "chat": the
+instruction is the user's message and each answer the assistant's, rendered with the tokenizer's chat
+template, or joined by a blank line for a tokenizer without one (a base model), never glued to the
+instruction's last character. Transcripts (HH, Nectar) and message lists carry their own joins; the
+default mapping takes explicit prompt and answer strings as given (TRL's concatenation).
 """
 from dataclasses import dataclass
 
@@ -28,7 +35,8 @@ class Preset:
 
 # AlpacaFarm's human annotations and cross-annotations: one vote per row, grouped into pairs
 _ALPACA_VOTES = dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
-                     vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"], optional=["input"])
+                     vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"], optional=["input"],
+                     join="chat")
 _MT = dict(chosen="conversation_a", rejected="conversation_b", votes=["winner"], vote_coding="names", turn="turn")
 
 PRESETS = {
@@ -40,33 +48,35 @@ PRESETS = {
     "pandalm": Preset(
         "WeOpenML/PandaLM testset-v1.json",
         dict(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",
-             votes=["annotator1", "annotator2", "annotator3"], vote_coding="1/2", optional=["input"]),
+             votes=["annotator1", "annotator2", "annotator3"], vote_coding="1/2", optional=["input"],
+             join="chat"),
         ("instruction", "input", "response1", "response2", "annotator1", "annotator2", "annotator3"),
         "three raters per pair: 1 = response1, 2 = response2, 0 = tie"),
     "shp": Preset(
         "stanfordnlp/SHP",
-        dict(prompt=["history"], chosen="human_ref_A", rejected="human_ref_B", votes=["labels"], vote_coding="1/0"),
+        dict(prompt=["history"], chosen="human_ref_A", rejected="human_ref_B", votes=["labels"], vote_coding="1/0",
+             join="chat"),
         ("history", "human_ref_A", "human_ref_B", "labels"), "labels: 1 = A preferred, 0 = B"),
     "llmbar": Preset(
         "princeton-nlp/LLMBar",
-        dict(prompt=["input"], chosen="output_1", rejected="output_2", votes=["label"], vote_coding="1/2"),
+        dict(prompt=["input"], chosen="output_1", rejected="output_2", votes=["label"], vote_coding="1/2", join="chat"),
         ("input", "output_1", "output_2", "label"), "label: 1 = output_1, 2 = output_2"),
     "pku-saferlhf": Preset(
         "PKU-Alignment/PKU-SafeRLHF",
         dict(prompt=["prompt"], chosen="response_0", rejected="response_1", votes=["better_response_id"],
-             vote_coding="0/1"),
+             vote_coding="0/1", join="chat"),
         ("prompt", "response_0", "response_1", "better_response_id"),
         "the helpfulness preference: better_response_id 0 = response_0, 1 = response_1"),
     "pku-saferlhf-safer": Preset(
         "PKU-Alignment/PKU-SafeRLHF",
         dict(prompt=["prompt"], chosen="response_0", rejected="response_1", votes=["safer_response_id"],
-             vote_coding="0/1"),
+             vote_coding="0/1", join="chat"),
         None, "the harmlessness preference: safer_response_id 0 = response_0, 1 = response_1"),
     # before the AlpacaFarm annotations, whose columns these files also have (but for `input`)
     "alpaca-eval-annotations": Preset(
         "tatsu-lab/alpaca_eval results/MODEL/ANNOTATOR/annotations.json",
         dict(prompt=["instruction"], chosen="output_1", rejected="output_2", votes=["preference"],
-             vote_coding="alpaca-eval"),
+             vote_coding="alpaca-eval", join="chat"),
         ("instruction", "output_1", "generator_1", "output_2", "generator_2", "annotator", "preference"),
         "one judgment per row by a model: preference = 1 + P(output_2 is better) (weighted annotators; the 1/2 "
         "annotators' 1 and 2 read as probabilities 1 and 0), 1.5 and the legacy 0 a draw; alpha is the "
@@ -82,7 +92,7 @@ PRESETS = {
     "alpacafarm-human-preference": Preset(
         "tatsu-lab/alpaca_farm alpaca_human_preference",
         dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
-             vote_coding="1/2", optional=["input"]),
+             vote_coding="1/2", optional=["input"], join="chat"),
         ("instruction", "input", "output_1", "output_2", "preference"),
         "one vote per pair: preference 1 = output_1, 2 = output_2"),
     "chatbot-arena-conversations": Preset(
@@ -104,11 +114,12 @@ PRESETS = {
         "are not read", messages=("chosen", "rejected")),
     "ultrafeedback": Preset(
         "openbmb/UltraFeedback",
-        dict(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score"),
+        dict(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score",
+             join="chat"),
         ("instruction", "completions"), "K completions, scored by overall_score (higher is better)"),
     "stack-exchange-preferences": Preset(
         "HuggingFaceH4/stack-exchange-preferences",
-        dict(prompt=["question"], completions="answers.text", human_scores="answers.pm_score", id="qid"),
+        dict(prompt=["question"], completions="answers.text", human_scores="answers.pm_score", id="qid", join="chat"),
         ("qid", "question", "answers"), "K answers, scored by pm_score (higher is better)"),
     "nectar": Preset(
         "berkeley-nest/Nectar",

@@ -180,6 +180,22 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def escaped_text(text: str) -> str:
+    """Text with the escapes \\n, \\t and \\\\ read (a separator typed on a command line: '\\n\\n')."""
+    out, chars = [], iter(text)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            if nxt not in _ESCAPES:
+                raise argparse.ArgumentTypeError(f"unknown escape \\{nxt} in {text!r}: \\n, \\t and \\\\ are read")
+            c = _ESCAPES[nxt]
+        out.append(c)
+    return "".join(out)
+
+
 def float_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]

@@ -33,7 +33,7 @@ from prefrank.options import option, options, positive_int, row_options
 from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenizer, on_rank_0, process_device
 from prefrank.runtime import max_length as run_max_length
 from prefrank.scoring import METHODS, first_completion, resolve_method, score
-from prefrank.tokenization import TokenizeOptions, tokenize_examples
+from prefrank.tokenization import TokenizeOptions, effective_join, tokenize_examples
 from prefrank.votes import alpha_source
 
 
@@ -98,6 +98,7 @@ class Summary:
     errors: int = 0
     truncated: int = 0
     boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
+    glued: int = 0  # rows whose text prompt, given with no join rule, runs straight into a completion
     reoriented: int = 0  # pairs whose raters preferred the rejected column (swapped)
     ties: int = 0  # pairs whose raters tied (alpha = 0.5)
     multi_turn: int = 0  # rows whose completions hold more than one message
@@ -107,15 +108,22 @@ class Summary:
     seconds: float = 0.0
     first_error: str | None = None
     resumed_from: int = 0  # parts an interrupted run had left, each reused if it verified
+    read_as: str = ""  # the column mapping and join the input was read with (the sidecar's read_as)
 
     def line(self, out: str) -> str:
         waste = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
         text = (f"scored {self.rows} rows in {self.seconds:.1f}s ({self.rows / max(self.seconds, 1e-9):.1f} rows/s, "
                 f"{self.real_tokens / max(self.seconds, 1e-9):.0f} tokens/s, {waste:.0%} padding): "
                 f"{self.ok} ok, {self.errors} errors, {self.truncated} truncated -> {out}")
+        if self.read_as:
+            text += f"\nread as {self.read_as}"
         if self.boundary_moved:
             text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
                      f"those ids are scored as the completions'")
+        if self.glued:
+            text += (f"\n{self.glued} rows have a completion that follows its prompt's last character with no space "
+                     f"between (as given, TRL's concatenation: 'weatherman.He'); --join TEXT puts text between them, "
+                     f"--join chat renders them with the chat template")
         verdict = [f"{n} {what}" for n, what in ((self.reoriented, "reoriented to the raters' choice"),
                                                   (self.ties, "tied (alpha = 0.5)"),
                                                   (self.multi_turn, "multi-turn")) if n]
@@ -241,6 +249,7 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     rank, world = where.rank, where.world
     mapping, examples = open_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset,
                                       limit=opts.limit)
+    detected = opts.columns.format == "auto"
     opts = replace(opts, columns=mapping)  # the sidecar records the mapping used ("auto" resolved)
     dtype = resolve_dtype(opts.dtype, device)
     policy_lm = _load_lm(opts.model, opts, device, dtype, where)
@@ -257,7 +266,7 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
 
     def prepare():
         nonlocal created, found
-        sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world)
+        sidecar = _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world, detected)
         created = parts.prepare(_manifest(opts, sidecar), sidecar, opts.resume)
         found = 0 if created else len(list(parts.dir.glob("part-*.json")))
 
@@ -304,7 +313,8 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     barrier(world)
     if rank != 0:
         return None
-    return Summary(**parts.merge(schema), resumed_from=found)
+    read_as = parts.read_json("sidecar.json")["read_as"]  # before merge() moves the sidecar
+    return Summary(**parts.merge(schema), resumed_from=found, read_as=read_as)
 
 
 def merge_parts(out: str) -> Summary:
@@ -315,8 +325,8 @@ def merge_parts(out: str) -> Summary:
     lock = OutputLock(out)
     lock.acquire()
     try:
-        options = parts.read_json("sidecar.json")["table"]
-        return Summary(**parts.merge(table_schema(**options)))
+        sidecar = parts.read_json("sidecar.json")
+        return Summary(**parts.merge(table_schema(**sidecar["table"])), read_as=sidecar["read_as"])
     finally:
         lock.release()
 
@@ -327,6 +337,7 @@ def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> dict:
     ok = [tokenized[ex.index] for ex in ok_rows]
     return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
             "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
+            "glued": sum(ex.glued for ex in ok_rows),
             "reoriented": sum(ex.reoriented for ex in ok_rows), "ties": sum(bool(ex.tie) for ex in ok_rows),
             "multi_turn": sum(ex.multi_turn for ex in ok_rows),
             "real_tokens": sum(s.counts.real for s in sums), "padded_tokens": sum(s.counts.padded for s in sums),
@@ -360,7 +371,23 @@ def _model_info(lm: CausalLM | None, path: str | None):
             "parameters": sum(p.numel() for p in lm.model.parameters()), "max_positions": lm.max_positions}
 
 
-def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world) -> dict:
+def _read_as(columns: Columns, detected: bool, join: str | None) -> str:
+    """The column mapping and join rule, as the summary and sidecar state them."""
+    mapping = (f"format {columns.format}" if columns.format else "the default mapping")
+    if detected:
+        mapping += " (detected from the first row's columns)" if columns.format else \
+            " (the first row's columns match no format)"
+    elif not columns.format:
+        mapping = "the column options"
+    how = ("the prompt as the user's message and each answer as the assistant's, rendered with the chat template"
+           if join == "chat" else "text prompts and answers concatenated as given" if join is None else
+           f"{join!r} between a text prompt and each answer")
+    if columns.join == "chat" and join != "chat":
+        how += " (join chat: the tokenizer has no chat template)"
+    return f"{mapping}; {how}"
+
+
+def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world, detected: bool) -> dict:
     """Everything about the run but its summary, which merge() adds from the parts."""
     import numpy
     import pyarrow
@@ -377,6 +404,9 @@ def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, worl
         "device": str(device),
         "method": opts.method,
         "tokenization": opts.tokenization,
+        # how text prompts met their answers: "chat" (the chat template), the text between them, or null (as given)
+        "join": effective_join(opts.columns.join, tokenizer),
+        "read_as": _read_as(opts.columns, detected, effective_join(opts.columns.join, tokenizer)),
         "max_length": max_length,
         "options": asdict(opts),
         "input": {"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},

@@ -19,6 +19,10 @@ completion share, and each completion's ids are the rest of its joint ids.
             dummy-prefix "▁" the tokenizer puts before any text: " No" after "Assistant:" is scored as
             "Assistant:  No", a sequence the model rarely saw.
 
+A text row's join rule (Example.join, from Columns.join) is applied first: "chat" makes the prompt
+the user's message and each completion the assistant's (a blank line between them when the tokenizer
+has no chat template), other text goes between prompt and completion (it ends the prompt's text).
+
 The prompt alone is tokenized with the tokenizer's own special tokens (BOS once). Chat messages go
 through the tokenizer's chat template (the prompt with the generation prompt), whose text carries
 its own special tokens. `append_eos` adds the EOS id to each completion (joint and separate).
@@ -96,18 +100,40 @@ def trl_extract_prompt(transcripts: list[str]) -> tuple[str, list[str]]:
     return transcripts[0][:cut], [t[cut:] for t in transcripts]
 
 
-def render_chat(example: Example, tokenizer) -> tuple[str, list[str]]:
+CHAT_FALLBACK = "\n\n"  # join "chat" for a tokenizer without a chat template
+
+
+def effective_join(join: str | None, tokenizer) -> str | None:
+    """What a text row's join rule does with this tokenizer: "chat" (rendered by its chat template),
+    the text put between prompt and completion, or None (concatenated as given)."""
+    if join == "chat" and not getattr(tokenizer, "chat_template", None):
+        return CHAT_FALLBACK
+    return join
+
+
+def _joined(example: Example, tokenizer) -> tuple:
+    """(prompt, completions) with the row's join rule applied: messages for "chat", else texts."""
+    join = effective_join(example.join, tokenizer)
+    if join is None:
+        return example.prompt, example.completions
+    if join == "chat":
+        return ([{"role": "user", "content": example.prompt}],
+                [[{"role": "assistant", "content": c}] for c in example.completions])
+    return example.prompt + join, example.completions
+
+
+def render_chat(prompt_messages: list, completions: list, tokenizer) -> tuple[str, list[str]]:
     """Chat messages → (prompt text, completion texts) through the tokenizer's chat template
     (the separate mode: each completion is the rendered conversation less the rendered prompt)."""
     _check_chat_template(tokenizer)
-    prompt = _apply_chat_template(tokenizer, example.prompt, add_generation_prompt=True)
-    completions = []
-    for messages in example.completions:
-        full = _apply_chat_template(tokenizer, example.prompt + messages)
+    prompt = _apply_chat_template(tokenizer, prompt_messages, add_generation_prompt=True)
+    rendered = []
+    for messages in completions:
+        full = _apply_chat_template(tokenizer, prompt_messages + messages)
         if not full.startswith(prompt):
             raise RowError("the rendered prompt is not a prefix of the rendered conversation (chat template)")
-        completions.append(full[len(prompt):])
-    return prompt, completions
+        rendered.append(full[len(prompt):])
+    return prompt, rendered
 
 
 def _check_chat_template(tokenizer):
@@ -178,13 +204,13 @@ def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> lis
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _requests(example: Example, tokenizer, mode: str) -> list[tuple[str, bool]]:
-    """The texts whose ids make the example's ids, with whether the tokenizer adds its special
-    tokens: the prompt first, then one per completion (joint, trl: prompt + completion)."""
-    if isinstance(example.prompt, list):  # separate-mode chat rows: rendered text, special tokens included
-        prompt, completions = render_chat(example, tokenizer)
+def _requests(example: Example, prompt, completions, tokenizer, mode: str) -> list[tuple[str, bool]]:
+    """The texts whose ids make the example's ids (its prompt and completions joined), with whether
+    the tokenizer adds its special tokens: the prompt first, then one per completion (joint, trl:
+    prompt + completion)."""
+    if isinstance(prompt, list):  # separate-mode chat rows: rendered text, special tokens included
+        prompt, completions = render_chat(prompt, completions, tokenizer)
         return [(prompt, False)] + [(c, False) for c in completions]
-    prompt, completions = example.prompt, example.completions
     if mode == "separate":
         return [(prompt, True)] + [(c, False) for c in completions]
     if mode == "trl":
@@ -275,11 +301,12 @@ def _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos):
         if ex.error is not None:
             continue
         try:
-            if isinstance(ex.prompt, list) and mode != "separate":
-                ids[ex.index] = [_chat_ids(tokenizer, ex.prompt, generation_prompt=True)] + [
-                    _chat_ids(tokenizer, ex.prompt + messages) for messages in ex.completions]
+            prompt, completions = _joined(ex, tokenizer)
+            if isinstance(prompt, list) and mode != "separate":
+                ids[ex.index] = [_chat_ids(tokenizer, prompt, generation_prompt=True)] + [
+                    _chat_ids(tokenizer, prompt + messages) for messages in completions]
             else:
-                requests.append(_requests(ex, tokenizer, mode))
+                requests.append(_requests(ex, prompt, completions, tokenizer, mode))
                 text_rows.append(ex.index)
         except RowError as e:
             errors[ex.index] = str(e)

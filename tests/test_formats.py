@@ -442,8 +442,10 @@ def test_presets_score_as_the_converted_rows(tmp_path, capsys):
         return _table(out)
 
     def explicit(expected, name, *extra):
-        rows = [{"id": str(i), "prompt": p, "chosen": c[0], "rejected": c[1], **({} if a is None else {"alpha": a})}
-                for i, (p, c, a, _) in enumerate(expected)]
+        # the instruction presets' join without a chat template: a blank line ends the prompt
+        end = "\n\n" if name in ("llmbar", "alpacafarm-cross-annotations") else ""
+        rows = [{"id": str(i), "prompt": p if end == "" else p + end, "chosen": c[0], "rejected": c[1],
+                 **({} if a is None else {"alpha": a})} for i, (p, c, a, _) in enumerate(expected)]
         return score(rows, name + "-explicit", *extra)
 
     for name, extra in (("llmbar", ()), ("alpacafarm-cross-annotations", ()),
@@ -717,7 +719,7 @@ def test_alpaca_eval_annotation_files_score_and_analyze_in_one_command(tmp_path,
         assert [got["tie"][i] for i in ok] == [p in (1.5, 0) for p in raw]
         assert got["n_votes"] == [None] * len(rows)
         explicit = write_jsonl(tmp_path / kind / "explicit.jsonl", [
-            {"prompt": prompt, "chosen": c[0], "rejected": c[1]} for prompt, c, _, _ in expected])
+            {"prompt": prompt + "\n\n", "chosen": c[0], "rejected": c[1]} for prompt, c, _, _ in expected])
         assert main(["score", "--data", explicit, "--model", model, "--ref-model", model,
                      "--out", str(tmp_path / kind / "explicit.parquet")]) == 0
         want = _table(tmp_path / kind / "explicit.parquet")
