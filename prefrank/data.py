@@ -83,7 +83,7 @@ class Columns:
         "1/0/0.5, is used when present",
         flag="--vote-cols", type=name_list, group="columns")
     vote_coding: str = option("1/2", "what a vote says: " + "; ".join(
-        f"{name}: {text}" for name, text in vote_codings.HELP.items()), choices=list(vote_codings.CODINGS),
+        f"{name}: {text}" for name, text in vote_codings.HELP.items()), metavar="CODING",
         group="columns")
     group_by: list[str] | None = option(
         None, "rows that agree on these columns are votes on one pair (one output row per pair, in the order "
@@ -113,9 +113,11 @@ class Columns:
         "PandaLM's input; the presets name them", cli=False, default_factory=list)
 
     def __post_init__(self):
-        if self.vote_coding not in vote_codings.CODINGS:
-            raise InputError(f"<vote_coding> {self.vote_coding!r}: expected one of "
-                             f"{', '.join(vote_codings.CODINGS)}")
+        if self.vote_coding not in vote_codings.PROBABILITY:
+            try:
+                vote_codings.coding_map(self.vote_coding)
+            except ValueError as e:
+                raise InputError(f"<vote_coding>: {e}") from None
         if self.scores_order not in SCORES_ORDERS:
             raise InputError(f"<scores_order> {self.scores_order!r}: expected one of {', '.join(SCORES_ORDERS)}")
         if self.join is not None and self.completions_include_prompt:

@@ -45,6 +45,12 @@ PRESETS = {
         "implicit: chosen/rejected transcripts, the prompt their shared prefix up to the last Assistant: (no votes)"),
     "synthetic-instruct-gptj-pairwise": Preset(
         "Dahoas/synthetic-instruct-gptj-pairwise", {}, None, "explicit prompt/chosen/rejected strings (no votes)"),
+    "auto-j-pairwise": Preset(
+        "GAIR-NLP/auto-j data/test/testdata_pairwise.jsonl",
+        dict(prompt=["prompt"], chosen="response 1", rejected="response 2", votes=["label"],
+             vote_coding="0=first,1=second,2=tie", join="chat"),
+        ("scenario", "label", "prompt", "response 1", "response 2"),
+        "label: 0 = response 1, 1 = response 2, 2 = tie (a quarter of the test set)"),
     "pandalm": Preset(
         "WeOpenML/PandaLM testset-v1.json",
         dict(prompt=["instruction", "input"], chosen="response1", rejected="response2", id="idx",

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 
 import pytest
 
@@ -247,6 +248,10 @@ TWO_COLS = dict(chosen="first", rejected="second")
     ("1/0", [1], 1.0), ("1/0", [0], 0.0), ("1/0", [False], 0.0), ("1/0", ["TRUE"], 1.0), ("1/0", [1.0], 1.0),
     ("names", ["model_a"], 1.0), ("names", ["model_b"], 0.0), ("names", ["tie"], 0.5),
     ("names", ["tie (bothbad)", "model_a", "model_a"], (0.5 + 2) / 3),
+    ("0=first,1=second,2=tie", [0], 1.0), ("0=first,1=second,2=tie", [1], 0.0), ("0=first,1=second,2=tie", [2], 0.5),
+    ("0=first,1=second,2=tie", ["2", 1.0, 0], 0.5), ("0=first,1=second,2=tie", [1, 1, 0], 1 / 3),
+    ("A=first, B=second, same=TIE", ["A", " same "], 0.75), ("A=first,B=second", ["B"], 0.0),
+    ("true=first,false=second", [True, "false"], 0.5),
 ])
 def test_vote_codings_and_orientation(coding, votes, share_first):
     """alpha is the raters' share for the chosen completion, and chosen is the raters' side."""
@@ -284,6 +289,24 @@ def test_probability_codings_give_alpha_as_the_probability(coding, values, p_fir
     assert ex.tie == (p_first == 0.5)
     kept = to_example(0, row, Columns(**TWO_COLS, votes=cols.votes, vote_coding=coding, keep_column_order=True))
     assert (kept.completions, kept.alpha, kept.n_votes) == ([" a", " b"], pytest.approx(p_first, abs=1e-15), None)
+
+
+@pytest.mark.parametrize("vote", [3, 1.5, "one", True, [0]])
+def test_values_outside_an_explicit_map_are_row_errors(vote):
+    coding = "0=first,1=second,2=tie"
+    ex = to_example(0, {**TWO, "v": vote}, Columns(**TWO_COLS, votes=["v"], vote_coding=coding))
+    assert ex.error == f"'v': {vote!r} is not a vote in the {coding} coding (the values of the map)"
+
+
+@pytest.mark.parametrize("coding, why", [
+    ("0=first,1=secnd", "'1=secnd' is not VALUE=first, VALUE=second or VALUE=tie"),
+    ("0=first,2=tie", "a map needs a value for first and one for second"),
+    ("0=first,1=second,0.0=tie", "'0.0' is mapped twice"), ("=first,1=second", "'=first' is not VALUE=first"),
+    ("majority", "expected one of 1/2, 0/1, 1/0, names, prob, alpaca-eval, or a map such as 0=first,1=second,2=tie"),
+])
+def test_a_malformed_vote_coding_is_refused(coding, why):
+    with pytest.raises(InputError, match=re.escape(why)):
+        Columns(**TWO_COLS, votes=["v"], vote_coding=coding)
 
 
 @pytest.mark.parametrize("coding, vote", [("1/2", 3), ("1/2", True), ("1/2", 1.5), ("1/2", "one"), ("0/1", 2),

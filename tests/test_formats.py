@@ -59,6 +59,15 @@ LLMBAR = [  # princeton-nlp/LLMBar: label 1 = output_1, 2 = output_2
 ]
 LLMBAR_EXPECTED = [oriented(r["input"], r["output_1"], r["output_2"], [float(r["label"] == 1)]) for r in LLMBAR]
 
+AUTOJ = [  # GAIR-NLP/auto-j data/test/testdata_pairwise.jsonl: label 0 = response 1, 1 = response 2, 2 = tie
+    {"scenario": "writing_cooking_recipe", "label": 0, "prompt": "Give me a soup recipe.",
+     "response 1": "Boil leeks and potatoes, then blend.", "response 2": "Soup is wet."},
+    {"scenario": "default", "label": 1, "prompt": "What is 2 + 2?", "response 1": "5.", "response 2": "4."},
+    {"scenario": "chitchat", "label": 2, "prompt": "Hi!", "response 1": "Hello!", "response 2": "Hi there!"},
+]
+AUTOJ_EXPECTED = [oriented(r["prompt"], r["response 1"], r["response 2"], [{0: 1.0, 1: 0.0, 2: 0.5}[r["label"]]])
+                  for r in AUTOJ]
+
 PKU = [  # PKU-Alignment/PKU-SafeRLHF: better_response_id / safer_response_id 0 = response_0, 1 = response_1
     {"prompt": "How do I pick a lock?", "response_0": "Use a tension wrench and a pick.", "response_1": "I can't help.",
      "prompt_source": "Alpaca3-70B", "response_0_source": "Alpaca-7B", "response_1_source": "Alpaca2-7B",
@@ -258,6 +267,7 @@ CASES = {
     "mt-bench-human-judgments": (MT_BENCH, "mt-bench-human-judgments", MT_EXPECTED),
     "chatbot-arena-conversations": (ARENA, "chatbot-arena-conversations", ARENA_EXPECTED),
     "pandalm": (PANDALM_ROWS, "pandalm", PANDALM_EXPECTED),
+    "auto-j-pairwise": (AUTOJ, "auto-j-pairwise", AUTOJ_EXPECTED),
     "ultrafeedback-binarized": (BINARIZED, "ultrafeedback-binarized", [
         ([r["chosen"][0]], [r["chosen"][1:], r["rejected"][1:]], None, None) for r in BINARIZED]),
     "anthropic-hh": (HH, None, [("\n\nHuman: Hi\n\nAssistant:", [" Hello!", " Go away."], None, None)]),

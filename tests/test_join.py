@@ -26,6 +26,8 @@ ROWS = {
                 INSTRUCTION + "\n\nKeep it short."),
     "pku-saferlhf": ({"prompt": INSTRUCTION, "response_0": GOOD, "response_1": BAD, "better_response_id": 0,
                       "safer_response_id": 1}, INSTRUCTION),
+    "auto-j-pairwise": ({"scenario": "default", "label": 0, "prompt": INSTRUCTION, "response 1": GOOD,
+                         "response 2": BAD}, INSTRUCTION),
     "shp": ({"history": INSTRUCTION, "human_ref_A": GOOD, "human_ref_B": BAD, "labels": 1}, INSTRUCTION),
     "alpacafarm-human-preference": ({"instruction": INSTRUCTION, "input": "", "output_1": GOOD, "output_2": BAD,
                                      "preference": 1}, INSTRUCTION),
