@@ -238,7 +238,7 @@ class Parts:
         missing = [c for c in range(n_chunks) if not (self.part(c).exists() and self.record(c).exists())]
         if missing:
             raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with <resume>")
-        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "glued": 0, "reoriented": 0, "ties": 0,
+        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "glued": 0, "no_bos": 0, "reoriented": 0, "ties": 0,
                   "multi_turn": 0, "real_tokens": 0, "padded_tokens": 0, "methods": Counter(), "seconds": 0.0,
                   "first_error": None}
         tmp = _temporary(self.out, ".partial")

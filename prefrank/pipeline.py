@@ -99,6 +99,7 @@ class Summary:
     truncated: int = 0
     boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
     glued: int = 0  # rows whose text prompt, given with no join rule, runs straight into a completion
+    no_bos: int = 0  # rows rendered by a chat template that puts no BOS first (the tokenizer puts one before text)
     reoriented: int = 0  # pairs whose raters preferred the rejected column (swapped)
     ties: int = 0  # pairs whose raters tied (alpha = 0.5)
     multi_turn: int = 0  # rows whose completions hold more than one message
@@ -124,6 +125,10 @@ class Summary:
             text += (f"\n{self.glued} rows have a completion that follows its prompt's last character with no space "
                      f"between (as given, TRL's concatenation: 'weatherman.He'); --join TEXT puts text between them, "
                      f"--join chat renders them with the chat template")
+        if self.no_bos:
+            text += (f"\n{self.no_bos} rows were rendered by a chat template that puts no BOS token first, though the "
+                     f"tokenizer puts one before plain text: they are scored without it (as TRL would); "
+                     f"{{{{ bos_token }}}} at the template's start adds it")
         verdict = [f"{n} {what}" for n, what in ((self.reoriented, "reoriented to the raters' choice"),
                                                   (self.ties, "tied (alpha = 0.5)"),
                                                   (self.multi_turn, "multi-turn")) if n]
@@ -337,7 +342,7 @@ def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> dict:
     ok = [tokenized[ex.index] for ex in ok_rows]
     return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
             "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
-            "glued": sum(ex.glued for ex in ok_rows),
+            "glued": sum(ex.glued for ex in ok_rows), "no_bos": sum(it.no_bos for it in ok),
             "reoriented": sum(ex.reoriented for ex in ok_rows), "ties": sum(bool(ex.tie) for ex in ok_rows),
             "multi_turn": sum(ex.multi_turn for ex in ok_rows),
             "real_tokens": sum(s.counts.real for s in sums), "padded_tokens": sum(s.counts.padded for s in sums),

@@ -83,6 +83,7 @@ class Tokenized:
     completion_ids: list[list[int]]  # one list per completion, each non-empty
     truncated: bool = False
     boundary_moved: bool = False  # the prompt's own last ids were joined to the completions (joint, trl)
+    no_bos: bool = False  # rendered by a chat template that puts no BOS first, where text would get one
 
 
 # ---------------------------------------------------------------- texts to encode
@@ -138,7 +139,8 @@ def render_chat(prompt_messages: list, completions: list, tokenizer) -> tuple[st
 
 def _check_chat_template(tokenizer):
     if not getattr(tokenizer, "chat_template", None):
-        raise RowError("conversational row, but the tokenizer has no chat template")
+        raise RowError("conversational row, but the tokenizer has no chat template (--chat-template FILE, or "
+                       "chat_template= in the Python API, supplies one)")
 
 
 # A chat template renders a row in milliseconds, into its messages' text plus headers (and at most a
@@ -268,6 +270,12 @@ def _truncate_keep_end(prompt_ids, completion_ids, max_length, kept_head):
     return prompt_ids, [c[:completion_room] for c in completion_ids]
 
 
+def _bos_before_text(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before plain text, or None if it puts none."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def _finish(ids: list[list[int]], tokenizer, mode, max_length, truncate, append_eos) -> Tokenized:
     prompt_ids, completion_ids, moved = _split(ids, mode)
     if append_eos:
@@ -296,7 +304,7 @@ def _finish(ids: list[list[int]], tokenizer, mode, max_length, truncate, append_
 def _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos):
     """({index: Tokenized}, {index: why not}) for the examples without an error."""
     TokenizeOptions(tokenization=mode, max_length=max_length, truncate=truncate, append_eos=append_eos)  # checks
-    ids, errors, text_rows, requests = {}, {}, [], []
+    ids, errors, text_rows, requests, rendered = {}, {}, [], [], set()
     for ex in examples:
         if ex.error is not None:
             continue
@@ -305,17 +313,21 @@ def _tokenize(examples, tokenizer, mode, max_length, truncate, append_eos):
             if isinstance(prompt, list) and mode != "separate":
                 ids[ex.index] = [_chat_ids(tokenizer, prompt, generation_prompt=True)] + [
                     _chat_ids(tokenizer, prompt + messages) for messages in completions]
+                rendered.add(ex.index)
             else:
                 requests.append(_requests(ex, prompt, completions, tokenizer, mode))
                 text_rows.append(ex.index)
         except RowError as e:
             errors[ex.index] = str(e)
     ids.update(zip(text_rows, _encode_all(tokenizer, requests)))
+    bos = _bos_before_text(tokenizer) if rendered else None
     tokenized = {}
     for ex in examples:
         if ex.index in ids:
             try:
                 tokenized[ex.index] = _finish(ids[ex.index], tokenizer, mode, max_length, truncate, append_eos)
+                # a template without {{ bos_token }}: scored as rendered (as TRL would), counted for a warning
+                tokenized[ex.index].no_bos = bos is not None and ex.index in rendered and ids[ex.index][0][:1] != [bos]
             except RowError as e:
                 errors[ex.index] = str(e)
     return tokenized, errors

@@ -483,7 +483,8 @@ def test_conversational_rows_without_a_template_fail_the_run(tmp_path, capsys):
     assert main(["score", "--data", data, "--model", str(STORIES), "--out", str(tmp_path / "s.parquet")]) == 2
     err = capsys.readouterr().err
     assert "error: none of the 2 rows could be scored (the table is written); the first: row 0 (id " in err
-    assert "the tokenizer has no chat template" in err
+    assert "the tokenizer has no chat template (--chat-template FILE, or chat_template= in the Python API, supplies " \
+           "one)" in err
     assert _table(tmp_path / "s.parquet")["status"] == ["error", "error"]
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
     assert main(["score", "--data", data, "--model", str(STORIES), "--out", str(tmp_path / "t.parquet"),

@@ -52,12 +52,12 @@ def score(tmp_path, name, rows, *extra) -> tuple[dict, dict, int]:
     return pq.read_table(out).to_pydict(), json.loads(out.with_name(out.name + ".meta.json").read_text()), code
 
 
-def chat_logp(prompt: str, completion: str, sibling: str) -> float:
+def chat_logp(prompt: str, completion: str, sibling: str, template: str = TEMPLATE) -> float:
     """Independent: transformers' apply_chat_template ids of [user] (generation prompt) and [user,
     assistant], the prompt being what they share with both answers' ids; one float64 forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(STORIES)
-    tok.chat_template = TEMPLATE
+    tok.chat_template = template
     user = [{"role": "user", "content": prompt}]
 
     def ids(messages, generation=False):
@@ -103,6 +103,19 @@ def test_instruction_formats_render_user_and_assistant_with_the_chat_template(na
         assert got[column][0] == pytest.approx(expected, abs=1e-4)
     assert sidecar["join"] == "chat"
     assert "rendered with the chat template" in capsys.readouterr().err
+
+
+def test_a_template_that_puts_no_bos_first_is_counted_and_warned_about(tmp_path, capsys):
+    """stories260K's tokenizer puts BOS before text: rows rendered by a template without
+    {{ bos_token }} are scored as rendered (transformers' ids, no BOS) and counted; with it, not."""
+    rows = [ROWS["llmbar"][0], {**ROWS["llmbar"][0], "input": "Say hi."}]
+    for name, template, missing in (("bos", TEMPLATE, 0), ("nobos", TEMPLATE.removeprefix("{{ bos_token }}"), 2)):
+        (tmp_path / f"{name}.jinja").write_text(template)
+        got, sidecar, code = score(tmp_path, name, rows, "--chat-template", str(tmp_path / f"{name}.jinja"))
+        assert code == 0 and sidecar["summary"]["no_bos"] == missing
+        assert got["logp_chosen"][0] == pytest.approx(chat_logp(INSTRUCTION, GOOD, BAD, template), abs=1e-4)
+        err = capsys.readouterr().err
+        assert (f"\n{missing} rows were rendered by a chat template that puts no BOS token first" in err) == bool(missing)
 
 
 def test_kwise_instruction_formats_join_too(tmp_path):
