@@ -27,6 +27,7 @@ whose votes tie exactly (or whose probability is 0.5) keeps alpha = 0.5 (the ana
 out of rankings). Columns.optional names prompt parts a row may lack (AlpacaFarm's `input`).
 Named mappings for published datasets (presets) live in prefrank.formats.
 """
+import ast
 import gzip
 import hashlib
 import itertools
@@ -108,6 +109,10 @@ class Columns:
         False, "chosen/rejected start with the prompt: strip it (rows where they don't are errors)",
         group="columns")
     prompt_separator: str = option("\n\n", "joins several prompt columns (empty ones skipped)", cli=False)
+    messages: list[str] = option(
+        help="columns that hold message lists: a string there (a CSV cell, a pandas export) is parsed as JSON or "
+        "as a Python literal (never run) and must give one, else the row is an error; the presets name them",
+        cli=False, default_factory=list)
     optional: list[str] = option(
         help="prompt columns a row may lack, read as empty (in the prompt and in group_by keys): AlpacaFarm's and "
         "PandaLM's input; the presets name them", cli=False, default_factory=list)
@@ -396,6 +401,26 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
 
 
+_PARSE_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+
+
+def _messages_from_text(value, column: str):
+    """A message column's value: a list as it is; a string parsed as JSON, else as a Python literal
+    (ast.literal_eval: pandas and `datasets` write list columns to CSV as their repr), which must be a
+    list of messages."""
+    if not isinstance(value, str):
+        return value
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            parsed = parse(value.strip())
+        except _PARSE_ERRORS:
+            continue
+        if _is_messages(parsed):
+            return parsed
+    raise RowError(f"field {column!r} holds text where a message list belongs, and the text is no list of messages "
+                   f"(JSON, or a Python literal such as [{{'role': 'user', 'content': '...'}}, ...])")
+
+
 def _check_messages(value, what: str) -> list:
     for m in value:
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -478,6 +503,9 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
     completions, names = _completions(row, cols)
     prompt = _prompt(row, cols)
     prompt_name = (cols.prompt or ["prompt"])[0]
+    if cols.messages:
+        completions = [_messages_from_text(c, n) if n in cols.messages else c for c, n in zip(completions, names)]
+        prompt = _messages_from_text(prompt, prompt_name) if prompt_name in cols.messages else prompt
     if any(_is_messages(c) for c in completions):  # conversational
         for c, name in zip(completions, names):
             if not _is_messages(c):
@@ -497,6 +525,8 @@ def _prompt_and_completions(row: dict, cols: Columns) -> tuple:
     for c, name in zip(completions, names):
         if not isinstance(c, str):
             raise RowError(f"field {name!r} must be a string, got {type(c).__name__}")
+    if cols.turn is not None:
+        raise RowError(f"the turn column {cols.turn!r} cuts conversations, but this row's completions are text")
     if prompt is None:
         return *split_implicit_prompt(*completions), True
     if not isinstance(prompt, str):
@@ -764,6 +794,15 @@ def check_columns(row: dict, cols: Columns):
         raise InputError(f"<join> {cols.join!r} joins a prompt column to each answer, but the rows have none (the "
                          f"prompt is what the completions share)")
     missing = list(dict.fromkeys(c for c in named if c.partition(".")[0] not in row and c not in cols.optional))
+    if not missing and cols.turn is not None and cols.completions is None:
+        try:
+            first = _messages_from_text(row[cols.chosen], cols.chosen) if cols.chosen in cols.messages else \
+                row[cols.chosen]
+        except RowError:
+            first = None
+        if not _is_messages(first):
+            raise InputError(f"<turn> {cols.turn!r} cuts conversations, but the first row's {cols.chosen!r} is no "
+                             f"message list: nothing would be cut")
     if missing:
         kwise = cols.completions is None and "completions" in row
         preset = formats.detect(row) if cols.format is None else None

@@ -7,7 +7,7 @@ published schema; `data.read_examples` picks one from the columns of the first r
 default one (HH, GPT-J), or another preset of the same dataset is the automatic choice (PKU-SafeRLHF
 picks better_response_id; `pku-saferlhf-safer` reads safer_response_id). The first preset (in this
 order) whose `detect` columns, and the id column it reads, are all in the first row, with message lists
-in its `messages` columns and none of its `absent` columns, wins, so the more specific schemas come
+in its message columns (Columns.messages) and none of its `absent` columns, wins, so the more specific schemas come
 first: a row that lacks any of them is read with the default mapping (its own prompt, chosen and
 rejected columns), never with a preset that would drop or misread a column. A preset's optional
 prompt parts (Columns.optional: AlpacaFarm's `input`) may be absent from the rows it reads, and
@@ -29,7 +29,6 @@ class Preset:
     columns: dict  # Columns fields
     detect: tuple[str, ...] | None  # first-row columns that select it (None: only with --format)
     note: str = ""  # what the mapping decides
-    messages: tuple[str, ...] = ()  # detection columns that must hold message lists
     absent: tuple[str, ...] = ()  # first-row columns that rule it out (another preset reads those rows)
 
 
@@ -37,7 +36,8 @@ class Preset:
 _ALPACA_VOTES = dict(prompt=["instruction", "input"], chosen="output_1", rejected="output_2", votes=["preference"],
                      vote_coding="1/2", group_by=["instruction", "input", "output_1", "output_2"], optional=["input"],
                      join="chat")
-_MT = dict(chosen="conversation_a", rejected="conversation_b", votes=["winner"], vote_coding="names", turn="turn")
+_MT = dict(chosen="conversation_a", rejected="conversation_b", votes=["winner"], vote_coding="names", turn="turn",
+           messages=["conversation_a", "conversation_b"])
 
 PRESETS = {
     "anthropic-hh": Preset(
@@ -105,19 +105,19 @@ PRESETS = {
         "lmsys/chatbot_arena_conversations", dict(_MT, id="question_id"),
         ("conversation_a", "conversation_b", "winner", "anony"),
         "one battle per row; winner model_a / model_b / tie / tie (bothbad); the whole conversation after the "
-        "shared leading messages is scored", messages=("conversation_a", "conversation_b")),
+        "shared leading messages is scored"),
     "mt-bench-human-judgments": Preset(
         "lmsys/mt_bench_human_judgments (split human)",
         dict(_MT, group_by=["question_id", "turn", "model_a+model_b"]),
         ("question_id", "model_a", "model_b", "winner", "judge", "conversation_a", "conversation_b", "turn"),
         "one vote per row, grouped by question, turn and model pair (either order); conversations cut after "
-        "the judged turn", messages=("conversation_a", "conversation_b")),
+        "the judged turn"),
     "ultrafeedback-binarized": Preset(
         "HuggingFaceH4/ultrafeedback_binarized",
-        dict(prompt=[], id="prompt_id"),
+        dict(prompt=[], id="prompt_id", messages=["chosen", "rejected"]),
         ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
         "chosen/rejected message lists, the prompt their shared leading messages; score_chosen/score_rejected "
-        "are not read", messages=("chosen", "rejected")),
+        "are not read"),
     "ultrafeedback": Preset(
         "openbmb/UltraFeedback",
         dict(prompt=["instruction"], completions="completions.response", human_scores="completions.overall_score",
@@ -138,7 +138,7 @@ def _selects(preset: Preset, row: dict) -> bool:
     named = preset.detect + ((preset.columns["id"],) if "id" in preset.columns else ())
     named = [c for c in named if c not in preset.columns.get("optional", ())]  # the preset reads rows without them
     return all(c in row for c in named) and not any(c in row for c in preset.absent) and all(
-        isinstance(row[c], list) and all(isinstance(m, dict) for m in row[c]) for c in preset.messages)
+        isinstance(row[c], list) and all(isinstance(m, dict) for m in row[c]) for c in preset.columns.get("messages", ()))
 
 
 def detect(row: dict) -> str | None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -780,3 +781,58 @@ def test_vote_coding_prob_on_the_command_line(tmp_path, capsys):
     assert got["error"][4].startswith("'p': 'nan' is not a vote in the prob coding")
     assert read_sidecar(out)["alpha_source"] == ("a model's probability, not human votes: column(s) p in the prob "
                                                  "coding (n_votes is null)")
+
+
+def _mt_bench_csv(path, encode):
+    """MT_BENCH as a CSV whose conversation cells are `encode`d (pandas writes a list column as its
+    Python repr; JSON is the other common choice)."""
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(MT_BENCH[0]))
+        writer.writeheader()
+        for row in MT_BENCH:
+            writer.writerow({k: encode(v) if isinstance(v, list) else v for k, v in row.items()})
+    return str(path)
+
+
+@pytest.mark.parametrize("encode", [repr, json.dumps], ids=["python-repr", "json"])
+def test_conversations_stored_as_text_read_as_their_messages(tmp_path, encode):
+    """The MT-Bench judgments as a CSV (conversation cells hold text): the same pairs, alpha, votes
+    and turn cuts as the published message lists (MT_EXPECTED, converted by hand)."""
+    path = _mt_bench_csv(tmp_path / "mt.csv", encode)
+    examples = list(read_examples(path, preset_columns("mt-bench-human-judgments")))
+    assert [(ex.prompt, ex.completions, ex.alpha, ex.n_votes) for ex in examples] == MT_EXPECTED
+    assert [ex.multi_turn for ex in examples] == [False, True]
+
+
+@needs_shared
+def test_the_mt_bench_csv_scores_as_the_message_lists_do(tmp_path, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    tables = []
+    for data in (_mt_bench_csv(tmp_path / "mt.csv", repr), write_jsonl(tmp_path / "mt.jsonl", MT_BENCH)):
+        out = tmp_path / (Path(data).name + ".parquet")
+        assert main(["score", "--data", data, "--model", str(STORIES), "--format", "mt-bench-human-judgments",
+                     "--chat-template", str(template), "--out", str(out)]) == 0
+        tables.append(_table(out))
+    csv_table, jsonl_table = tables
+    for column in ("logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "alpha", "n_votes", "tie", "multi_turn"):
+        assert csv_table[column] == jsonl_table[column], column
+    assert csv_table["n_chosen"][0] != csv_table["n_chosen"][1]  # turn 1 and turn 2 are cut differently
+
+
+@needs_shared
+def test_text_where_messages_belong_is_a_row_error_and_a_turn_that_cuts_nothing_is_refused(tmp_path, capsys):
+    rows = [dict(MT_BENCH[0], conversation_a="[{'role': 'user'}] + __import__('os').system('echo hi')"),
+            dict(MT_BENCH[0], conversation_a="just text")]
+    examples = list(read_examples(write_jsonl(tmp_path / "bad.jsonl", rows), preset_columns(
+        "mt-bench-human-judgments", group_by=None, turn=None)))
+    assert [ex.error for ex in examples] == ["field 'conversation_a' holds text where a message list belongs, and the "
+                                             "text is no list of messages (JSON, or a Python literal such as "
+                                             "[{'role': 'user', 'content': '...'}, ...])"] * 2
+    data = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " b", "turn": 1}])
+    assert main(["score", "--data", data, "--model", str(STORIES), "--turn-col", "turn",
+                 "--out", str(tmp_path / "t.parquet")]) == 2
+    assert "--turn-col 'turn' cuts conversations, but the first row's 'chosen' is no message list" in \
+        capsys.readouterr().err
