@@ -125,6 +125,12 @@ def _warn_orientation(summary: dict):
               f"orient pairs); every measure counts them in column order", file=sys.stderr)
 
 
+def _warn_alpha(summary: dict):
+    from prefrank.analysis.summary import NO_DISAGREEMENT
+    if summary.get("alpha_without_disagreement"):
+        print(f"prefrank: WARNING: {NO_DISAGREEMENT}", file=sys.stderr)
+
+
 def _warn_theorem(summary: dict):
     if summary.get("theorem41_violations"):
         print(f"prefrank: WARNING: Theorem 4.1 fails on {summary['theorem41_violations']} pairs "
@@ -176,6 +182,7 @@ def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
         print(text)
     _warn_theorem(summary.get("implied_pairs", summary))
     _warn_orientation(summary)
+    _warn_alpha(summary)
     if summary.get("alpha_source"):
         print(f"prefrank: alpha: {summary['alpha_source']}", file=sys.stderr)
     acc = summary[headline]["value"]
@@ -217,6 +224,7 @@ def run_report(args) -> int:
                            checkpoints=args.checkpoints, examples=examples)
     _warn_theorem(summary)
     _warn_orientation(summary)
+    _warn_alpha(summary)
     print(f"report -> {args.out}/report.md", file=sys.stderr)
     return 0
 

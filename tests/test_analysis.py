@@ -181,6 +181,24 @@ def test_summary_on_a_table(tmp_path):
     assert s["theorem41_violations"] == 0
 
 
+@pytest.mark.parametrize("alpha, degenerate", [([1.0, 1.0, 0.5, 1.0], True), ([1.0, 0.0, 1.0, 1.0], True),
+                                                ([1.0, 2 / 3, 1.0, 1.0], False)])
+def test_alpha_without_rater_disagreement_is_said_wherever_the_gap_is_shown(alpha, degenerate, tmp_path, capsys):
+    """One label per pair (alpha 0 or 1 on every ranked pair; ties left out): the JSON, analyze and the
+    report say that R* and the gap are trivial; one pair with a split vote makes them a measurement."""
+    pol, ref = [[-1, -2], [-3, -2], [-1, -1], [-5, -9]], [[-2, -2], [-2, -3], [-1, -3], [-5, -6]]
+    path = write_scores(tmp_path / "s.parquet", pol, ref, alpha=alpha)
+    assert main(["analyze", path, "--out", str(tmp_path / "a.json"), "--bootstrap", "50"]) == 0
+    s = json.loads((tmp_path / "a.json").read_text())
+    assert s["alpha_without_disagreement"] is degenerate
+    assert ("alpha carries no rater disagreement" in capsys.readouterr().err) is degenerate
+    assert main(["report", path, "--out", str(tmp_path / "r"), "--bootstrap", "50"]) == 0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert ("| alignment gap (raw) (trivial: see below) |" in report) is degenerate
+    assert ("idealized R* and the alignment gap are not measured here" in report) is degenerate
+    assert ("alpha carries no rater disagreement" in capsys.readouterr().err) is degenerate
+
+
 def check_idealized_against_brute_force(idealized, ref, alpha, n_boot=1000, seed=0, epsilon=1e-3):
     """`analyze`'s idealized accuracy per β (its defaults: 1000 resamples, seed 0, α clipped to
     [1e-3, 1 - 1e-3]) against Cor. 3.3 written out per pair, and its 95% CI against (a) the Binomial(n, R*)

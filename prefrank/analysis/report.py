@@ -18,7 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefrank.analysis import kwise, metrics
-from prefrank.analysis.summary import AnalysisOptions, load_pairs, pair_measures, ranked_pairs, summarize
+from prefrank.analysis.summary import (
+    NO_DISAGREEMENT,
+    AnalysisOptions,
+    load_pairs,
+    pair_measures,
+    ranked_pairs,
+    summarize,
+)
 from prefrank.errors import InputError
 
 
@@ -194,7 +201,11 @@ def _headline(s: dict) -> list[str]:
             i, gap = s["idealized"][kind], s["alignment_gap"][kind]
             lines.append(f"| idealized R* ({kind}; min / median / max over β) | "
                          f"{_pct(i['min'])} / {_pct(i['median'])} / {_pct(i['max'])} |")
-            lines.append(f"| alignment gap ({kind}) | {_pct(gap['min'])} / {_pct(gap['median'])} / {_pct(gap['max'])} |")
+            trivial = " (trivial: see below)" if s["alpha_without_disagreement"] else ""
+            lines.append(f"| alignment gap ({kind}){trivial} | {_pct(gap['min'])} / {_pct(gap['median'])} / "
+                         f"{_pct(gap['max'])} |")
+    if s.get("alpha_without_disagreement"):
+        lines.append(f"| **idealized R* and the alignment gap are not measured here** | {NO_DISAGREEMENT} |")
     if "dpo_loss_mean" in s:
         lines.append(f"| mean DPO loss (β = {s['options']['beta']:g}) | {s['dpo_loss_mean']:.4f} |")
         lines.append(f"| Theorem 4.1 violations | {s['theorem41_violations']} |")

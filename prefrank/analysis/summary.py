@@ -249,6 +249,13 @@ def pair_measures(p: Pairs, beta: float, tie_band: float | None = None) -> PairM
                         groups=groups)
 
 
+# Said wherever the idealized accuracy is shown for a table whose alpha is all 0 or 1
+NO_DISAGREEMENT = ("every ranked pair's alpha is 0 or 1 (one vote or label per pair, or unanimous raters): alpha "
+                   "carries no rater disagreement, so the idealized accuracy R* follows from the clip ε (alpha is "
+                   "clipped to [ε, 1 − ε]), not from the data, and the alignment gap is R* − R by construction, "
+                   "not a measured gap")
+
+
 def _accuracy(correct, n_boot, seed) -> dict:
     lo, hi = metrics.bootstrap_ci(correct, n_boot=n_boot, seed=seed)
     return {"value": float(np.mean(correct)) if len(correct) else None, "ci95": [lo, hi]}
@@ -307,6 +314,7 @@ def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
                  "length_normalized": metrics.idealized_sweep(ref_norm_w, ref_norm_l, p.alpha, betas, epsilon,
                                                               n_boot, bootstrap_seed, tie_band)}
     out["idealized"] = idealized
+    out["alpha_without_disagreement"] = bool(np.isin(p.alpha, (0.0, 1.0)).all())
     out["alignment_gap"] = {
         kind: {stat: idealized[kind][stat] - out[key]["value"] for stat in ("min", "median", "max")}
         for kind, key in (("raw", "ranking_accuracy"), ("length_normalized", "ranking_accuracy_length_normalized"))}
