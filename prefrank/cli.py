@@ -217,9 +217,28 @@ def _report_examples(args) -> list | None:
     return list(read_examples(args.data, columns, **read))
 
 
+def _quotable(args) -> bool:
+    """Whether the report can quote pairs from --data: it quotes the hardest and easiest by the
+    reference's difficulty, so a pair table with reference log-probs."""
+    import pyarrow.parquet as pq
+
+    from prefrank.analysis import kwise
+    try:
+        if kwise.is_kwise_table(args.table):
+            return False
+        return bool(args.ref_scores) or "ref_logp_chosen" in pq.read_schema(args.table).names
+    except (OSError, ValueError):  # not a readable table: write_report says what is wrong with it
+        return True
+
+
 def run_report(args) -> int:
     from prefrank.analysis import write_report
-    examples = _report_examples(args)
+    quotable = bool(args.data) and _quotable(args)
+    if args.data and not quotable:
+        print("prefrank: WARNING: --data is read to quote the hardest and easiest pairs by the reference's "
+              "difficulty; this table has no reference log-probs (or is K-wise), so --data is not used",
+              file=sys.stderr)
+    examples = _report_examples(args) if quotable else None
     summary = write_report(args.table, args.out, _analysis_options(args), ref_scores=args.ref_scores,
                            checkpoints=args.checkpoints, examples=examples)
     _warn_theorem(summary)

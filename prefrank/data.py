@@ -242,12 +242,44 @@ def _first_byte(path: Path) -> bytes:
         raise InputError(f"{path}: unreadable: {_one_line(e)}") from None
 
 
+def _one_document(path: Path) -> bool:
+    """Whether a .json file starting with "{" is one JSON document (an object over several lines, or
+    alone on its line) rather than JSON lines: its first non-blank line is not a whole object, or
+    it is the only one."""
+    try:
+        with _open_binary(path) as f:
+            lines = (line for line in f if line.strip())
+            first = next(lines).removeprefix(BOM)
+            try:
+                json.loads(first)
+            except (ValueError, RecursionError):
+                return True
+            return next(lines, None) is None
+    except _UNREADABLE as e:
+        raise InputError(f"{path}: unreadable: {_one_line(e)}") from None
+
+
+def _document_rows(document) -> list:
+    """The rows of one JSON document: an array's elements; pandas' to_json layouts of a table,
+    "columns" (its default: {column: {index: value}}) and "index" ({index: {column: value}}); else
+    the object itself, one row."""
+    if not isinstance(document, dict) or not document or not all(isinstance(v, dict) for v in document.values()):
+        return document if isinstance(document, list) else [document]
+    inner = [list(v) for v in document.values()]
+    if all(keys == inner[0] for keys in inner) and inner[0] and all(k.isdigit() for k in inner[0]):
+        return [{column: values[i] for column, values in document.items()} for i in inner[0]]  # "columns"
+    if all(k.isdigit() for k in document):
+        return list(document.values())  # "index"
+    return [document]
+
+
 def _json_file(path: Path) -> Iterator[dict | BadRow]:
-    if _first_byte(path) != b"[":  # JSON lines saved as .json
+    first = _first_byte(path)
+    if first != b"[" and not (first == b"{" and _one_document(path)):  # JSON lines saved as .json
         return _json_lines(path)
     try:
         with _open_binary(path) as f:
-            rows = json.loads(f.read().removeprefix(BOM).decode("utf-8"))
+            rows = _document_rows(json.loads(f.read().removeprefix(BOM).decode("utf-8")))
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:

@@ -359,6 +359,7 @@ def test_pandalm_scored_and_analyzed_end_to_end(tmp_path, capsys):
     assert main(["score", "--data", str(PANDALM), "--model", str(STORIES), "--ref-model", str(ref_dir),
                  "--prompt-cols", "instruction,input", "--chosen-col", "response1", "--rejected-col", "response2",
                  "--vote-cols", "annotator1,annotator2,annotator3", "--id-col", "idx", "--limit", "100",
+                 "--join", "\\n\\n",  # the pandalm format's join for a tokenizer without a chat template
                  "--truncate", "keep-end", "--out", str(out)]) == 0
     assert main(["analyze", str(out), "--out", str(tmp_path / "a.json")]) == 0
     s = json.loads((tmp_path / "a.json").read_text())

@@ -360,3 +360,22 @@ def test_csv_and_tsv_read_like_jsonl(tmp_path):
     (tmp_path / "dup.csv").write_text("prompt,chosen,chosen\np,a,b\n")
     with pytest.raises(InputError, match="names a column twice"):
         read_examples(str(tmp_path / "dup.csv"), Columns())
+
+
+@pytest.mark.parametrize("layout", ["columns", "index", "records", "one-object", "one-object-indented", "lines"])
+def test_a_json_file_is_read_in_any_layout_it_is_written_in(layout, tmp_path):
+    """A .json file is an array, JSON lines, one object (one row, over one line or several), or a
+    table as pandas' to_json writes it (its default "columns" layout, "index", "records"); written
+    here by pandas and json themselves, read back as the rows they hold."""
+    pd = pytest.importorskip("pandas")
+    rows = [{"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."},
+            {"prompt": "Q?", "chosen": " yes", "rejected": " no"}]
+    path = tmp_path / "d.json"
+    if layout in ("columns", "index", "records"):
+        pd.DataFrame(rows).to_json(path, orient=layout)
+    elif layout == "lines":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        rows = rows[:1]
+        path.write_text(json.dumps(rows[0], indent=2 if layout.endswith("indented") else None))
+    assert list(read_rows(str(path))) == rows

@@ -836,3 +836,32 @@ def test_text_where_messages_belong_is_a_row_error_and_a_turn_that_cuts_nothing_
                  "--out", str(tmp_path / "t.parquet")]) == 2
     assert "--turn-col 'turn' cuts conversations, but the first row's 'chosen' is no message list" in \
         capsys.readouterr().err
+
+
+@needs_shared
+def test_report_quotes_messages_as_text_marks_truncated_pairs_and_says_when_data_is_unused(tmp_path, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    data, out = write_jsonl(tmp_path / "mt.jsonl", MT_BENCH), tmp_path / "s.parquet"
+    model = str(STORIES)
+    assert main(["score", "--data", data, "--model", model, "--ref-model", model, "--chat-template", str(template),
+                 "--max-length", "60", "--truncate", "keep-end", "--out", str(out)]) == 0
+    truncated = _table(out)["truncated"]
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--data", data]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    (prompt, completions, _, _), cut = MT_EXPECTED[1], truncated[1]  # the turn-2 pair: several messages
+    quoted = " / ".join(f"{m['role']}: {m['content']}" for m in completions[0]).replace("\n", " ")
+    assert f"  - chosen: {quoted[:200]}" in text and "[{'role'" not in text
+    assert f"  - prompt: {prompt[0]['role']}: {prompt[0]['content']}" in text
+    difficulty = json.loads((tmp_path / "rep" / "summary.json").read_text())["difficulty"]
+    quoted_rows = [pair["row"] for key in ("hardest", "easiest") for pair in difficulty[key]]
+    assert cut and text.count("(truncated to fit: scored on part of the text quoted)") == \
+        sum(truncated[row] for row in quoted_rows) > 0
+    policy_only = tmp_path / "p.parquet"
+    assert main(["score", "--data", data, "--model", model, "--chat-template", str(template),
+                 "--out", str(policy_only)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(policy_only), "--out", str(tmp_path / "rep2"), "--data", data]) == 0
+    assert "--data is read to quote the hardest and easiest pairs by the reference's difficulty; this table has " \
+           "no reference log-probs (or is K-wise), so --data is not used" in capsys.readouterr().err

@@ -260,7 +260,8 @@ def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None,
         plot_displacement(m.moved, m.correct, out / "displacement.png",
                           None if pairs.ref_ches is None else pairs.ref_ches[:, 0])
         lines += _displacement_section(summary)
-        lines += _difficulty_section(summary["difficulty"], examples)
+        truncated = _truncated_rows(scores) if examples is not None else set()
+        lines += _difficulty_section(summary["difficulty"], examples, truncated)
     if kwise_summary is not None:
         summary = {**kwise_summary, "implied_pairs": summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -307,7 +308,22 @@ def _displacement_section(s: dict) -> list[str]:
     return lines + ["", "![likelihood displacement](displacement.png)", ""]
 
 
-def _difficulty_section(d: dict, examples) -> list[str]:
+def _truncated_rows(scores: str) -> set[int]:
+    """The rows of a score table that were cut to fit (--truncate keep-end): their quotes say so."""
+    if "truncated" not in pq.read_schema(scores).names:
+        return set()
+    flags = pq.read_table(scores, columns=["truncated"]).column(0).to_pylist()
+    return {row for row, cut in enumerate(flags) if cut}
+
+
+def _quote(value) -> str:
+    """A prompt or completion as one line: text, or messages as "role: content" joined by " / "."""
+    if isinstance(value, list):
+        value = " / ".join(f"{m['role']}: {m['content']}" for m in value)
+    return str(value).replace("\n", " ")
+
+
+def _difficulty_section(d: dict, examples, truncated: set[int]) -> list[str]:
     rho = lambda key: "–" if d.get(key) is None else f"{d[key]:+.3f}"  # noqa: E731
     lines = ["## Difficulty", "", f"Pairs the reference ranks wrongly (c > 0): {_pct(d['share_c_positive'])}. "
              f"Spearman correlation of c with the chosen length {rho('spearman_c_vs_n_chosen')}, the rejected "
@@ -316,12 +332,13 @@ def _difficulty_section(d: dict, examples) -> list[str]:
     for title, key in (("Hardest pairs (largest c)", "hardest"), ("Easiest pairs (smallest c)", "easiest")):
         lines += [f"### {title}", ""]
         for pair in d[key]:
-            lines.append(f"- id `{pair['id']}`, c = {pair['c']:.2f}")
+            cut = " (truncated to fit: scored on part of the text quoted)" if pair["row"] in truncated else ""
+            lines.append(f"- id `{pair['id']}`, c = {pair['c']:.2f}{cut}")
             if examples is not None:
                 ex = examples[pair["row"]]
-                for label, text in (("prompt", ex.prompt), ("chosen", ex.completions[0]),
-                                    ("rejected", ex.completions[1])):
-                    text = str(text).replace("\n", " ")
+                for label, value in (("prompt", ex.prompt), ("chosen", ex.completions[0]),
+                                     ("rejected", ex.completions[1])):
+                    text = _quote(value)
                     lines.append(f"  - {label}: {text[:200]}{'…' if len(text) > 200 else ''}")
         lines.append("")
     return lines
