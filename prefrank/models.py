@@ -73,8 +73,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _check_source(path: str, what: str):
-    """A local path must exist; anything else must look like a hub id ("org/name")."""
+    """A local path must exist and be a folder; anything else must look like a hub id ("org/name")."""
     if os.path.exists(path):
+        if not os.path.isdir(path):  # transformers would take it for a hub id and try the network
+            raise InputError(f"{what} {path} is a file: give the {what}'s folder (or a hub id)")
         return
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise InputError(f"{what} not found: {path}")
