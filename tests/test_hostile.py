@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from tiny_models import float64_logp, tiny_model
+from conftest import free_port
 
 GOOD = [{"id": f"g{i}", "prompt": f"Q: {i}+{i}=?\nA:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
         for i in range(4)]
@@ -151,6 +153,31 @@ def test_sigterm_releases_the_lock_keeps_the_parts_and_resume_finishes(model_dir
     monkeypatch.setattr(Parts, "write", real_write)
     assert score(data, model_dir, out, "--chunk-rows", "1", "--resume") == 0
     assert pq.read_table(out).equals(pq.read_table(clean))
+
+
+# ---------------------------------------------------------------- --strict under torchrun
+
+def test_strict_under_torchrun_stops_every_rank_in_one_line_and_reruns(model_dir, tmp_path):
+    """A bad row on rank 1 (chunk 1 of 2 rows): every rank exits 2, the job says it in one line (no
+    rank's traceback: rank 0 used to fail in its next collective), and nothing is left behind, so
+    the same command reruns (it used to be refused: the parts folder stayed)."""
+    rows = [dict(r, id=f"r{i}") for i, r in enumerate(GOOD * 2)]
+    rows[3], rows[7] = {"id": "bad", "prompt": "Q"}, {"id": "later", "prompt": "Q"}  # chunks 1 and 3: rank 1's
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    out = tmp_path / "s.parquet"
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "prefrank", "score", "--data", str(data), "--model",
+               str(model_dir), "--out", str(out), "--chunk-rows", "2", "--strict"]
+        result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                timeout=300)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("prefrank score")]
+        assert lines == ["prefrank score: error: row 3 (id bad): missing field 'chosen' (--strict)"], result.stderr
+        # torchrun reports its failed job in its own words (exit 1, a summary of each rank's exit code)
+        assert result.returncode == 1 and "failed (exitcode: 2)" in result.stderr, result.stderr
+        assert "[rank" not in result.stderr and "Error:" not in result.stderr.split("ChildFailedError")[0], \
+            result.stderr  # no rank's traceback
+        assert not list(tmp_path.glob("s.parquet*"))  # no table, parts folder or lock: the same command reruns
 
 
 # ---------------------------------------------------------------- messages that say what is wrong
