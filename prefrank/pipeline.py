@@ -39,7 +39,7 @@ class ScoreOptions(LoadOptions, TokenizeOptions):
                                    path=True)
     out: str = option("scores.parquet", "output Parquet file, not an input or inside one; a sidecar OUT.meta.json "
                       "records models, options, versions and the input's hash; OUT.lock keeps a second run off it "
-                      "while one writes it", group="data and models", decides_rows=False)
+                      "while one writes it", group="data and models", decides_rows=False, path=True)
     split: str = option("train", "dataset split for Hugging Face datasets", group="data and models")
     subset: str | None = option(None, "dataset configuration name for Hugging Face datasets", group="data and models")
     limit: int | None = option(None, "score only the first N rows (pairs with --group-by)", type=positive_int,

@@ -143,6 +143,11 @@ ROWS = [
     ("invalid UTF-8", json.dumps(pair(23)).encode()[:-2] + b"\xff\xfe\"}", "line {line}: invalid UTF-8"),
     ("nested 100,000 deep", b"[" * 100_000 + b"]" * 100_000, "line {line}: JSON nested too deeply"),
     ("integer of 5,000 digits", b'{"prompt": ' + b"7" * 5000 + b"}", "line {line}: invalid JSON"),
+    ("a key given twice", b'{"prompt": "A", "prompt": "B", "chosen": " 1", "rejected": " 2"}',
+     "line {line}: invalid JSON (key 'prompt' appears twice in one object)"),
+    ("a message key given twice", json.dumps({**chat(), "id": "r46"}).encode().replace(b'"role": "user"',
+                                                                                     b'"role": "user", "role": "x"'),
+     "line {line}: invalid JSON (key 'role' appears twice in one object)"),
     ("empty object", b"{}", "missing field 'chosen'"),
     ("missing rejected", json.dumps({k: v for k, v in pair(24).items() if k != "rejected"}).encode(),
      "missing field 'rejected'"),
@@ -286,6 +291,10 @@ def _file(kind: str, folder: Path):
         path = folder / "d.json"
         path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD, indent=1).encode())
         return path, ("ok", GOOD)
+    if kind == "JSON array with a key given twice":
+        path = folder / "d.json"
+        path.write_text(json.dumps(GOOD).replace('"id": "r1"', '"id": "r1", "id": "x"'))
+        return path, ("refused", "invalid JSON (key 'id' appears twice in one object)")
     if kind == "JSON array unclosed":
         path = folder / "d.json"
         path.write_text(json.dumps(GOOD)[:-1])
@@ -339,7 +348,7 @@ def _file(kind: str, folder: Path):
 
 FILES = ["empty file", "blank lines only", "null lines only", "BOM and CRLF", "gzip", "truncated gzip", "not gzip",
          "unknown extension", "device", "fifo", "symlink loop", "dangling symlink", "missing file", "empty folder",
-         "JSON array with BOM", "JSON array unclosed", "JSON array of non-objects", "pretty-printed object",
+         "JSON array with BOM", "JSON array with a key given twice", "JSON array unclosed", "JSON array of non-objects", "pretty-printed object",
          "CSV with BOM and quoted newlines", "CSV with an invalid byte", "CSV with a short record",
          "CSV header naming a column twice", "TSV", "Parquet", "Parquet without its footer",
          "Parquet with a numeric column"]
@@ -408,6 +417,12 @@ OPTIONS = {  # kind: (extra arguments, or a function of the folder giving them; 
     "out is a folder": (lambda f: ["--out", _folder(f / "outdir")], "is a directory"),
     "out in a missing folder": (lambda f: ["--out", f / "no" / "s.parquet"], "does not exist"),
     "out is the data": (lambda f: ["--out", f / "d.jsonl"], "is, is inside or contains the input --data"),
+    "empty data (an unset variable)": (["--data", ""], "argument --data: is empty"),
+    "empty model": (["--model", ""], "argument --model: is empty"),
+    "empty out": (["--out", ""], "argument --out: is empty"),
+    "empty tokenizer": (["--tokenizer", ""], "argument --tokenizer: is empty"),
+    "split of a file": (["--split", "test"], "--split test: "),
+    "subset of a file": (["--subset", "en"], "--subset en: "),
     "strict with a bad row": (lambda f: ["--strict", "--data", _write_jsonl(f / "bad.jsonl", [GOOD[0], {"x": 1}])],
                               "missing field 'chosen' (--strict)"),
 }
