@@ -96,6 +96,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
         except UnicodeDecodeError as e:
             raise InputError(f"chat template {chat_template}: not UTF-8 text (invalid byte at offset {e.start})") \
                 from None
+        if not template.strip():  # else taken for no template at all, and every conversational row said to lack one
+            raise InputError(f"chat template {chat_template} is empty")
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         try:  # parsed in the sandbox transformers renders in: a syntax error is the invocation's, not every row's

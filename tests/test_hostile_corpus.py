@@ -410,6 +410,7 @@ OPTIONS = {  # kind: (extra arguments, or a function of the folder giving them; 
     "K-wise column on pairs": (["--completions-col", "answers"], "unknown column(s) 'answers'"),
     "chat template missing": (lambda f: ["--chat-template", f / "none.jinja"], "cannot read chat template"),
     "chat template syntax error": (lambda f: ["--chat-template", _text(f / "t.jinja", "{% for %}")], "t.jinja, line 1"),
+    "chat template empty": (lambda f: ["--chat-template", _text(f / "t.jinja", " \n")], "t.jinja is empty"),
     "chat template not UTF-8": (lambda f: ["--chat-template", _bytes(f / "t.jinja", b"\xff{{ x }}")], "not UTF-8"),
     "tokenizer folder without a tokenizer": (lambda f: ["--tokenizer", _folder(f / "tok")], "no tokenizer file"),
     "tokenizer that is a file": (lambda f: ["--tokenizer", _text(f / "tok.json", "{}")], "is a file"),
@@ -453,6 +454,28 @@ def test_hostile_options_are_refused_in_one_line(model_dir, tmp_path, capsys, ki
     code, err = cli(score_args(data, model_dir, out, *extra), capsys)
     assert code == 2 and needle in refusal(err), err
     assert not list(tmp_path.glob("s.parquet*")) and not list(tmp_path.glob("*.lock"))
+
+
+LEFTOVERS = {  # kind: (what lies beside --out before the run, the refusal's text)
+    "parts folder that is a file": ("s.parquet.parts", "file", "s.parquet.parts is a file"),
+    "sidecar that is a folder": ("s.parquet.meta.json", "folder", "s.parquet.meta.json is a folder"),
+    "lock that is a folder": ("s.parquet.lock", "folder", "names no owner"),
+    "empty lock": ("s.parquet.lock", "file", "names no owner"),
+    "parts of another run": ("s.parquet.parts", "folder", "pass --resume"),
+}
+
+
+@pytest.mark.parametrize("kind", list(LEFTOVERS))
+def test_hostile_leftovers_beside_the_output_are_refused_before_scoring(model_dir, tmp_path, capsys, kind):
+    """Refused in one line before any row is scored (a sidecar path that was a folder used to fail after the
+    scoring, saying to free space and resume), and left as they were."""
+    name, what, needle = LEFTOVERS[kind]
+    (tmp_path / name).mkdir() if what == "folder" else (tmp_path / name).write_text("")
+    out = tmp_path / "s.parquet"
+    code, err = cli(score_args(_write_jsonl(tmp_path / "d.jsonl", GOOD), model_dir, out), capsys)
+    assert code == 2 and needle in refusal(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.jsonl", name])
+    assert (tmp_path / name).is_dir() == (what == "folder")
 
 
 def test_model_options_refused_in_one_line(model_dir, tmp_path, capsys):
@@ -526,7 +549,8 @@ def interrupt_at(monkeypatch):
 
 
 @pytest.mark.parametrize("fault", ["Ctrl-C", "SIGTERM", "damaged part", "parts without --resume", "stale lock",
-                                   "live lock", "read-only output", "weights replaced, mtime kept"])
+                                   "live lock", "read-only output", "weights replaced, mtime kept",
+                                   "data edited, mtime kept"])
 def test_faults_stop_cleanly_and_resume_to_the_clean_table(model_dir, clean_good, tmp_path, capsys, interrupt_at,
                                                            fault):
     model = tmp_path / "model"
@@ -535,7 +559,8 @@ def test_faults_stop_cleanly_and_resume_to_the_clean_table(model_dir, clean_good
     out = tmp_path / "s.parquet"
     args = score_args(data, model, out, "--chunk-rows", 1)
     lock = Path(f"{out}.lock")
-    if fault in ("Ctrl-C", "SIGTERM", "damaged part", "parts without --resume", "weights replaced, mtime kept"):
+    if fault in ("Ctrl-C", "SIGTERM", "damaged part", "parts without --resume", "weights replaced, mtime kept",
+                 "data edited, mtime kept"):
         interrupt_at(2, "SIGTERM" if fault == "SIGTERM" else KeyboardInterrupt)
         code, err = cli(args, capsys, codes=(130, 143))
         assert code == (143 if fault == "SIGTERM" else 130) and "--resume" in err and not lock.exists()
@@ -554,6 +579,14 @@ def test_faults_stop_cleanly_and_resume_to_the_clean_table(model_dir, clean_good
             os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
             code, err = cli([*args, "--resume"], capsys)
             assert code == 2 and "model.safetensors of --model" in refusal(err)
+            return
+        if fault == "data edited, mtime kept":  # the same size too: one answer changed
+            before = data.stat()
+            data.write_text(data.read_text().replace('"chosen": " 4"', '"chosen": " 9"', 1))
+            assert data.stat().st_size == before.st_size
+            os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+            code, err = cli([*args, "--resume"], capsys)
+            assert code == 2 and "contents of --data" in refusal(err)
             return
         code, err = cli([*args, "--resume"], capsys)
     elif fault in ("stale lock", "live lock"):
