@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,6 +51,15 @@ def cli(args, capsys, codes=(0, 2)) -> tuple[int, str]:
     err = capsys.readouterr().err
     assert "Traceback" not in err and code in codes, (code, err)
     return code, err
+
+
+def cli_process(args) -> tuple[int, str]:
+    """The same through the real entry point, in its own process (`python -m prefrank`): what cli()
+    checks in-process, there for the exit code and stderr a shell sees."""
+    proc = subprocess.run([sys.executable, "-m", "prefrank", *map(str, args)], capture_output=True, text=True,
+                          timeout=SECONDS, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in proc.stderr and proc.returncode in (0, 2), (proc.returncode, proc.stderr)
+    return proc.returncode, proc.stderr
 
 
 def refusal(err: str) -> str:
@@ -205,7 +216,8 @@ def test_hostile_rows_are_error_rows_in_place_and_good_rows_score_as_alone(model
     data = tmp_path / "hostile.jsonl"
     data.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "hostile.parquet"
-    cli(score_args(data, model_dir, out, "--chunk-rows", 7), capsys)
+    code, err = cli_process(score_args(data, model_dir, out, "--chunk-rows", 7))
+    assert code == 0 and f"{sum(isinstance(w, str) for w in expected)} errors" in err, err
     table = rows_of(out)
     assert len(table) == len(expected)  # every non-blank line is a row, in order
     good = [want for want in expected if isinstance(want, dict)]
@@ -476,6 +488,13 @@ def test_hostile_leftovers_beside_the_output_are_refused_before_scoring(model_di
     assert code == 2 and needle in refusal(err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.jsonl", name])
     assert (tmp_path / name).is_dir() == (what == "folder")
+
+
+@pytest.mark.parametrize("args", [["score", "--data", ""], ["analyze", "absent.parquet"]])  # argparse; InputError
+def test_refusals_through_the_real_entry_point(args):
+    """Exit 2 and one line from `python -m prefrank` itself (the in-process cli() reads argparse's exit)."""
+    code, err = cli_process(args)
+    assert code == 2 and refusal(err), err
 
 
 def test_model_options_refused_in_one_line(model_dir, tmp_path, capsys):
