@@ -237,6 +237,53 @@ def test_hostile_rows_are_error_rows_in_place_and_good_rows_score_as_alone(model
                 assert got["id"] == str(index)  # an id that is no Unicode text: the row's index
 
 
+def kwise(i, **fields):
+    return {"id": f"k{i}", "prompt": f"Q: {i}+1=?\nA:", "completions": [f" {i + 1}", f" {i}", f" {i + 2}"],
+            "scores": [3, 1, 2], **fields}
+
+
+K_ROWS = [  # (kind, row, a good row (None) or the error's text)
+    ("plain", kwise(0), None),
+    ("two completions", kwise(1, completions=[" 2", " 3"], scores=[1, 0]), None),
+    ("tied scores", kwise(2, scores=[1, 1, 1]), None),
+    ("float scores", kwise(3, scores=[0.5, -1e30, 2.25]), None),
+    ("completions a string", kwise(4, completions=" 5"), "field 'completions' must be a list of at least 2"),
+    ("one completion", kwise(5, completions=[" 6"], scores=[1]), "field 'completions' must be a list of at least 2"),
+    ("a completion a number", kwise(6, completions=[" 7", 8, " 9"]), "field 'completions[1]' must be a string"),
+    ("a completion null", kwise(7, completions=[" 7", None, " 9"]), "completions[1]"),
+    ("an empty completion", kwise(8, completions=[" 7", "", " 9"]), "empty or whitespace-only completion"),
+    ("fewer scores", kwise(9, scores=[1, 2]), "'scores' must be a list of 3 finite numbers"),
+    ("a score text", kwise(10, scores=[1, "a", 2]), "'scores' must be a list of 3 finite numbers"),
+    ("a score NaN", kwise(11, scores=[1, float("nan"), 2]), "'scores' must be a list of 3 finite numbers"),
+    ("a score infinite", kwise(12, scores=[1, float("inf"), 2]), "'scores' must be a list of 3 finite numbers"),
+    ("scores null", kwise(13, scores=None), "'scores'"),
+    ("no prompt: the implicit format", {k: v for k, v in kwise(14).items() if k != "prompt"}, None),
+    ("prompt null", kwise(15, prompt=None), "field 'prompt' is null"),
+]
+
+
+def test_hostile_kwise_rows(model_dir, tmp_path, capsys):
+    """K completions per prompt (--completions-col): bad rows are errors in place, good rows equal a clean run."""
+    args = ["--completions-col", "completions", "--scores-col", "scores"]
+    data = tmp_path / "k.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for _, row, _ in K_ROWS))  # NaN, Infinity: Python's JSON
+    out = tmp_path / "k.parquet"
+    cli(score_args(data, model_dir, out, *args, "--chunk-rows", 4), capsys)
+    clean = tmp_path / "clean.parquet"
+    cli(score_args(_write_jsonl(tmp_path / "c.jsonl", [row for _, row, want in K_ROWS if want is None]), model_dir,
+                   clean, *args), capsys)
+    table, clean_rows = rows_of(out), iter(rows_of(clean))
+    assert [r["id"] for r in table] == [row["id"] for _, row, _ in K_ROWS]
+    for (kind, row, want), got in zip(K_ROWS, table):
+        if want is None:
+            c = next(clean_rows)
+            assert got["status"] == "ok" and got["n_tokens"] == c["n_tokens"], (kind, got)
+            assert got["human_scores"] == c["human_scores"] == [float(x) for x in row["scores"]], (kind, got)
+            assert got["logps"] == pytest.approx(c["logps"], rel=1e-6, abs=1e-6), (kind, got, c)
+        else:
+            assert got["status"] == "error" and want in got["error"] and got["logps"] is None, (kind, got)
+
+
 # ---------------------------------------------------------------- files
 
 def _write_jsonl(path: Path, rows) -> Path:
