@@ -284,6 +284,48 @@ def test_hostile_kwise_rows(model_dir, tmp_path, capsys):
             assert got["status"] == "error" and want in got["error"] and got["logps"] is None, (kind, got)
 
 
+VOTE_PROMPT = "Q: 1+1=?\nA:"
+
+
+def vote(pid, v, x=" 2", y=" 3", prompt=VOTE_PROMPT):
+    return {"pid": pid, "prompt": prompt, "x": x, "y": y, "v": v}
+
+
+GROUPS = [  # (kind, its rows, the error's text or None: a good pair)
+    ("two votes, one with the candidates swapped", [vote("a", 1), vote("a", 1, " 3", " 2")], None),
+    ("a bad vote", [vote("b", "x"), vote("b", 2)], "'v': 'x' is not a vote"),
+    ("prompts that disagree", [vote("c", 1), vote("c", 1, prompt="other")], "their prompts differ"),
+    ("a null key", [vote(None, 1)], "field 'pid' is null"),
+    ("a list as the key", [vote(["l"], 2)], None),
+    ("a lone surrogate as the key", [vote("\ud800", 1)], None),
+    ("no key", [{k: v for k, v in vote("d", 1).items() if k != "pid"}], "missing field 'pid'"),
+]
+
+
+def test_hostile_vote_groups(model_dir, tmp_path, capsys):
+    """--group-by: one output row per pair, in the order of its first row; a pair with a bad row is an error
+    naming it, a good pair equals a clean run of the good pairs alone."""
+    args = ["--group-by", "pid", "--vote-cols", "v", "--chosen-col", "x", "--rejected-col", "y"]
+    out, clean = tmp_path / "g.parquet", tmp_path / "clean.parquet"
+    cli(score_args(_write_jsonl(tmp_path / "g.jsonl", [r for _, rows, _ in GROUPS for r in rows]), model_dir, out,
+                   *args, "--chunk-rows", 3), capsys)
+    cli(score_args(_write_jsonl(tmp_path / "c.jsonl", [r for _, rows, want in GROUPS if want is None for r in rows]),
+                   model_dir, clean, *args), capsys)
+    table, clean_rows = rows_of(out), iter(rows_of(clean))
+    firsts = [sum(len(rows) for _, rows, _ in GROUPS[:k]) for k in range(len(GROUPS))]
+    assert [r["id"] for r in table] == [str(i) for i in firsts]  # no id column: each pair's first row
+    for (kind, rows, want), got in zip(GROUPS, table):
+        if want is None:
+            c = next(clean_rows)
+            assert {k: got[k] for k in ("status", "n_votes", "alpha", "reoriented", "n_chosen")} == \
+                {k: c[k] for k in ("status", "n_votes", "alpha", "reoriented", "n_chosen")}, (kind, got, c)
+            assert got["status"] == "ok" and got["n_votes"] == len(rows), (kind, got)
+            assert (got["logp_chosen"], got["logp_rejected"]) == pytest.approx((c["logp_chosen"], c["logp_rejected"]),
+                                                                               rel=1e-6, abs=1e-6)
+        else:
+            assert got["status"] == "error" and want in got["error"], (kind, got)
+
+
 # ---------------------------------------------------------------- files
 
 def _write_jsonl(path: Path, rows) -> Path:
