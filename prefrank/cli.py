@@ -7,7 +7,7 @@ import threading
 
 from prefrank import options
 from prefrank.data import DETECTION_KEEPS, Columns
-from prefrank.errors import InputError
+from prefrank.errors import InputError, Stopped
 from prefrank.options import positive_int
 
 SCORE_HELP = """\
@@ -442,6 +442,8 @@ def main(argv=None) -> int:
     caught = _catch_sigterm()
     try:
         return args.func(args)
+    except Stopped:  # another rank's error, which rank 0 reports for the torchrun job
+        return 2
     except InputError as e:  # the user's mistake: one line, the options named by their flags
         print(f"prefrank {args.command}: error: {e.text(option_flags())}", file=sys.stderr)
         return 2

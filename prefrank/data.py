@@ -197,6 +197,17 @@ def _json_kind(value) -> str:
     return type(value).__name__
 
 
+def _json_object(pairs: list[tuple]) -> dict:
+    """A parsed JSON object whose keys are all different: json keeps the last of a key given twice,
+    silently losing the other value."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return obj
+
+
 def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
     """One JSON line (None if blank); a line that cannot be decoded or parsed, or that holds a value
     other than an object (null, a number, an array ...), is a BadRow: every non-blank line is a row."""
@@ -207,12 +218,12 @@ def _json_line(raw: bytes, line_no: int) -> dict | BadRow | None:
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as e:
         return BadRow(f"line {line_no}: invalid JSON ({e.msg} at column {e.colno})")
     except RecursionError:
         return BadRow(f"line {line_no}: JSON nested too deeply")
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
+    except ValueError as e:  # a key given twice, an integer of more digits than Python converts
         return BadRow(f"line {line_no}: invalid JSON ({e})")
     return value if isinstance(value, dict) else BadRow(f"line {line_no}: a JSON {_json_kind(value)}, not an object")
 
@@ -279,7 +290,8 @@ def _json_file(path: Path) -> Iterator[dict | BadRow]:
         return _json_lines(path)
     try:
         with _open_binary(path) as f:
-            rows = _document_rows(json.loads(f.read().removeprefix(BOM).decode("utf-8")))
+            text = f.read().removeprefix(BOM).decode("utf-8")
+        rows = _document_rows(json.loads(text, object_pairs_hook=_json_object))
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
@@ -398,6 +410,11 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
     path = Path(source)
     name = path.name.lower()
     if path.is_file():
+        chosen = [f"<{option}> {value}" for option, value in (("split", split), ("subset", subset))
+                  if value not in ("train", None)]
+        if chosen:  # it would be ignored: the file's rows are scored whatever split was asked for
+            raise InputError(f"{' and '.join(chosen)}: {source} is a file, with no splits or configurations "
+                             f"(those of a Hugging Face dataset)")
         if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
             return _json_lines(path)
         if name.endswith((".json", ".json.gz")):

@@ -4,6 +4,8 @@
               cannot work, an unreadable table): the command line prints it as one line and exits 2
   WriteError  writing the output failed (a full disk, say): one line too; what is written so far
               stays, and --resume continues from it
+  Stopped     a torchrun rank stopped by an InputError that rank 0 reports for the job: the rank
+              exits 2 without repeating it, so the job says it in one line
   RowError    why one input row cannot be scored: it becomes that row's `error` in the table,
               never an exception out of the run
 Anything else is a bug or a failure of the environment, and the command line shows its traceback.
@@ -37,6 +39,10 @@ class InputError(ValueError):
 
 class WriteError(InputError):
     """Writing the output failed: reported in one line; the parts written so far stay for --resume."""
+
+
+class Stopped(InputError):
+    """This torchrun rank stops because of an InputError that rank 0 reports: exit 2, no line of its own."""
 
 
 class RowError(ValueError):

@@ -359,6 +359,11 @@ def check_output(out: str, inputs: dict[str, str | None]):
                 raise InputError(f"<out> {out}: {path} is, is inside or contains the input {option} {source}: "
                                  f"write the table elsewhere")
     check_writable(out)
+    # what else the run writes beside it: checked now, not found out after the scoring
+    for path, folder, what in ((Parts(str(out)).dir, True, "its parts folder"), (sidecar_path(out), False, "its sidecar")):
+        if path.exists() and path.is_dir() != folder:
+            raise InputError(f"<out> {out}: {path} is a {'file' if folder else 'folder'}, where the run writes "
+                             f"{what}: move it away or choose another <out>")
 
 
 def check_writable(path, option: str = "<out>"):

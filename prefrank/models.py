@@ -73,8 +73,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _check_source(path: str, what: str):
-    """A local path must exist; anything else must look like a hub id ("org/name")."""
+    """A local path must exist and be a folder; anything else must look like a hub id ("org/name")."""
     if os.path.exists(path):
+        if not os.path.isdir(path):  # transformers would take it for a hub id and try the network
+            raise InputError(f"{what} {path} is a file: give the {what}'s folder (or a hub id)")
         return
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise InputError(f"{what} not found: {path}")
@@ -94,6 +96,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
         except UnicodeDecodeError as e:
             raise InputError(f"chat template {chat_template}: not UTF-8 text (invalid byte at offset {e.start})") \
                 from None
+        if not template.strip():  # else taken for no template at all, and every conversational row said to lack one
+            raise InputError(f"chat template {chat_template} is empty")
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         try:  # parsed in the sandbox transformers renders in: a syntax error is the invocation's, not every row's

@@ -46,6 +46,8 @@ def _check_values(obj):
             continue
         if meta.get("choices") and value not in meta["choices"]:
             raise InputError(f"<{f.name}> {value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("path") and value == "":
+            raise InputError(f"<{f.name}> is empty: give a path (an unset shell variable?)")
         positive = meta.get("type") in (positive_int, positive_float)
         if positive and isinstance(value, (int, float)) and not value > 0:
             raise InputError(f"<{f.name}> must be positive, got {value}")
@@ -56,7 +58,7 @@ def option(default=MISSING, help: str = "", *, flag: str | None = None, type=Non
            default_text: str | None = None, metavar: str | None = None, default_factory=MISSING):
     """One option. `flag`: its command-line flag (default: --field-name); `type`: the parser of its
     text; `group`: its group in --help; `decides_rows`: changing it changes the rows (resume
-    refuses a run with another value); `path`: a local file or folder (compared resolved);
+    refuses a run with another value); `path`: a local file or folder (compared resolved; never empty);
     `cli`: on the command line at all; `default_text`: the default as --help states it."""
     metadata = dict(help=help, flag=flag, type=type, choices=choices, group=group, decides_rows=decides_rows,
                     path=path, cli=cli, default_text=default_text, metavar=metavar)
@@ -108,7 +110,8 @@ def add_options(parser, cls, *, skip=(), groups: dict | None = None, required: b
         if default is False:
             kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=meta.get("type") or (type(default) if default not in (MISSING, None) else str),
+            kwargs.update(type=meta.get("type") or (path_text if meta.get("path") else
+                                                    type(default) if default not in (MISSING, None) else str),
                           metavar=meta.get("metavar") or flag_of(f)[2:].upper().replace("-", "_"))
             if meta.get("choices"):
                 kwargs["choices"] = list(meta["choices"])
@@ -171,6 +174,14 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def path_text(text: str) -> str:
+    """A path (or hub id) option's text: an empty one (an unset shell variable) names nothing, where it
+    would else mean the built-in task, or the current folder."""
+    if text == "":
+        raise argparse.ArgumentTypeError("is empty: give a path (an unset shell variable?)")
+    return text
 
 
 def name_list(text: str) -> list[str]:

@@ -30,7 +30,16 @@ from prefrank.io import (
 )
 from prefrank.models import DTYPES, CausalLM, HeadError, LoadOptions, fingerprint, resolve_dtype
 from prefrank.options import option, options, positive_int, row_options
-from prefrank.runtime import Layout, barrier, layout, load_lm, load_run_tokenizer, on_rank_0, process_device
+from prefrank.runtime import (
+    Layout,
+    barrier,
+    layout,
+    load_lm,
+    load_run_tokenizer,
+    on_rank_0,
+    process_device,
+    stop_together,
+)
 from prefrank.runtime import max_length as run_max_length
 from prefrank.scoring import METHODS, first_completion, resolve_method, score
 from prefrank.tokenization import TokenizeOptions, effective_join, tokenize_examples
@@ -46,7 +55,7 @@ class ScoreOptions(LoadOptions, TokenizeOptions):
                                    path=True)
     out: str = option("scores.parquet", "output Parquet file, not an input or inside one; a sidecar OUT.meta.json "
                       "records models, options, versions and the input's hash; OUT.lock keeps a second run off it "
-                      "while one writes it", group="data and models", decides_rows=False)
+                      "while one writes it", group="data and models", decides_rows=False, path=True)
     split: str = option("train", "dataset split for Hugging Face datasets", group="data and models")
     subset: str | None = option(None, "dataset configuration name for Hugging Face datasets", group="data and models")
     limit: int | None = option(None, "score only the first N rows (pairs with --group-by)", type=positive_int,
@@ -245,12 +254,13 @@ def score_dataset(opts: ScoreOptions, *, progress: bool = True) -> Summary | Non
 
     on_rank_0(guard_output, rank, world, device)
     try:
-        return _score(opts, where, device, progress)
+        return _score(opts, where, device, progress, lock)
     finally:
         lock.release()
 
 
-def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bool) -> Summary | None:
+def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bool,
+           lock: OutputLock) -> Summary | None:
     rank, world = where.rank, where.world
     mapping, examples = open_examples(opts.data, opts.columns, split=opts.split, subset=opts.subset,
                                       limit=opts.limit)
@@ -281,13 +291,32 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     bar = _progress(min(total) if total else None) if progress and rank == 0 else None
     start = time.perf_counter()
     n_chunks = tokens = 0
+    # --strict under torchrun: the ranks meet after each round of `groups` chunks, so a bad row on one
+    # stops them all there, and in one line, rather than the others failing in their next collective
+    lockstep = opts.strict and world > 1
+
+    def stopped():  # what a stopped job leaves: nothing, so the same command reruns
+        if created:
+            parts.discard()
+        lock.release()
     try:
         while chunk := list(islice(examples, opts.chunk_rows)):
             c, n_chunks = n_chunks, n_chunks + 1
-            if c % where.groups != where.group or (opts.resume and parts.is_complete(c, [ex.id for ex in chunk])):
-                continue
+            mine = c % where.groups == where.group and not (
+                opts.resume and parts.is_complete(c, [ex.id for ex in chunk]))
             chunk_start = time.perf_counter()
-            tokenized, errors = _tokenize_chunk(chunk, tokenizer, opts, max_length)
+            bad = None
+            if mine:
+                try:
+                    tokenized, errors = _tokenize_chunk(chunk, tokenizer, opts, max_length)
+                except InputError as e:  # a bad row under --strict
+                    bad = e
+            if lockstep and (bad is not None or c % where.groups == where.groups - 1):
+                stop_together(bad, c, world, device, stopped)
+            elif bad is not None:
+                raise bad
+            if not mine:
+                continue
             items = list(tokenized.values())
             policy, ref = (lm and score(lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
                                         per_token=opts.per_token, hidden=opts.ches or opts.hidden_sums)
@@ -315,7 +344,10 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
             bar.close()
     if where.leader:
         parts.mark_done(rank, n_chunks)
-    barrier(world)
+    if lockstep:  # the last round's end
+        stop_together(None, n_chunks, world, device, stopped)
+    else:
+        barrier(world)
     if rank != 0:
         return None
     read_as = parts.read_json("sidecar.json")["read_as"]  # before merge() moves the sidecar

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-from prefrank.errors import InputError
+from prefrank.errors import InputError, Stopped
 from prefrank.models import CausalLM, LoadOptions, load_model, load_tokenizer, resolve_device
 
 
@@ -78,7 +78,7 @@ def barrier(world: int):
 
 def on_rank_0(step, rank: int, world: int, device: torch.device):
     """Run `step` on rank 0 only; an InputError it raises then stops every rank (none waits for a
-    rank 0 that has stopped). Doubles as a barrier."""
+    rank 0 that has stopped), rank 0 saying it. Doubles as a barrier."""
     error = None
     if rank == 0:
         try:
@@ -90,9 +90,33 @@ def on_rank_0(step, rank: int, world: int, device: torch.device):
         message = [None if error is None else str(error)]
         dist.broadcast_object_list(message, src=0, device=device if device.type == "cuda" else None)
         if rank != 0 and message[0] is not None:
-            raise InputError(f"rank 0 stopped: {message[0]}")
+            raise Stopped(f"rank 0 stopped: {message[0]}")
     if error is not None:
         raise error
+
+
+def stop_together(error: InputError | None, order: int, world: int, device: torch.device, cleanup):
+    """The end of a round of work on every rank of a torchrun job, where an InputError met by any
+    rank (`error`, at position `order` in the input) stops them all: rank 0 runs `cleanup`, every
+    rank waits for it (torchrun ends the others as soon as one rank exits), then rank 0 raises the
+    error met first in the input and the others raise Stopped, so the job says it in one line. A
+    collective: every rank calls it once per round, a rank that met an error at once."""
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    none = torch.iinfo(torch.int64).max
+    first = torch.tensor([none if error is None else order * world + rank],
+                         device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if int(first) == none:
+        return
+    message = [error]
+    dist.broadcast_object_list(message, src=int(first) % world, device=device if device.type == "cuda" else None)
+    if rank == 0:
+        cleanup()
+    dist.all_reduce(first)  # a barrier on the device the job's collectives use
+    if rank == 0:
+        raise message[0]
+    raise Stopped(str(message[0]))
 
 
 def process_device(spec: str, world: int) -> torch.device:

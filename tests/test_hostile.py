@@ -2,11 +2,14 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_port
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from tiny_models import float64_logp, tiny_model
@@ -150,6 +153,42 @@ def test_sigterm_releases_the_lock_keeps_the_parts_and_resume_finishes(model_dir
     monkeypatch.setattr(Parts, "write", real_write)
     assert score(data, model_dir, out, "--chunk-rows", "1", "--resume") == 0
     assert pq.read_table(out).equals(pq.read_table(clean))
+
+
+# ---------------------------------------------------------------- --strict under torchrun
+
+def test_strict_under_torchrun_stops_every_rank_in_one_line_and_reruns(model_dir, tmp_path, capsys):
+    """A bad row on rank 1 (chunk 1 of 2 rows): every rank exits 2, the job says it in one line (no
+    rank's traceback: rank 0 used to fail in its next collective), and nothing is left behind, so
+    the same command reruns (it used to be refused: the parts folder stayed); once the rows are
+    fixed, it scores them as one process does."""
+    rows = [dict(r, id=f"r{i}") for i, r in enumerate(GOOD * 2)]
+    bad = {3: {"id": "bad", "prompt": "Q"}, 7: {"id": "later", "prompt": "Q"}}  # chunks 1 and 3: rank 1's
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(bad.get(i, r)) for i, r in enumerate(rows)])
+    out = tmp_path / "s.parquet"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", "PORT", "-m", "prefrank", "score", "--data", str(data), "--model", str(model_dir),
+           "--out", str(out), "--chunk-rows", "2", "--strict"]
+
+    def torchrun():
+        return subprocess.run([str(free_port()) if a == "PORT" else a for a in cmd], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = torchrun()
+    lines = [line for line in result.stderr.splitlines() if line.startswith("prefrank score")]
+    assert lines == ["prefrank score: error: row 3 (id bad): missing field 'chosen' (--strict)"], result.stderr
+    # torchrun reports its failed job in its own words (exit 1, a summary of each rank's exit code)
+    assert result.returncode == 1 and "failed (exitcode: 2)" in result.stderr, result.stderr
+    assert "[rank" not in result.stderr and "Error:" not in result.stderr.split("ChildFailedError")[0], \
+        result.stderr  # no rank's traceback
+    assert not list(tmp_path.glob("s.parquet*"))  # no table, parts folder or lock
+    write_lines(data, [json.dumps(r) for r in rows])
+    result = torchrun()  # the same command: a parts folder left behind would make it refuse
+    assert result.returncode == 0, result.stderr
+    assert score(data, model_dir, tmp_path / "one.parquet", "--strict") == 0
+    got, one = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "one.parquet").to_pylist()
+    assert [(r["id"], r["status"], r["n_chosen"]) for r in got] == [(r["id"], r["status"], r["n_chosen"]) for r in one]
+    for g, o in zip(got, one):  # the last bits may differ: other batches (README, torchrun)
+        assert g["logp_chosen"] == pytest.approx(o["logp_chosen"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- messages that say what is wrong

@@ -46,7 +46,7 @@ class TrainOptions(LoadOptions, TokenizeOptions):
     `decides_rows` marks what the cached reference log-probs depend on."""
     model: str = option(help="initial policy: local folder or hub id", group="data and models", path=True)
     data: str = option(help="training pairs (any format `score` reads)", group="data and models", path=True)
-    out: str = option(help="output folder", group="data and models", decides_rows=False)
+    out: str = option(help="output folder", group="data and models", decides_rows=False, path=True)
     val_data: str | None = option(None, "validation pairs", group="data and models", path=True,
                                   default_text="--val-fraction of --data")
     val_fraction: float = option(0.1, "share of --data held out for validation when there is no --val-data",
