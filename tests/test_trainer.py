@@ -41,7 +41,7 @@ def test_shared_prompt_step_equals_unshared(arch, rtol):
         items.append(Tokenized(torch.randint(0, VOCAB, (n_prompt,), generator=g).tolist(),
                                [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (n_c, n_r)]))
     ref_c, ref_r = torch.randn(3, generator=g, dtype=torch.float64) - 10, torch.randn(3, generator=g, dtype=torch.float64) - 10
-    opts = TrainOptions(model="", data="", out="", beta=0.3)
+    opts = TrainOptions(model="unused", data="unused", out="unused", beta=0.3)
     loss, _ = dpo_step_loss(CausalLM(model), items, ref_c, ref_r, opts)
     loss.backward()
     shared = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -265,7 +265,7 @@ def test_evaluation_reports_the_loss_the_run_trains_with(loss_type):
     items = [Tokenized(torch.randint(0, VOCAB, (5,), generator=g).tolist(),
                        [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 4)]) for _ in range(6)]
     ref = torch.randn(6, 2, generator=g, dtype=torch.float64) - 12
-    opts = TrainOptions(model="", data="", out="", beta=0.3, loss_type=loss_type)
+    opts = TrainOptions(model="unused", data="unused", out="unused", beta=0.3, loss_type=loss_type)
     got = evaluate(lm, items, ref, opts)["dpo_loss"]
     pol = score(lm, items).logps.view(-1, 2).double()
     n = torch.tensor([[3.0, 4.0]] * 6, dtype=torch.float64)
@@ -285,5 +285,5 @@ def test_tied_pairs_are_left_out_of_training(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     logged = []
-    items = _load_items(str(path), build_tokenizer(), TrainOptions(model="", data="", out=""), None, logged.append)
+    items = _load_items(str(path), build_tokenizer(), TrainOptions(model="unused", data="unused", out="unused"), None, logged.append)
     assert len(items) == 2 and any("2 pairs" in m and "tied" in m for m in logged)
