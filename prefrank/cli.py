@@ -151,10 +151,15 @@ def _analyze_kwise(args) -> dict:
 
 def run_analyze(args) -> int:
     from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
-    from prefrank.io import check_writable
+    from prefrank.io import check_apart, check_writable
+    inputs = {"scores": args.table, "--ref-scores": args.ref_scores,
+              **{f"--checkpoints {p}": p for p in args.checkpoints or []}}
     for path, flag in ((args.out, "--out"), (args.pairs_out, "--pairs-out")):
-        if path is not None:  # before the analysis runs
+        if path is not None:  # before the analysis runs: the summary must not overwrite a table it reads
+            check_apart(path, inputs, f"{flag} {path}")
             check_writable(path, flag)
+    if args.out and args.pairs_out and os.path.realpath(args.out) == os.path.realpath(args.pairs_out):
+        raise InputError(f"--out and --pairs-out both name {args.out}: the summary would replace the pair table")
     if kwise.is_kwise_table(args.table):
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
     opts = _analysis_options(args)

@@ -347,23 +347,28 @@ def check_output(out: str, inputs: dict[str, str | None]):
     """Refuse, before anything is loaded or written, an output that cannot be written, or that is,
     or is inside, or contains one of the run's local inputs (`inputs`: option → path or hub id)."""
     out = Path(out)
-    written = [out, Parts(str(out)).dir, sidecar_path(out), OutputLock(str(out)).path]
-    for option, source in inputs.items():
-        if source is None or not os.path.exists(source):
-            continue
-        read = Path(source).resolve()
-        for path in written:
-            target = path.resolve()
-            if (target == read or read in target.parents or target in read.parents
-                    or (path.exists() and os.path.samefile(path, read))):
-                raise InputError(f"<out> {out}: {path} is, is inside or contains the input {option} {source}: "
-                                 f"write the table elsewhere")
+    for path in [out, Parts(str(out)).dir, sidecar_path(out), OutputLock(str(out)).path]:
+        check_apart(path, inputs, f"<out> {out}: {path}")
     check_writable(out)
     # what else the run writes beside it: checked now, not found out after the scoring
     for path, folder, what in ((Parts(str(out)).dir, True, "its parts folder"), (sidecar_path(out), False, "its sidecar")):
         if path.exists() and path.is_dir() != folder:
             raise InputError(f"<out> {out}: {path} is a {'file' if folder else 'folder'}, where the run writes "
                              f"{what}: move it away or choose another <out>")
+
+
+def check_apart(path, inputs: dict[str, str | None], name: str):
+    """Refuse a path to be written (`name`: how messages name it) that is, or is inside, or contains
+    one of the local `inputs` (option → path or hub id), under any spelling or link."""
+    path = Path(path)
+    target = path.resolve()
+    for option, source in inputs.items():
+        if source is None or not os.path.exists(source):
+            continue
+        read = Path(source).resolve()
+        if (target == read or read in target.parents or target in read.parents
+                or (path.exists() and os.path.samefile(path, read))):
+            raise InputError(f"{name} is, is inside or contains the input {option} {source}: write it elsewhere")
 
 
 def check_writable(path, option: str = "<out>"):

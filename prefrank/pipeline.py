@@ -362,7 +362,11 @@ def merge_parts(out: str) -> Summary:
     lock = OutputLock(out)
     lock.acquire()
     try:
-        sidecar = parts.read_json("sidecar.json")
+        try:
+            sidecar = parts.read_json("sidecar.json")
+        except (OSError, ValueError):
+            raise InputError(f"{parts.dir} has no readable sidecar.json: not the parts of a prefrank run that "
+                             f"started scoring") from None
         return Summary(**parts.merge(table_schema(**sidecar["table"])), read_as=sidecar["read_as"])
     finally:
         lock.release()

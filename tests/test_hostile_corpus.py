@@ -579,6 +579,47 @@ def test_hostile_leftovers_beside_the_output_are_refused_before_scoring(model_di
     assert (tmp_path / name).is_dir() == (what == "folder")
 
 
+def _analysis_case(kind: str, table: Path, folder: Path) -> tuple[list, str]:
+    """(the command's arguments, the refusal's text) of one hostile analyze or merge invocation."""
+    if kind == "summary over the table":
+        return ["analyze", table, "--out", table], "--out"
+    if kind == "pair table over a link to the table":
+        (folder / "link.parquet").symlink_to(table)
+        return ["analyze", table, "--pairs-out", folder / "link.parquet"], "is, is inside or contains the input scores"
+    if kind == "summary over the pair table":
+        return ["analyze", table, "--pairs-out", folder / "p.parquet", "--out", folder / "." / "p.parquet"], \
+            "both name"
+    if kind == "summary over the reference table":
+        return ["analyze", table, "--ref-scores", table, "--out", table], "is, is inside or contains the input"
+    if kind == "a Parquet file that is no score table":
+        pq.write_table(pa.table({"a": [1]}), folder / "other.parquet")
+        return ["analyze", folder / "other.parquet"], "not a prefrank score table"
+    if kind == "text named .parquet":
+        return ["analyze", _text(folder / "t.parquet", "hello")], "cannot read score table"
+    if kind == "merge without parts":
+        return ["merge", folder / "none.parquet"], "no parts to merge"
+    if kind == "merge of an empty parts folder":
+        (folder / "e.parquet.parts").mkdir()
+        return ["merge", folder / "e.parquet"], "has no readable sidecar.json"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["summary over the table", "pair table over a link to the table",
+                                  "summary over the pair table", "summary over the reference table",
+                                  "a Parquet file that is no score table", "text named .parquet",
+                                  "merge without parts", "merge of an empty parts folder"])
+def test_hostile_analyze_and_merge_invocations(model_dir, tmp_path, capsys, kind):
+    """Refused in one line, the score table untouched (a summary --out naming it used to replace it), and no
+    lock left (an empty parts folder made merge fail with a traceback)."""
+    table = tmp_path / "s.parquet"
+    cli(score_args(_write_jsonl(tmp_path / "d.jsonl", GOOD[:2]), model_dir, table), capsys)
+    before = table.read_bytes()
+    args, needle = _analysis_case(kind, table, tmp_path)
+    code, err = cli(args, capsys)
+    assert code == 2 and needle in refusal(err), err
+    assert table.read_bytes() == before and not list(tmp_path.glob("*.lock"))
+
+
 @pytest.mark.parametrize("args", [["score", "--data", ""], ["analyze", "absent.parquet"]])  # argparse; InputError
 def test_refusals_through_the_real_entry_point(args):
     """Exit 2 and one line from `python -m prefrank` itself (the in-process cli() reads argparse's exit)."""
