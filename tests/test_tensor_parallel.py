@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -130,3 +132,70 @@ def test_a_model_without_a_tensor_parallel_plan_is_refused(setup, tmp_path):
     # every rank that gets to say it says the same one line (torchrun may stop a rank once another failed)
     assert lines and all("has no `tp_plan`" in line for line in lines), stderr[-2000:]
     assert not (tmp_path / "s.parquet").exists()  # (the traceback on stderr is torchrun's, of its failed child)
+
+
+def _plain_install() -> set[str]:
+    """The distributions `pip install -e .` brings: setup.py's install_requires (read from the source, as
+    an editable install's metadata may predate it), then their requirements, recursively (markers evaluated)."""
+    import ast
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    declared = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                    for k in node.keywords if k.arg == "install_requires")
+    wanted, todo = set(), [None]
+    while todo:
+        name = todo.pop()
+        try:
+            reqs = declared if name is None else requires(name) or []
+        except PackageNotFoundError:  # optional here (its marker held, not installed)
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                key = canonicalize_name(req.name)
+                if key not in wanted:
+                    wanted.add(key)
+                    todo.append(key)
+    return wanted
+
+
+def _plain_environment(root: Path) -> Path:
+    """A virtual environment at `root` holding only the installed files of the plain install's distributions
+    (links into this one): the interpreter finds nothing else, as on a machine that ran `pip install -e .`."""
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+    plain = _plain_install() | {"prefrank"}
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site = next((root / "lib").glob("python*/site-packages"))
+    linked = set()
+    for dist in distributions(path=[sysconfig.get_paths()["purelib"]]):  # installed here, not a source tree's
+        if canonicalize_name(dist.metadata["Name"]) not in plain:
+            continue
+        for file in dist.files or []:
+            top = file.parts[0]
+            if top != ".." and top not in linked and (source := Path(dist.locate_file(top))).exists():
+                (site / top).symlink_to(source)
+                linked.add(top)
+    return root / "bin" / "python"
+
+
+def test_tp_runs_from_the_plain_install(setup, tmp_path):
+    """`--tp 2` under torchrun from an environment holding only what `pip install -e .` installs: the test
+    extra (TRL) pulls accelerate in, which --tp needs, so an undeclared dependency passes every other test
+    and fails for a user."""
+    python = _plain_environment(tmp_path / "venv")
+    probe = "import importlib.util as u; print(u.find_spec('trl') is None, u.find_spec('accelerate') is not None)"
+    seen = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path).stdout.split()
+    print("plain install: trl absent, accelerate present:", seen)
+    assert seen[0] == "True"  # the test extra is out: the environment is the plain install's
+    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "prefrank",
+           *score_args(setup, tmp_path / "tp.parquet", "--tp", "2", "--limit", "12")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pq.read_table(tmp_path / "tp.parquet").num_rows == 12
