@@ -664,23 +664,28 @@ def _check_unicode(value, what: str):
             stack += v
 
 
-def _normalize(row: dict, cols: Columns) -> tuple:
+def _parse(row: dict, cols: Columns) -> tuple:
     """(prompt, completions, whether the prompt was implicit, vote shares, given alpha) of one row,
     K-wise rows with their human scores in place of the shares; a RowError says why the row
-    cannot be used."""
+    cannot be read. What the texts hold is checked apart (_check_texts)."""
     if cols.id is not None:
         _field(row, cols.id)  # a named id column must be there, and not null
     _check_unicode(row.get(cols.id or "id"), "the id")
     prompt, completions, implicit = _prompt_and_completions(row, cols)
+    if cols.completions is not None:
+        return prompt, completions, implicit, _human_scores(row, cols, len(completions)), None
+    return (prompt, completions, implicit) + _verdict(row, cols)
+
+
+def _check_texts(prompt, completions, implicit, cols: Columns):
+    """A RowError for texts that cannot be scored as read: a text join on message lists, lone
+    surrogates, empty or identical completions."""
     if isinstance(prompt, list) and not implicit and cols.join not in (None, "chat"):
         raise RowError(f"the join {cols.join!r} puts text between a text prompt and its answers; this row's are "
                        f"message lists, which the chat template joins")
     _check_unicode(prompt, "the prompt")
     _check_unicode(completions, "a completion")
     _check_completions(completions, cols.completions is None)
-    if cols.completions is not None:
-        return prompt, completions, implicit, _human_scores(row, cols, len(completions)), None
-    return (prompt, completions, implicit) + _verdict(row, cols)
 
 
 def _finish(example: Example, cols: Columns, prompt, completions, implicit, shares, alpha) -> Example:
@@ -696,7 +701,7 @@ def _finish(example: Example, cols: Columns, prompt, completions, implicit, shar
 
 
 def _row_id(index: int, row, cols: Columns) -> str:
-    """The row's id, else its index (also for an id that is no valid Unicode: _normalize refuses it)."""
+    """The row's id, else its index (also for an id that is no valid Unicode: _parse refuses it)."""
     row_id = row.get(cols.id or "id") if isinstance(row, dict) else None
     return str(index) if row_id is None or _SURROGATE.search(str(row_id)) else str(row_id)
 
@@ -709,7 +714,10 @@ def to_example(index: int, row, cols: Columns) -> Example:
         return Example(index, str(index), error=f"row is a JSON {_json_kind(row)}, not an object")
     example = Example(index, _row_id(index, row, cols))
     try:
-        return _finish(example, cols, *_normalize(row, cols))
+        prompt, completions, implicit, shares, alpha = _parse(row, cols)
+        # filled before the texts are checked: a pair refused for its texts keeps its alpha, votes and tie
+        _finish(example, cols, prompt, completions, implicit, shares, alpha)
+        _check_texts(prompt, completions, implicit, cols)
     except RowError as e:
         example.error = str(e)
     return example
@@ -744,7 +752,8 @@ def _spill_record(pos: int, row, cols: Columns) -> tuple[bytes, int, str]:
     except RowError as e:
         return b"row:%d" % pos, pos, json.dumps({**record, "error": str(e)})
     try:
-        record["pair"] = _normalize(row, cols)
+        record["pair"] = pair = _parse(row, cols)
+        _check_texts(*pair[:3], cols)
     except RowError as e:
         record["error"] = str(e)
     return key, pos, json.dumps(record)

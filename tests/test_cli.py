@@ -87,6 +87,39 @@ def test_bad_rows_are_kept_in_order(model_dirs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "s.parquet", "s.parquet.meta.json"]
 
 
+def test_error_rows_keep_what_was_read_before_the_failure(model_dirs, tmp_path, capsys):
+    """A labelled pair refused for its texts (identical or empty completions) keeps its alpha, votes, tie,
+    orientation and multi-turn flag, as an ok row would have them; a K-wise row its human scores."""
+    msg = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [{"prompt": "Q:", "chosen": " 1", "rejected": " 1", "votes": [0, 0, 1]},  # rejected side won 2 of 3
+            {"prompt": "Q:", "chosen": "", "rejected": " 2", "alpha": 0.5},
+            {"prompt": [msg("user", "hi")], "chosen": [msg("assistant", "a"), msg("user", "b"), msg("assistant", "c")],
+             "rejected": [msg("assistant", "a"), msg("user", "b"), msg("assistant", "c")], "votes": [1]},
+            GOOD[0]]  # a run with no ok row exits 2
+    out = tmp_path / "s.parquet"
+    code, err = run(["score", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--model", model_dirs[0],
+                     "--out", str(out), "--chat-template", str(_template(tmp_path))], capsys)
+    assert code == 0, err
+    table = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in table] == ["error"] * 3 + ["ok"]
+    expected = [(2 / 3, 3, False, True, False), (0.5, None, True, False, False), (1.0, 1, False, False, True)]
+    assert [(r["alpha"], r["n_votes"], r["tie"], r["reoriented"], r["multi_turn"]) for r in table[:3]] == expected
+    kwise = [{"prompt": "Q:", "completions": [" 1", " 2", " 1"], "scores": [3, 1, 2]},
+             {"prompt": "Q:", "completions": [" 1", " 2", " 3"], "scores": [3, 1, 2]}]
+    code, err = run(["score", "--data", write_jsonl(tmp_path / "k.jsonl", kwise), "--model", model_dirs[0],
+                     "--out", str(tmp_path / "k.parquet"), "--completions-col", "completions",
+                     "--scores-col", "scores"], capsys)
+    assert code == 0, err
+    row = pq.read_table(tmp_path / "k.parquet").to_pylist()[0]
+    assert row["status"] == "error" and "identical" in row["error"] and row["human_scores"] == [3.0, 1.0, 2.0]
+
+
+def _template(folder):
+    path = folder / "chat.jinja"
+    path.write_text("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    return path
+
+
 def test_reference_model_and_per_token(model_dirs, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
     policy, reference = model_dirs
