@@ -8,7 +8,6 @@ import threading
 from prefrank import options
 from prefrank.data import DETECTION_KEEPS, Columns
 from prefrank.errors import InputError, Stopped
-from prefrank.options import positive_int
 
 SCORE_HELP = """\
 Score a preference dataset: for every row, Σ log π(y|x) and the token count of the chosen and the
@@ -199,29 +198,6 @@ def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
     return 0
 
 
-def _report_examples(args) -> list | None:
-    """The scored input's Examples for quoting pairs, read as the table's sidecar says it was scored
-    (mapping, format, grouping, split, limit), unless column options are given here."""
-    if not args.data:
-        return None
-    from dataclasses import fields
-
-    from prefrank.data import read_examples
-    from prefrank.io import read_sidecar
-    read = dict(split="train", subset=None, limit=None)
-    columns = columns_from_args(args)
-    try:
-        scored = read_sidecar(args.table)["options"]
-    except (OSError, ValueError, KeyError):
-        scored = None  # a table from elsewhere: the column options (or their defaults) apply
-    if scored is not None:
-        read = {k: scored.get(k, v) for k, v in read.items()}
-        if not options.given(Columns, args):
-            known = {f.name for f in fields(Columns)}
-            columns = Columns(**{k: v for k, v in scored["columns"].items() if k in known})
-    return list(read_examples(args.data, columns, **read))
-
-
 def _quotable(args) -> bool:
     """Whether the report can quote pairs from --data: it quotes the hardest and easiest by the
     reference's difficulty, so a pair table with reference log-probs."""
@@ -243,7 +219,9 @@ def run_report(args) -> int:
         print("prefrank: WARNING: --data is read to quote the hardest and easiest pairs by the reference's "
               "difficulty; this table has no reference log-probs (or is K-wise), so --data is not used",
               file=sys.stderr)
-    examples = _report_examples(args) if quotable else None
+    from prefrank.analysis.report import scored_examples
+    given = columns_from_args(args) if options.given(Columns, args) else None
+    examples = scored_examples(args.table, args.data, given) if quotable else None
     summary = write_report(args.table, args.out, _analysis_options(args), ref_scores=args.ref_scores,
                            checkpoints=args.checkpoints, examples=examples)
     _warn_theorem(summary)
@@ -267,8 +245,8 @@ def add_analysis_parsers(sub):
     add_analysis_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--data", help="the scored input, to quote the hardest and easiest pairs; read as the score "
-                   "table's sidecar records it was scored (column mapping, format, grouping, limit) unless column "
-                   "options are given")
+                   "table's sidecar records it was scored (column mapping, format, grouping, limit), or with the "
+                   "column options given here (needed when the sidecar is gone)")
     options.add_options(p, Columns)
     p.set_defaults(func=run_report)
 
@@ -283,10 +261,6 @@ the output is a JSONL pair dataset (id, prompt, chosen, rejected) for scoring or
 
 
 def run_pairs(args) -> int:
-    import json
-
-    import numpy as np
-
     from prefrank.analysis import kwise
     if args.input.endswith(".parquet") and kwise.is_kwise_table(args.input):
         import pyarrow as pa
@@ -295,28 +269,9 @@ def run_pairs(args) -> int:
         pq.write_table(pa.table(table), args.out)
         print(f"{len(table['id'])} pair rows -> {args.out}", file=sys.stderr)
         return 0
-    from prefrank.data import open_examples
-    columns, examples = open_examples(args.input, columns_from_args(args))
-    if columns.completions is None:
-        raise InputError("a dataset needs --completions-col (and --scores-col), or a K-wise --format, to be read as "
-                         "K-wise")
-    rng = np.random.default_rng(args.seed)
-    written = skipped = no_pairs = 0
-    first_error = None
-    with open(args.out, "w") as f:
-        for ex in examples:
-            if ex.error:
-                skipped += 1
-                first_error = first_error or f"row {ex.index} (id {ex.id}): {ex.error}"
-                continue
-            pairs = kwise.implied_pairs(ex.human_scores, args.pairing, rng)
-            no_pairs += not pairs
-            for i, j in pairs:
-                f.write(json.dumps({"id": f"{ex.id}:{i}>{j}", "prompt": ex.prompt, "chosen": ex.completions[i],
-                                    "rejected": ex.completions[j]}) + "\n")
-                written += 1
-    print(f"{written} pairs -> {args.out}; {skipped} bad rows skipped, {no_pairs} rows with all scores tied"
-          + (f"\nfirst error: {first_error}" if first_error else ""), file=sys.stderr)
+    n = kwise.kwise_dataset_to_pairs(args.input, columns_from_args(args), args.out, args.pairing, args.seed)
+    print(f"{n['written']} pairs -> {args.out}; {n['skipped']} bad rows skipped, {n['all_tied']} rows with all scores "
+          f"tied" + (f"\nfirst error: {n['first_error']}" if n["first_error"] else ""), file=sys.stderr)
     return 0
 
 
@@ -373,19 +328,14 @@ def add_demo_parser(sub):
     from prefrank.demo import run
     p = sub.add_parser("demo", help="the paper's findings in a minute on a CPU, on the built-in task",
                        description=run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="prefrank-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=300, help="DPO steps (default: %(default)s)")
-    p.add_argument("--eval-every", type=positive_int, default=30, help="(default: %(default)s)")
-    p.add_argument("--train-pairs", type=positive_int, default=2048, help="(default: %(default)s)")
-    p.add_argument("--val-pairs", type=positive_int, default=512, help="(default: %(default)s)")
+    options.add_options(p, run.DemoOptions)
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
+    from prefrank.demo.run import DemoOptions
     from prefrank.demo.run import run_demo as demo
-    demo(args.out, seed=args.seed, steps=args.steps, eval_every=args.eval_every, train_pairs=args.train_pairs,
-         val_pairs=args.val_pairs, log=lambda m: print(m, file=sys.stderr))
+    demo(options.from_args(DemoOptions, args), log=lambda m: print(m, file=sys.stderr))
     return 0
 
 

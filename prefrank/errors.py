@@ -47,3 +47,17 @@ class Stopped(InputError):
 
 class RowError(ValueError):
     """Why one row cannot be scored; becomes that row's `error`."""
+
+
+def bad_input(e: BaseException) -> bool:
+    """Whether a library refused what it was given (a missing or damaged file, an unknown id, a bad config
+    or data file), as transformers, huggingface_hub, datasets, safetensors, pyarrow and tokenizers report
+    it: OSError, ValueError, KeyError, ImportError (a missing optional package), their own error types, and
+    the bare Exception of the tokenizers library's parser. Out of memory and bugs (TypeError,
+    AttributeError, RuntimeError, ...) are not: they keep their traceback."""
+    from pyarrow import ArrowException
+    from safetensors import SafetensorError
+    if isinstance(e, MemoryError):
+        return False
+    return isinstance(e, (OSError, ValueError, KeyError, ImportError, SafetensorError, ArrowException)) \
+        or type(e) is Exception

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from prefrank.errors import InputError
+from prefrank.errors import InputError, bad_input
 from prefrank.io import hash_file
 from prefrank.options import option, options
 
@@ -111,6 +111,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
+        if not bad_input(e):
+            raise
         raise InputError(f"cannot load tokenizer {path!r}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if template is not None:
         tokenizer.chat_template = template
@@ -130,6 +132,8 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
             **sharding)
     except Exception as e:
+        if not bad_input(e):
+            raise
         message = " ".join(str(e).split())
         if "trust_remote_code" in message:
             hint = " (its own Python code runs only with <trust_remote_code>)"
@@ -154,8 +158,12 @@ def fingerprint(path: str) -> dict[str, dict]:
         from huggingface_hub import snapshot_download
         try:
             folder = Path(snapshot_download(path, local_files_only=True))
-        except Exception:  # not a cached hub id (a loaded model always is): nothing to fingerprint
-            return {}
+        except Exception as e:  # a loaded hub model is in the cache: this one was loaded from elsewhere
+            if not bad_input(e):
+                raise
+            raise InputError(f"cannot fingerprint {path!r}: no folder, and not in the local hub cache "
+                             f"({type(e).__name__}); --resume could not tell whether it changed: give its "
+                             f"folder") from None
     files = {}
     for file in sorted(folder.iterdir()):
         if file.name.startswith(".") or not file.is_file():

@@ -61,10 +61,6 @@ class TokenizeOptions:
                            choices=TRUNCATION_POLICIES, group="tokenization")
 
     def __post_init__(self):
-        if self.tokenization not in TOKENIZATION_MODES:
-            raise InputError(f"<tokenization> {self.tokenization!r}: expected one of {', '.join(TOKENIZATION_MODES)}")
-        if self.truncate not in TRUNCATION_POLICIES:
-            raise InputError(f"<truncate> {self.truncate!r}: expected one of {', '.join(TRUNCATION_POLICIES)}")
         if self.append_eos and self.tokenization == "trl":
             raise InputError("<append_eos> with <tokenization> trl: that mode appends the EOS text itself")
         if self.max_length is not None and self.max_length < 2:

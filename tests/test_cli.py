@@ -310,6 +310,48 @@ def test_an_internal_error_keeps_its_traceback(model_dirs, tmp_path, monkeypatch
         main(["score", "--data", data, "--model", model_dirs[0], "--out", str(tmp_path / "s.parquet")])
 
 
+@pytest.mark.parametrize("error", [MemoryError(), TypeError("unsupported operand"), AttributeError("no attr"),
+                                   RuntimeError("CUDA out of memory")])
+def test_out_of_memory_and_bugs_at_model_loading_keep_their_traceback(model_dirs, tmp_path, monkeypatch, error):
+    """Loading a model turns only what libraries raise for a bad input into one line (OSError, ValueError,
+    ...); out of memory or a bug in the loading code surfaces as it is."""
+    import transformers
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", failing)
+    with pytest.raises(type(error)):
+        main(["score", "--data", write_jsonl(tmp_path / "d.jsonl", GOOD), "--model", model_dirs[0], "--out",
+              str(tmp_path / "s.parquet")])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("{not json", "JSONDecodeError"),  # json's error, a ValueError
+    ({"type": "Nope"}, "untagged enum"),  # an unknown model: the tokenizers parser's bare Exception
+])
+def test_a_damaged_tokenizer_is_one_line(model_dirs, tmp_path, capsys, damage, needle):
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(model_dirs[0], folder)
+    if isinstance(damage, dict):
+        damage = json.dumps({**json.loads((folder / "tokenizer.json").read_text()), "model": damage})
+    (folder / "tokenizer.json").write_text(damage)
+    code, err = run(["score", "--data", write_jsonl(tmp_path / "d.jsonl", GOOD), "--model", str(folder), "--out",
+                     str(tmp_path / "s.parquet")], capsys)
+    assert code == 2 and "cannot load tokenizer" in err and needle in err and "Traceback" not in err, err
+
+
+def test_a_model_that_cannot_be_fingerprinted_is_an_error(model_dirs, tmp_path, monkeypatch):
+    """A hub id missing from the local cache cannot be fingerprinted: --resume could not compare it, so
+    the run says so (it used to record no files and resume over any model)."""
+    from prefrank import models
+    from prefrank.errors import InputError
+    with pytest.raises(InputError, match="cannot fingerprint 'no-org/no-such-model'"):
+        models.fingerprint("no-org/no-such-model")
+    assert models.fingerprint(model_dirs[0])["model.safetensors"]["size"] > 0
+
+
 def test_option_names_in_messages(capsys):
     """Library messages name options (<name>): the Python API reads the parameter's name, the
     command line its flag."""

@@ -518,7 +518,7 @@ def test_chat_template_renders_like_the_text_it_stands_for(tmp_path):
 
 
 @needs_shared
-def test_report_reads_the_mapping_from_the_sidecar(tmp_path):
+def test_report_reads_the_mapping_from_the_sidecar(tmp_path, capsys):
     """`report --data` without column options quotes the pairs as they were scored: the format,
     its grouping and the orientation (the pair reoriented by its votes quotes its raters' choice)."""
     data = write_jsonl(tmp_path / "cross.jsonl", ALPACA_CROSS)
@@ -529,6 +529,15 @@ def test_report_reads_the_mapping_from_the_sidecar(tmp_path):
     assert "  - chosen: 4\n  - rejected: 5" in text  # "Add 2 and 2.": output_2 won 3 of 4
     assert "| pairs the raters tied (α = 0.5) | 1, left out: every measure below is over the other 3 |" in text
     assert "| pairs reoriented to the raters' choice when scored" in text
+
+    # without its sidecar the table no longer says how the data was read: an error, unless the columns are given
+    (tmp_path / "s.parquet.meta.json").rename(tmp_path / "elsewhere.json")
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep2"), "--data", data]) == 2
+    assert "cannot read" in capsys.readouterr().err and not (tmp_path / "rep2").exists()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep3"), "--data", data, "--format",
+                 "alpacafarm-cross-annotations"]) == 0
+    assert "  - chosen: 4\n  - rejected: 5" in (tmp_path / "rep3" / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- the analysis: ties, orientation, old tables

@@ -229,6 +229,23 @@ def test_sequence_logprobs_and_segment_sums(backend, dtype, monkeypatch):
     assert torch.allclose(got, torch.stack([values[a:b].sum() for a, b in zip(cu[:-1], cu[1:])]), atol=1e-12)
 
 
+def test_sum_by_sequence_with_rows_in_any_order():
+    """Sums by sequence id, the rows of a sequence scattered (the fused DPO loss's packed layouts), with
+    a sequence that has no row, against a float64 loop."""
+    from prefrank.ops.torch_backend import sum_by_sequence
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(41, generator=g, dtype=torch.float64) * 4
+    ids = torch.randint(0, 7, (41,), generator=g)
+    ids[ids == 5] = 6  # sequence 5 has no row
+    expected = torch.tensor([sum(float(v) for v, i in zip(values, ids) if i == s) for s in range(7)],
+                            dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        got = sum_by_sequence(values.to(dtype), ids, 7)
+        err = (got.double() - expected).abs().max().item()
+        print(f"sum_by_sequence {dtype}: max abs error {err:.3g}")
+        assert got.dtype == dtype and got[5] == 0 and err <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def test_cpp_sequence_logprobs_threads_agree():
     logits, targets = case(200, 3001, torch.float32)
     cu = torch.arange(0, 201, 8)

@@ -166,3 +166,32 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
             out["status"].append(t["status"][r])
             out["error"].append(t["error"][r])
     return out
+
+
+def kwise_dataset_to_pairs(source: str, columns, out: str, pairing: str = "all", seed: int = 0) -> dict:
+    """Write the implied pairs of a K-wise dataset (`columns`: a prefrank.data.Columns naming its
+    completions and human scores) to `out` as JSON Lines (id "ID:i>j", prompt, chosen, rejected), for
+    scoring or DPO training. Returns the counts: pairs written, bad rows skipped (and the first of
+    them), rows whose scores all tie (no pair)."""
+    import json
+
+    from prefrank.data import open_examples
+    columns, examples = open_examples(source, columns)
+    if columns.completions is None:
+        raise InputError("a dataset needs <completions> (and <human_scores>), or a K-wise <format>, to be read as "
+                         "K-wise")
+    rng = np.random.default_rng(seed)
+    counts = {"written": 0, "skipped": 0, "all_tied": 0, "first_error": None}
+    with open(out, "w") as f:
+        for ex in examples:
+            if ex.error:
+                counts["skipped"] += 1
+                counts["first_error"] = counts["first_error"] or f"row {ex.index} (id {ex.id}): {ex.error}"
+                continue
+            pairs = implied_pairs(ex.human_scores, pairing, rng)
+            counts["all_tied"] += not pairs
+            for i, j in pairs:
+                f.write(json.dumps({"id": f"{ex.id}:{i}>{j}", "prompt": ex.prompt, "chosen": ex.completions[i],
+                                    "rejected": ex.completions[j]}) + "\n")
+                counts["written"] += 1
+    return counts

@@ -212,6 +212,29 @@ def _headline(s: dict) -> list[str]:
     return lines
 
 
+def scored_examples(table: str, data: str, columns=None) -> list:
+    """The Examples of the input `data` that `table` was scored from, for quoting pairs: read as the
+    table's sidecar says (column mapping, format, grouping, split, limit), or with `columns`
+    (a prefrank.data.Columns) in place of the sidecar's mapping. Without `columns`, an unreadable
+    sidecar is an error: the rows could be read otherwise than they were scored."""
+    from dataclasses import fields
+
+    from prefrank.data import Columns, read_examples
+    from prefrank.io import read_sidecar, sidecar_path
+    try:
+        scored = read_sidecar(table)["options"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if columns is None:
+            raise InputError(f"cannot read {sidecar_path(table)} ({type(e).__name__}), which says how --data was "
+                             f"read when {table} was scored: give the column options it was scored with") from None
+        scored = {}
+    if columns is None:
+        known = {f.name for f in fields(Columns)}
+        columns = Columns(**{k: v for k, v in scored["columns"].items() if k in known})
+    read = {k: scored.get(k, default) for k, default in (("split", "train"), ("subset", None), ("limit", None))}
+    return list(read_examples(data, columns, **read))
+
+
 def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None, *, ref_scores: str | None = None,
                  checkpoints: list[str] | None = None, examples: list | None = None) -> dict:
     """Write report.md, summary.json and the plots into `out_dir`; returns the summary.

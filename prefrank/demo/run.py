@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from prefrank.demo.task import COLUMNS, make_pairs, quality
+from prefrank.options import option, options, positive_int
 
 
 def _write_jsonl(path: Path, rows):
@@ -110,9 +111,22 @@ def summary_text(s: dict, lines: list[dict], beta: float) -> str:
         f"as the policy moved ‖θ − θref‖² = {last['param_sq_distance']:.3g} away from the reference.")
 
 
-def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 2048, val_pairs: int = 512,
-             steps: int = 300, eval_every: int = 30, batch_size: int = 32, lr: float = 3e-4, beta: float = 0.1,
-             log=print) -> dict:
+@options
+class DemoOptions:
+    """The demo's options (`prefrank demo`'s flags are generated from them)."""
+    out: str = option("prefrank-demo", "output folder", path=True)
+    seed: int = option(0, "the task's pairs, the training order and the reference model's training")
+    steps: int = option(300, "DPO steps", type=positive_int)
+    eval_every: int = option(30, "DPO steps between evaluations (ranking accuracy, flips, win rate)",
+                             type=positive_int)
+    train_pairs: int = option(2048, "DPO training pairs", type=positive_int)
+    val_pairs: int = option(512, "held-out pairs scored and analyzed", type=positive_int)
+    batch_size: int = option(32, "pairs per DPO step", cli=False)
+    lr: float = option(3e-4, "DPO learning rate", cli=False)
+    beta: float = option(0.1, "DPO β, and the β of the analysis", cli=False)
+
+
+def run_demo(opts: DemoOptions, *, log=print) -> dict:
     from prefrank.analysis import AnalysisOptions, write_report
     from prefrank.analysis.report import plot_groups
     from prefrank.demo.default import ensure_default
@@ -120,11 +134,11 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
     from prefrank.models import load_model, load_tokenizer
     from prefrank.pipeline import ScoreOptions, score_dataset
     start = time.perf_counter()
-    folder = Path(out)
+    folder = Path(opts.out)
     folder.mkdir(parents=True, exist_ok=True)
-    _, reference_path = ensure_default(seed=seed, log=log)
-    train_rows = make_pairs(train_pairs, seed=10_000 + seed)
-    val_rows = make_pairs(val_pairs, seed=20_000 + seed)
+    _, reference_path = ensure_default(seed=opts.seed, log=log)
+    train_rows = make_pairs(opts.train_pairs, seed=10_000 + opts.seed)
+    val_rows = make_pairs(opts.val_pairs, seed=20_000 + opts.seed)
     _write_jsonl(folder / "train.jsonl", train_rows)
     _write_jsonl(folder / "val.jsonl", val_rows)
     tokenizer = load_tokenizer(reference_path)
@@ -137,25 +151,26 @@ def run_demo(out: str = "prefrank-demo", *, seed: int = 0, train_pairs: int = 20
     for stale in (run, scores.with_name(scores.name + ".parts")):  # an earlier, possibly interrupted, demo
         shutil.rmtree(stale, ignore_errors=True)
     train(TrainOptions(model=reference_path, data=str(folder / "train.jsonl"), val_data=str(folder / "val.jsonl"),
-                       out=str(run), beta=beta, lr=lr, batch_size=batch_size, max_steps=steps, epochs=100,
-                       eval_every=eval_every, eval_pairs=256, seed=seed, device="cpu", columns=COLUMNS), log=log,
+                       out=str(run), beta=opts.beta, lr=opts.lr, batch_size=opts.batch_size, max_steps=opts.steps,
+                       epochs=100, eval_every=opts.eval_every, eval_pairs=256, seed=opts.seed, device="cpu",
+                       columns=COLUMNS), log=log,
           judge=judge)
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
 
     log("prefrank demo: scoring the validation pairs under the final policy and the reference")
     score_dataset(ScoreOptions(data=str(folder / "val.jsonl"), model=str(run / "final"), ref_model=reference_path,
                                out=str(scores), columns=COLUMNS, device="cpu", ches=True), progress=False)
-    summary = write_report(str(scores), str(folder / "report"), AnalysisOptions(beta=beta))
+    summary = write_report(str(scores), str(folder / "report"), AnalysisOptions(beta=opts.beta))
     series = [{"checkpoint": f"step {line['step']}", "groups": line["val"]["groups"]} for line in lines]
     plot_groups(series, folder / "report" / "groups.png")
     plot_trajectory(lines, folder / "report" / "trajectory.png")
-    text = summary_text(summary, lines, beta)
+    text = summary_text(summary, lines, opts.beta)
     seconds = time.perf_counter() - start
     report = (folder / "report" / "report.md").read_text()
     (folder / "report" / "report.md").write_text(
         "# prefrank demo: preference learning does not learn preference rankings\n\n" + text
-        + f"\n\n(built-in addition task, {train_pairs} training and {val_pairs} validation pairs with known "
-        f"preference shares, {steps} DPO steps, seed {seed}; {seconds:.0f} s)\n\n"
+        + f"\n\n(built-in addition task, {opts.train_pairs} training and {opts.val_pairs} validation pairs with "
+        f"known preference shares, {opts.steps} DPO steps, seed {opts.seed}; {seconds:.0f} s)\n\n"
         "![win rate and ranking accuracy](trajectory.png)\n\n" + report.split("\n", 2)[2])
     result = {"summary": summary, "trajectory": lines, "text": text, "seconds": seconds}
     (folder / "report" / "demo.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

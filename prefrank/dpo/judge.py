@@ -8,7 +8,7 @@ Any Python callable judge(model, tokenizer) -> float serves as well (the demo's 
 """
 import torch
 
-from prefrank.errors import InputError
+from prefrank.errors import InputError, bad_input
 
 
 def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
@@ -40,6 +40,8 @@ def reward_model_judge(path: str, reference_model, prompts: list[str], *, max_ne
             path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True).eval()
         reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
+        if not bad_input(e):
+            raise
         raise InputError(f"cannot load reward model {path!r}: {type(e).__name__}: {e}") from None
     if reward_tokenizer.pad_token is None:
         reward_tokenizer.pad_token = reward_tokenizer.eos_token or reward_tokenizer.unk_token

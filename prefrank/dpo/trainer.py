@@ -52,7 +52,7 @@ class TrainOptions(LoadOptions, TokenizeOptions):
     val_fraction: float = option(0.1, "share of --data held out for validation when there is no --val-data",
                                  group="data and models")
     columns: Columns = field(default_factory=Columns)
-    mode: str = option("dpo", "dpo or sft", cli=False)
+    mode: str = option("dpo", "dpo or sft", choices=("dpo", "sft"), cli=False)
     ref_model: str | None = option(None, "reference model", group="DPO", path=True,
                                    default_text="the initial policy, frozen")
     beta: float = option(0.1, "β of the DPO loss", type=positive_float, group="DPO", decides_rows=False)
@@ -87,12 +87,6 @@ class TrainOptions(LoadOptions, TokenizeOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mode not in ("dpo", "sft"):
-            raise InputError(f"<mode> {self.mode!r}: expected dpo or sft")
-        if self.loss_type not in LOSS_TYPES:
-            raise InputError(f"<loss_type> {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"<optimizer> {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.lr is None:
             self.lr = 5e-6 if self.mode == "dpo" else 1e-5
 
