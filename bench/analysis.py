@@ -24,8 +24,8 @@ def write_table(path: Path, n: int, batch: int = 500_000):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prefrank.io import table_schema
-    schema = table_schema(with_ref=True, per_token=False)
+    from prefrank.table import TableLayout
+    schema = TableLayout(with_ref=True).schema()
     rng = np.random.default_rng(0)
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, batch):

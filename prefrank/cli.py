@@ -149,8 +149,9 @@ def _analyze_kwise(args) -> dict:
 
 
 def run_analyze(args) -> int:
-    from prefrank.analysis import checkpoint_series, kwise, load_pairs, per_pair_table, summarize
+    from prefrank.analysis import checkpoint_series, load_pairs, per_pair_table, summarize
     from prefrank.io import check_apart, check_writable
+    from prefrank.table import TableLayout
     inputs = {"scores": args.table, "--ref-scores": args.ref_scores,
               **{f"--checkpoints {p}": p for p in args.checkpoints or []}}
     for path, flag in ((args.out, "--out"), (args.pairs_out, "--pairs-out")):
@@ -159,7 +160,7 @@ def run_analyze(args) -> int:
             check_writable(path, flag)
     if args.out and args.pairs_out and os.path.realpath(args.out) == os.path.realpath(args.pairs_out):
         raise InputError(f"--out and --pairs-out both name {args.out}: the summary would replace the pair table")
-    if kwise.is_kwise_table(args.table):
+    if TableLayout.of_table(args.table).kwise:
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
     opts = _analysis_options(args)
     pairs = load_pairs(args.table, args.ref_scores)
@@ -201,15 +202,9 @@ def _print_summary(summary: dict, args, headline: str, unit: str) -> int:
 def _quotable(args) -> bool:
     """Whether the report can quote pairs from --data: it quotes the hardest and easiest by the
     reference's difficulty, so a pair table with reference log-probs."""
-    import pyarrow.parquet as pq
-
-    from prefrank.analysis import kwise
-    try:
-        if kwise.is_kwise_table(args.table):
-            return False
-        return bool(args.ref_scores) or "ref_logp_chosen" in pq.read_schema(args.table).names
-    except (OSError, ValueError):  # not a readable table: write_report says what is wrong with it
-        return True
+    from prefrank.table import TableLayout
+    layout = TableLayout.of_table(args.table)
+    return not layout.kwise and (bool(args.ref_scores) or layout.with_ref)
 
 
 def run_report(args) -> int:
@@ -262,7 +257,8 @@ the output is a JSONL pair dataset (id, prompt, chosen, rejected) for scoring or
 
 def run_pairs(args) -> int:
     from prefrank.analysis import kwise
-    if args.input.endswith(".parquet") and kwise.is_kwise_table(args.input):
+    from prefrank.table import TableLayout
+    if args.input.endswith(".parquet") and TableLayout.of_table(args.input).kwise:
         import pyarrow as pa
         import pyarrow.parquet as pq
         table = kwise.kwise_to_pair_table(args.input, args.pairing, args.seed)

@@ -1,30 +1,6 @@
-"""The score table: Parquet written a row group per chunk, in input order, plus a JSON sidecar.
+"""The score table on disk: Parquet written a row group per chunk, in input order, plus a JSON
+sidecar (its columns, statistics and sidecar are defined in prefrank.table).
 
-Columns (one row per input row):
-  id                                  the input's `id` field, else the row's 0-based index
-  logp_chosen, logp_rejected          Σ log π(completion | prompt), float64 (null on error)
-  n_chosen, n_rejected                completion tokens scored
-  ref_logp_chosen, ref_logp_rejected  the same under the reference model (with --ref-model)
-  alpha                               share of raters preferring chosen, or a model's P(chosen is better)
-                                      with a probability vote coding (null without votes)
-  n_votes                             the votes alpha comes from (null without vote columns or a votes
-                                      list, and for a probability: no votes were counted)
-  tie                                 the raters tied: alpha = 0.5 (null without alpha)
-  reoriented                          the raters preferred the input's rejected column: the two were swapped
-  multi_turn                          a completion holds more than one message (a later turn, with its
-                                      model's own earlier answers)
-  truncated                           the pair was cut to fit (--truncate keep-end)
-  status, error                       "ok" / "error" and the reason
-  token_logps_chosen, ...             per-token log-probs, float32 lists (with --per-token)
-  ches, ches_normalized               CHES of the pair (and ref_ches, ...: under the reference; with --ches)
-  hidden_sum_chosen, ...              Σ of the hidden states predicting the completion's tokens, float32
-                                      lists (with --hidden-sums; ref_ ones too with a reference)
-K-wise tables (K completions per prompt) hold lists instead, one element per completion:
-  logps, ref_logps, n_tokens, token_logps, ref_token_logps, hidden_sums, and human_scores in place
-  of alpha, n_votes, tie and reoriented (higher is better: ranks are stored negated); with --ches,
-  hidden_gram (and ref_hidden_gram): the K×K inner products of the completions' hidden sums,
-  row-major, from which the CHES of any pair i, j is G_ij − G_ii.
-Tables written before n_votes, tie, reoriented and multi_turn existed still load (PAIR_EXTRAS).
 Rows are written as parts (one per chunk of input rows) that a killed run keeps and --resume
 reuses once their checksums verify; the final table is assembled from verified parts under a
 temporary name and renamed when complete, so a crashed run never leaves a partial table under the
@@ -40,77 +16,14 @@ import shutil
 import socket
 import sys
 import time
-from collections import Counter
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefrank.errors import InputError, WriteError
-
-COMPLETION_NAMES = ("chosen", "rejected")  # completion k of a pair
-
-# Per-completion values: pairs spread them over chosen/rejected columns, K-wise tables keep lists.
-_FIELDS = {  # kind: (pair column pattern, K-wise column, element type)
-    "logp": ("logp_{}", "logps", pa.float64()),
-    "ref_logp": ("ref_logp_{}", "ref_logps", pa.float64()),
-    "n": ("n_{}", "n_tokens", pa.int64()),
-    "token_logps": ("token_logps_{}", "token_logps", pa.list_(pa.float32())),
-    "ref_token_logps": ("ref_token_logps_{}", "ref_token_logps", pa.list_(pa.float32())),
-    "hidden_sum": ("hidden_sum_{}", "hidden_sums", pa.list_(pa.float32())),
-    "ref_hidden_sum": ("ref_hidden_sum_{}", "ref_hidden_sums", pa.list_(pa.float32())),
-}
-
-
-def completion_fields(kind: str, values: list | None, kwise: bool) -> dict:
-    """Table columns holding one row's per-completion `values` (None on an error row)."""
-    pair_pattern, kwise_column, _ = _FIELDS[kind]
-    if kwise:
-        return {kwise_column: values}
-    return {pair_pattern.format(name): None if values is None else values[k] for k, name in enumerate(COMPLETION_NAMES)}
-
-
-def _typed_fields(kind: str, kwise: bool) -> list[tuple[str, pa.DataType]]:
-    pair_pattern, kwise_column, element = _FIELDS[kind]
-    if kwise:
-        return [(kwise_column, pa.list_(element))]
-    return [(pair_pattern.format(name), element) for name in COMPLETION_NAMES]
-
-
-# The raters' verdict beside alpha, in pair tables; tables of older prefrank versions lack them.
-PAIR_EXTRAS = {"n_votes": pa.int64(), "tie": pa.bool_(), "reoriented": pa.bool_()}
-
-
-def ches_columns(prefix: str, gram: list[float] | None, lengths: list[int] | None, kwise: bool) -> dict:
-    """One row's CHES columns X:
-    a pair's CHES = ⟨Σh_w, Σh_l⟩ − ‖Σh_w‖², and length-normalized with the means (Razin et al. 2025);
-    K-wise rows keep the Gram matrix itself."""
-    if kwise:
-        return {prefix + "hidden_gram": gram}
-    if gram is None:
-        return {prefix + "ches": None, prefix + "ches_normalized": None}
-    (ww, wl, _, _), (n_w, n_l) = gram, lengths
-    return {prefix + "ches": wl - ww, prefix + "ches_normalized": wl / (n_w * n_l) - ww / (n_w * n_w)}
-
-
-def table_schema(with_ref: bool, per_token: bool, kwise: bool = False, ches: bool = False,
-                 hidden_sums: bool = False) -> pa.Schema:
-    kinds = ["logp"] + (["ref_logp"] if with_ref else []) + ["n"]
-    if per_token:
-        kinds += ["token_logps"] + (["ref_token_logps"] if with_ref else [])
-    if hidden_sums:
-        kinds += ["hidden_sum"] + (["ref_hidden_sum"] if with_ref else [])
-    fields = [("id", pa.string())] + [f for kind in kinds for f in _typed_fields(kind, kwise)]
-    if ches:
-        names = ["hidden_gram"] if kwise else ["ches", "ches_normalized"]
-        element = pa.list_(pa.float64()) if kwise else pa.float64()
-        fields += [(prefix + name, element) for prefix in ["", "ref_"][:1 + with_ref] for name in names]
-    if kwise:
-        fields += [("human_scores", pa.list_(pa.float64()))]
-    else:
-        fields += [("alpha", pa.float64())] + list(PAIR_EXTRAS.items())
-    fields += [("multi_turn", pa.bool_()), ("truncated", pa.bool_()), ("status", pa.string()), ("error", pa.string())]
-    return pa.schema(fields)
+from prefrank.table import RunStats, Sidecar, TableLayout, sidecar_path
 
 
 def _temporary(path: Path, suffix: str = ".tmp") -> Path:
@@ -160,7 +73,7 @@ class Parts:
     def read_json(self, name: str):
         return json.loads((self.dir / name).read_text())
 
-    def prepare(self, manifest: dict, sidecar: dict, resume: bool) -> bool:
+    def prepare(self, manifest: dict, sidecar: Sidecar, resume: bool) -> bool:
         """Start a run, or check that the parts on disk come from this same run (--resume).
         Returns whether the folder is new."""
         if self.dir.exists():
@@ -191,8 +104,16 @@ class Parts:
                 self.discard()
                 raise
             created = True
-        self._write_json("sidecar.json", sidecar)
+        self._write_json("sidecar.json", sidecar.to_json())
         return created
+
+    def sidecar(self) -> Sidecar:
+        """The run's sidecar as its first process recorded it (InputError if the folder has none)."""
+        try:
+            return Sidecar.from_json(self.read_json("sidecar.json"))
+        except (OSError, ValueError, TypeError):
+            raise InputError(f"{self.dir} has no readable sidecar.json: not the parts of a prefrank run that "
+                             f"started scoring") from None
 
     def discard(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -214,7 +135,8 @@ class Parts:
         verified = self._verified(chunk)
         return verified is not None and verified[1].get("ids") == _ids_digest(ids)
 
-    def write(self, chunk: int, columns: dict[str, list], schema: pa.Schema, stats: dict):
+    def write(self, chunk: int, columns: dict[str, list], layout: TableLayout, stats: RunStats):
+        schema = layout.schema()
         table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
@@ -222,15 +144,17 @@ class Parts:
         _write_atomic(self.part(chunk), data)
         # the record comes after the part: a part without one is redone
         self._write_json(self.record(chunk).name, {"sha256": hashlib.sha256(data).hexdigest(),
-                                                   "ids": _ids_digest(columns["id"]), "stats": stats})
+                                                   "ids": _ids_digest(columns["id"]), "stats": asdict(stats)})
 
     def mark_done(self, rank: int, n_chunks: int):
         self._write_json(f"done-{rank}.json", {"chunks": n_chunks})
 
-    def merge(self, schema: pa.Schema) -> dict:
+    def merge(self) -> tuple[RunStats, Sidecar]:
         """Write the final table from the parts, in input order, each verified against its record
-        before it is read, and its sidecar; returns the run's totals (from the parts' statistics:
-        `seconds` sums the parts' own scoring times, whichever runs wrote them)."""
+        before it is read, and its sidecar with the run's totals (the sum of the parts' statistics);
+        returns the totals and the sidecar."""
+        sidecar = self.sidecar()
+        schema = sidecar.table.schema()
         done = [json.loads(p.read_text())["chunks"] for p in self.dir.glob("done-*.json")]
         if not done:
             raise InputError(f"{self.dir}: no process finished reading the input; rerun with <resume>")
@@ -238,9 +162,7 @@ class Parts:
         missing = [c for c in range(n_chunks) if not (self.part(c).exists() and self.record(c).exists())]
         if missing:
             raise InputError(f"{self.dir}: parts {missing[:10]} are missing; rerun with <resume>")
-        totals = {"rows": 0, "ok": 0, "errors": 0, "truncated": 0, "boundary_moved": 0, "glued": 0, "no_bos": 0, "reoriented": 0, "ties": 0,
-                  "multi_turn": 0, "real_tokens": 0, "padded_tokens": 0, "methods": Counter(), "seconds": 0.0,
-                  "first_error": None}
+        totals = RunStats()
         tmp = _temporary(self.out, ".partial")
         try:
             with pq.ParquetWriter(tmp, schema) as writer:
@@ -250,13 +172,7 @@ class Parts:
                         raise InputError(f"{self.part(c)} does not match the checksum recorded when it was written "
                                          f"(damaged or truncated): rerun with <resume>, which redoes it")
                     data, record = verified
-                    for key, value in record["stats"].items():
-                        if key == "first_error":
-                            totals[key] = totals[key] or value
-                        elif key == "methods":
-                            totals[key].update(value)
-                        else:
-                            totals[key] += value
+                    totals.add(RunStats.from_json(record["stats"]))
                     writer.write_table(pq.read_table(pa.BufferReader(data)).cast(schema))
             os.replace(tmp, self.out)
         except OSError as e:
@@ -264,9 +180,10 @@ class Parts:
                              f"(or `prefrank merge {self.out}`): the parts are kept") from None
         finally:
             tmp.unlink(missing_ok=True)
-        write_sidecar(self.out, {**self.read_json("sidecar.json"), "summary": totals})
+        sidecar = replace(sidecar, summary=totals)
+        write_sidecar(self.out, sidecar)
         shutil.rmtree(self.dir)
-        return totals
+        return totals, sidecar
 
 
 class OutputLock:
@@ -385,17 +302,8 @@ def check_writable(path, option: str = "<out>"):
         raise InputError(f"{option} {path}: cannot write in {path.parent}")
 
 
-def sidecar_path(table_path) -> Path:
-    table_path = Path(table_path)
-    return table_path.with_name(table_path.name + ".meta.json")
-
-
-def write_sidecar(table_path, sidecar: dict):
-    _write_atomic(sidecar_path(table_path), _json_bytes(sidecar))
-
-
-def read_sidecar(table_path) -> dict:
-    return json.loads(sidecar_path(table_path).read_text())
+def write_sidecar(table_path, sidecar: Sidecar):
+    _write_atomic(sidecar_path(table_path), _json_bytes(sidecar.to_json()))
 
 
 def _ids_digest(ids: list[str]) -> str:

@@ -18,16 +18,7 @@ import torch
 from prefrank import __version__
 from prefrank.data import Columns, count_rows, open_examples
 from prefrank.errors import InputError, WriteError
-from prefrank.io import (
-    COMPLETION_NAMES,
-    OutputLock,
-    Parts,
-    check_output,
-    ches_columns,
-    completion_fields,
-    input_hash,
-    table_schema,
-)
+from prefrank.io import OutputLock, Parts, check_output, input_hash
 from prefrank.models import DTYPES, CausalLM, HeadError, LoadOptions, fingerprint, resolve_dtype
 from prefrank.options import option, options, positive_int, row_options
 from prefrank.runtime import (
@@ -42,6 +33,7 @@ from prefrank.runtime import (
 )
 from prefrank.runtime import max_length as run_max_length
 from prefrank.scoring import METHODS, first_completion, resolve_method, score
+from prefrank.table import RunStats, Sidecar, TableLayout
 from prefrank.tokenization import TokenizeOptions, effective_join, tokenize_examples
 from prefrank.votes import alpha_source
 
@@ -101,22 +93,8 @@ class ScoreOptions(LoadOptions, TokenizeOptions):
 
 
 @dataclass
-class Summary:
-    rows: int = 0
-    ok: int = 0
-    errors: int = 0
-    truncated: int = 0
-    boundary_moved: int = 0  # rows whose prompt's last ids were joined to the completions (tokenization.py)
-    glued: int = 0  # rows whose text prompt, given with no join rule, runs straight into a completion
-    no_bos: int = 0  # rows rendered by a chat template that puts no BOS first (the tokenizer puts one before text)
-    reoriented: int = 0  # pairs whose raters preferred the rejected column (swapped)
-    ties: int = 0  # pairs whose raters tied (alpha = 0.5)
-    multi_turn: int = 0  # rows whose completions hold more than one message
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    methods: dict = field(default_factory=dict)  # method → chunk scorings it did (policy and reference)
-    seconds: float = 0.0
-    first_error: str | None = None
+class Summary(RunStats):
+    """The run's totals (the sidecar's summary), as `score` reports them."""
     resumed_from: int = 0  # parts an interrupted run had left, each reused if it verified
     read_as: str = ""  # the column mapping and join the input was read with (the sidecar's read_as)
 
@@ -177,7 +155,7 @@ def _tokenize_chunk(examples, tokenizer, opts, max_length) -> tuple[dict, dict[i
     return tokenized, errors
 
 
-def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
+def _non_finite(tokenized, sums: dict, table: TableLayout) -> dict[int, str]:
     """The errors of the rows with a NaN or infinite log-prob sum under any model (float16
     overflow, say), naming the model and completion: such a number is never written as a score.
     The sums cover every token: float64 sums of finite fp32 log-probs are finite."""
@@ -186,7 +164,7 @@ def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
     errors = {}
     for i, index in enumerate(tokenized):
         seqs = range(first[i], first[i + 1])
-        bad = [f"{model} {COMPLETION_NAMES[k] if not kwise else f'completion {k}'} {float(s.logps[seq])}"
+        bad = [f"{model} {table.completion_name(k)} {float(s.logps[seq])}"
                for model, s in sums.items() for k, seq in enumerate(seqs) if not finite[model][seq]]
         if bad:
             errors[index] = (f"non-finite log-prob ({', '.join(bad)}): the model overflows in its dtype? "
@@ -194,7 +172,8 @@ def _non_finite(tokenized, sums: dict, kwise: bool) -> dict[int, str]:
     return errors
 
 
-def _chunk_columns(examples, tokenized, errors, models: dict, opts: "ScoreOptions", kwise) -> dict[str, list]:
+def _chunk_columns(examples, tokenized, errors, models: dict, opts: "ScoreOptions",
+                   table: TableLayout) -> dict[str, list]:
     """One table row per example, in input order. `models`: column prefix ("" the policy, "ref_")
     → its SequenceLogprobs, flat over the tokenized examples."""
     first = first_completion(list(tokenized.values()))
@@ -206,22 +185,22 @@ def _chunk_columns(examples, tokenized, errors, models: dict, opts: "ScoreOption
         item = None if ex.index in errors else tokenized[ex.index]
         row = {"id": ex.id, "multi_turn": ex.multi_turn, "truncated": item is not None and item.truncated,
                "status": "ok" if item is not None else "error", "error": errors.get(ex.index)}
-        row.update({"human_scores": ex.human_scores} if kwise else
+        row.update({"human_scores": ex.human_scores} if table.kwise else
                    {"alpha": ex.alpha, "n_votes": ex.n_votes, "tie": ex.tie, "reoriented": ex.reoriented})
         seqs = None if item is None else range(first[item_of[ex.index]], first[item_of[ex.index] + 1])
-        row.update(completion_fields("n", None if item is None else [len(c) for c in item.completion_ids], kwise))
+        row.update(table.completion_fields("n", None if item is None else [len(c) for c in item.completion_ids]))
         for prefix, sums in models.items():
-            row.update(completion_fields(prefix + "logp", None if seqs is None else [float(sums.logps[s]) for s in seqs],
-                                         kwise))
+            row.update(table.completion_fields(prefix + "logp",
+                                                None if seqs is None else [float(sums.logps[s]) for s in seqs]))
             if opts.per_token:
-                row.update(completion_fields(prefix + "token_logps",
-                                             None if seqs is None else [sums.token_logps[s] for s in seqs], kwise))
+                row.update(table.completion_fields(prefix + "token_logps",
+                                                    None if seqs is None else [sums.token_logps[s] for s in seqs]))
             if opts.hidden_sums:
-                row.update(completion_fields(prefix + "hidden_sum", None if seqs is None else
-                                             [sums.hidden_sums[s].float().tolist() for s in seqs], kwise))
+                row.update(table.completion_fields(prefix + "hidden_sum", None if seqs is None else
+                                                    [sums.hidden_sums[s].float().tolist() for s in seqs]))
             if opts.ches:
-                row.update(ches_columns(prefix, None if item is None else grams[prefix][item_of[ex.index]],
-                                        None if item is None else [len(c) for c in item.completion_ids], kwise))
+                row.update(table.ches_columns(prefix, None if item is None else grams[prefix][item_of[ex.index]],
+                                               None if item is None else [len(c) for c in item.completion_ids]))
         rows.append(row)
     return {name: [r[name] for r in rows] for name in rows[0]}
 
@@ -271,8 +250,7 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     tokenizer = load_run_tokenizer(opts, opts.model)
     ref_lm = _load_lm(opts.ref_model, opts, device, dtype, where, policy_lm.vocab_size) if opts.ref_model else None
     max_length = run_max_length(opts.max_length, policy_lm, ref_lm)
-    kwise = opts.columns.completions is not None
-    schema = table_schema(**_table_options(opts, ref_lm is not None))
+    table = _layout(opts, ref_lm is not None)
 
     parts = Parts(opts.out)
     created = False
@@ -323,14 +301,14 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
                            for lm in (policy_lm, ref_lm))
             if not where.leader:  # a tensor-parallel rank that lent its shards: its leader writes the part
                 continue
-            errors |= _non_finite(tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), kwise)
+            errors |= _non_finite(tokenized, {"policy": policy} | ({"reference": ref} if ref else {}), table)
             models = {"": policy} | ({"ref_": ref} if ref else {})
-            columns = _chunk_columns(chunk, tokenized, errors, models, opts, kwise)
+            columns = _chunk_columns(chunk, tokenized, errors, models, opts, table)
             stats = _chunk_stats(chunk, tokenized, errors, [policy, ref] if ref else [policy],
                                  time.perf_counter() - chunk_start)
-            parts.write(c, columns, schema, stats)
+            parts.write(c, columns, table, stats)
             if bar is not None:
-                tokens += stats["real_tokens"]
+                tokens += stats.real_tokens
                 bar.update(len(chunk) * where.groups)
                 bar.set_postfix(tok_s=f"{tokens * where.groups / (time.perf_counter() - start):.0f}")
     except WriteError:  # a full disk, say: the parts written so far stay for --resume
@@ -350,8 +328,8 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
         barrier(world)
     if rank != 0:
         return None
-    read_as = parts.read_json("sidecar.json")["read_as"]  # before merge() moves the sidecar
-    return Summary(**parts.merge(schema), resumed_from=found, read_as=read_as)
+    totals, sidecar = parts.merge()
+    return Summary(**asdict(totals), resumed_from=found, read_as=sidecar.read_as)
 
 
 def merge_parts(out: str) -> Summary:
@@ -362,45 +340,41 @@ def merge_parts(out: str) -> Summary:
     lock = OutputLock(out)
     lock.acquire()
     try:
-        try:
-            sidecar = parts.read_json("sidecar.json")
-        except (OSError, ValueError):
-            raise InputError(f"{parts.dir} has no readable sidecar.json: not the parts of a prefrank run that "
-                             f"started scoring") from None
-        return Summary(**parts.merge(table_schema(**sidecar["table"])), read_as=sidecar["read_as"])
+        totals, sidecar = parts.merge()
+        return Summary(**asdict(totals), read_as=sidecar.read_as)
     finally:
         lock.release()
 
 
-def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> dict:
+def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> RunStats:
     """A part's statistics; `seconds` is its own scoring time."""
     ok_rows = [ex for ex in chunk if ex.index not in errors]
     ok = [tokenized[ex.index] for ex in ok_rows]
-    return {"rows": len(chunk), "ok": len(ok), "errors": len(chunk) - len(ok),
-            "truncated": sum(it.truncated for it in ok), "boundary_moved": sum(it.boundary_moved for it in ok),
-            "glued": sum(ex.glued for ex in ok_rows), "no_bos": sum(it.no_bos for it in ok),
-            "reoriented": sum(ex.reoriented for ex in ok_rows), "ties": sum(bool(ex.tie) for ex in ok_rows),
-            "multi_turn": sum(ex.multi_turn for ex in ok_rows),
-            "real_tokens": sum(s.counts.real for s in sums), "padded_tokens": sum(s.counts.padded for s in sums),
-            "methods": dict(Counter(s.method for s in sums)), "seconds": seconds,
-            "first_error": next((f"row {ex.index} (id {ex.id}): {errors[ex.index]}" for ex in chunk
-                                 if ex.index in errors), None)}
+    return RunStats(
+        rows=len(chunk), ok=len(ok), errors=len(chunk) - len(ok), truncated=sum(it.truncated for it in ok),
+        boundary_moved=sum(it.boundary_moved for it in ok), glued=sum(ex.glued for ex in ok_rows),
+        no_bos=sum(it.no_bos for it in ok), reoriented=sum(ex.reoriented for ex in ok_rows),
+        ties=sum(bool(ex.tie) for ex in ok_rows), multi_turn=sum(ex.multi_turn for ex in ok_rows),
+        real_tokens=sum(s.counts.real for s in sums), padded_tokens=sum(s.counts.padded for s in sums),
+        methods=dict(Counter(s.method for s in sums)), seconds=seconds,
+        first_error=next((f"row {ex.index} (id {ex.id}): {errors[ex.index]}" for ex in chunk if ex.index in errors),
+                         None))
 
 
-def _table_options(opts: ScoreOptions, with_ref: bool) -> dict:
-    """The score table's columns (io.table_schema's arguments; the sidecar records them)."""
-    return {"with_ref": with_ref, "per_token": opts.per_token, "kwise": opts.columns.completions is not None,
-            "ches": opts.ches, "hidden_sums": opts.hidden_sums}
+def _layout(opts: ScoreOptions, with_ref: bool) -> TableLayout:
+    """The score table's columns (the sidecar records them)."""
+    return TableLayout(with_ref=with_ref, per_token=opts.per_token, kwise=opts.columns.completions is not None,
+                  ches=opts.ches, hidden_sums=opts.hidden_sums)
 
 
-def _manifest(opts: ScoreOptions, sidecar: dict) -> dict:
+def _manifest(opts: ScoreOptions, sidecar: Sidecar) -> dict:
     """What must match for --resume to continue a run: every option that decides the rows (local
     paths resolved: a relative path to the same file is the same input), the input's contents and
     the model and tokenizer files' fingerprints; keyed as a refusal names them (<name>: an option)."""
     manifest = {f"<{name}>": value for name, value in row_options(opts).items()}
-    manifest.update({"contents of <data>": sidecar["input"]["hash"], "model dtype": sidecar["dtype"],
-                     "maximum length": sidecar["max_length"]})
-    for name, files in sidecar["files"].items():
+    manifest.update({"contents of <data>": sidecar.input["hash"], "model dtype": sidecar.dtype,
+                     "maximum length": sidecar.max_length})
+    for name, files in sidecar.files.items():
         manifest.update({f"{file} of <{name}>": fp for file, fp in files.items()})
     return manifest
 
@@ -428,37 +402,36 @@ def _read_as(columns: Columns, detected: bool, join: str | None) -> str:
     return f"{mapping}; {how}"
 
 
-def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world, detected: bool) -> dict:
+def _sidecar(opts, tokenizer, policy_lm, ref_lm, dtype, device, max_length, world, detected: bool) -> Sidecar:
     """Everything about the run but its summary, which merge() adds from the parts."""
     import numpy
     import pyarrow
     import transformers
-    return {
-        "prefrank_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
-        "model": _model_info(policy_lm, opts.model),
-        "ref_model": _model_info(ref_lm, opts.ref_model),
-        "tokenizer": {"path": opts.tokenizer or opts.model, "class": type(tokenizer).__name__,
-                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "method": opts.method,
-        "tokenization": opts.tokenization,
-        # how text prompts met their answers: "chat" (the chat template), the text between them, or null (as given)
-        "join": effective_join(opts.columns.join, tokenizer),
-        "read_as": _read_as(opts.columns, detected, effective_join(opts.columns.join, tokenizer)),
-        "max_length": max_length,
-        "options": asdict(opts),
-        "input": {"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},
+    join = effective_join(opts.columns.join, tokenizer)
+    return Sidecar(
+        prefrank_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        command=sys.argv,
+        model=_model_info(policy_lm, opts.model),
+        ref_model=_model_info(ref_lm, opts.ref_model),
+        tokenizer={"path": opts.tokenizer or opts.model, "class": type(tokenizer).__name__,
+                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        method=opts.method,
+        tokenization=opts.tokenization,
+        join=join,
+        read_as=_read_as(opts.columns, detected, join),
+        max_length=max_length,
+        options=asdict(opts),
+        input={"source": opts.data, "split": opts.split, "subset": opts.subset, "hash": input_hash(opts.data)},
         # the tokenizer's files are the policy's unless --tokenizer names others
-        "files": {name: fingerprint(getattr(opts, name)) for name in ("model", "ref_model", "tokenizer")
-                  if getattr(opts, name)},
-        "table": _table_options(opts, ref_lm is not None),
-        # the analysis repeats it: rater votes, or a model's probability (a probability vote coding)
-        "alpha_source": None if opts.columns.completions is not None else alpha_source(asdict(opts.columns)),
-        "world_size": world,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "numpy": numpy.__version__,
-                     "pyarrow": pyarrow.__version__},
-    }
+        files={name: fingerprint(getattr(opts, name)) for name in ("model", "ref_model", "tokenizer")
+               if getattr(opts, name)},
+        table=_layout(opts, ref_lm is not None),
+        # the analysis repeats it
+        alpha_source=None if opts.columns.completions is not None else alpha_source(asdict(opts.columns)),
+        world_size=world,
+        versions={"python": platform.python_version(), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "numpy": numpy.__version__,
+                  "pyarrow": pyarrow.__version__})

@@ -106,7 +106,7 @@ def first_completion(items: list[Tokenized]) -> list[int]:
     return list(accumulate((len(it.completion_ids) for it in items), initial=0))
 
 
-def _flatten(items: list[Tokenized]) -> tuple[list[int], list[list[int]]]:
+def flatten_completions(items: list[Tokenized]) -> tuple[list[int], list[list[int]]]:
     """For each completion (flattened): its item's index, and its ids."""
     owner = [i for i, it in enumerate(items) for _ in it.completion_ids]
     completions = [c for it in items for c in it.completion_ids]
@@ -189,7 +189,7 @@ def _score_continuations(lm, batches: list[_PromptBatch], completions, sums: Seq
 @_without_autograd
 def score_kv(lm, items: list[Tokenized], budget: int, per_token: bool = False, hidden: bool = False,
              cache_bytes: int = CACHE_BYTES) -> SequenceLogprobs:
-    _, completions = _flatten(items)
+    _, completions = flatten_completions(items)
     sums = SequenceLogprobs(len(completions), per_token, lm.device, "kv", lm.hidden_size if hidden else None)
     first_seq = first_completion(items)
     held, held_bytes = [], 0
@@ -272,36 +272,6 @@ def packed_layout(lm, items: list[Tokenized], batch: list[int], rows: list[list[
                        as_tensor(targets), as_tensor(owner), as_tensor(rank))
 
 
-def completion_hidden(lm, items: list[Tokenized], method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For training: the hidden state that predicts each completion token of `items`, each prompt
-    run once, in one batch, differentiable w.r.t. the model (no inference mode). `method` is
-    "packed" (one forward under the block mask) or "kv" (the prompt pass, then one continuation
-    pass from its cache: gradients flow back through the shared prompt). Returns hidden [N, d],
-    targets [N] (the predicted ids) and completion [N] (each token's completion, flattened in item
-    order: item 0's completions first)."""
-    if method == "packed":
-        packed = packed_layout(lm, items, list(range(len(items))), packed_rows(items))
-        hidden = lm.hidden(packed.ids, packed.mask, packed.positions).flatten(0, 1)
-        return hidden[packed.source], packed.targets, packed.owner
-    if method != "kv":
-        raise ValueError(f"method {method!r}: completion_hidden takes packed or kv")
-    owner, completions = _flatten(items)
-    prompt_batch, last_hidden = prompt_pass(lm, [it.prompt_ids for it in items])
-    as_tensor = lambda values: torch.tensor(values, device=lm.device)  # noqa: E731
-    # token 0 of every completion is predicted by its prompt's last position
-    hidden, targets = [last_hidden[as_tensor(owner)]], [as_tensor([c[0] for c in completions])]
-    which = [as_tensor(range(len(completions)))]
-    longer = [s for s, c in enumerate(completions) if len(c) > 1]
-    if longer:
-        cont_hidden, cont_targets = continuation_pass(lm, [prompt_batch], [(0, owner[s]) for s in longer],
-                                                      [completions[s] for s in longer])
-        keep = cont_targets.flatten() != IGNORE_INDEX
-        hidden.append(cont_hidden.flatten(0, 1)[keep])
-        targets.append(cont_targets.flatten()[keep])
-        which.append(as_tensor(longer).repeat_interleave(cont_hidden.shape[1])[keep])
-    return torch.cat(hidden), torch.cat(targets), torch.cat(which)
-
-
 def _next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """[B, T - 1] fp32 log-probs of ids[:, 1:] under logits [B, T, V]: log_softmax and gather."""
     return torch.log_softmax(logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None]).squeeze(2)
@@ -317,7 +287,7 @@ def full_logits_logprobs(lm, ids: torch.Tensor, mask: torch.Tensor, targets: tor
 @_without_autograd
 def score_packed(lm, items: list[Tokenized], budget: int, per_token: bool = False,
                  hidden: bool = False) -> SequenceLogprobs:
-    _, completions = _flatten(items)
+    _, completions = flatten_completions(items)
     sums = SequenceLogprobs(len(completions), per_token, lm.device, "packed", lm.hidden_size if hidden else None)
     first_seq = first_completion(items)
     rows = packed_rows(items)
@@ -343,7 +313,7 @@ def score_naive(lm, items: list[Tokenized], budget: int, per_token: bool = False
     forward, which gives the hidden states with the logits)."""
     if hidden and token_logprobs is not full_logits_logprobs:
         raise ValueError("hidden sums come from the model's own forward: no other naive step gives them")
-    owner, completions = _flatten(items)
+    owner, completions = flatten_completions(items)
     sums = SequenceLogprobs(len(completions), per_token, lm.device, "naive", lm.hidden_size if hidden else None)
     sequences = [items[i].prompt_ids + c for i, c in zip(owner, completions)]
     for batch in length_batches([len(s) for s in sequences], budget):

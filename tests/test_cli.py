@@ -9,8 +9,13 @@ import torch
 
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
-from prefrank.io import Parts, read_sidecar
+from prefrank.io import Parts
 from tiny_models import float64_logp, tiny_model
+
+
+def read_sidecar(table) -> dict:
+    """The sidecar's JSON as the file holds it (OUT.meta.json beside the table)."""
+    return json.loads(open(f"{table}.meta.json").read())
 
 GOOD = [{"id": f"g{i}", "prompt": f"Q: {i}+{i}=?\nA:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
         for i in range(6)]

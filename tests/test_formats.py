@@ -19,7 +19,11 @@ from prefrank.cli import main
 from prefrank.data import Columns, open_examples, preset_columns, read_examples
 from prefrank.errors import InputError
 from prefrank.formats import PRESETS, detect
-from prefrank.io import read_sidecar
+
+
+def read_sidecar(table) -> dict:
+    """The sidecar's JSON as the file holds it (OUT.meta.json beside the table)."""
+    return json.loads(open(f"{table}.meta.json").read())
 
 
 def write_jsonl(path, rows):

@@ -19,17 +19,9 @@ import pyarrow.parquet as pq
 from prefrank.analysis import metrics
 from prefrank.analysis.summary import AnalysisOptions
 from prefrank.errors import InputError
-from prefrank.io import PAIR_EXTRAS, ches_columns
+from prefrank.table import PAIR_VERDICT, TableLayout
 
 PAIRINGS = ("all", "best-worst", "best-random")
-
-
-def is_kwise_table(path: str) -> bool:
-    """A readable Parquet score table with list columns (unreadable ones are reported by the loader)."""
-    try:
-        return "logps" in pq.read_schema(path).names
-    except (OSError, ValueError):
-        return False
 
 
 def strict_pairs(human) -> list[tuple[int, int]]:
@@ -129,13 +121,9 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
     t = pq.read_table(path).to_pydict()
     rng = np.random.default_rng(seed)
     with_ref = "ref_logps" in t
-    out = {c: [] for c in ("id", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "alpha", *PAIR_EXTRAS,
-                           "multi_turn", "truncated", "status", "error")}
-    if with_ref:
-        out["ref_logp_chosen"], out["ref_logp_rejected"] = [], []
     grams = [prefix for prefix in ("", "ref_") if prefix + "hidden_gram" in t]
-    for prefix in grams:
-        out[prefix + "ches"], out[prefix + "ches_normalized"] = [], []
+    pairs_layout = TableLayout(with_ref=with_ref, ches=bool(grams))
+    out = {f.name: [] for f in pairs_layout.schema()}
     for r in range(len(t["id"])):
         if t["status"][r] != "ok":
             pairs = [None]
@@ -157,9 +145,9 @@ def kwise_to_pair_table(path: str, pairing: str = "all", seed: int = 0) -> dict[
                 gram = t[prefix + "hidden_gram"][r]
                 block = [gram[a * k + b] for a in (i, j) for b in (i, j)] if pair else None
                 lengths = [pick("n_tokens", i), pick("n_tokens", j)] if pair else None
-                for name, value in ches_columns(prefix, block, lengths, kwise=False).items():
+                for name, value in pairs_layout.ches_columns(prefix, block, lengths).items():
                     out[name].append(value)
-            for column in ("alpha", *PAIR_EXTRAS):  # human scores are no votes
+            for column in PAIR_VERDICT:  # human scores are no votes
                 out[column].append(False if column == "reoriented" else None)
             out["multi_turn"].append(t["multi_turn"][r] if "multi_turn" in t else False)
             out["truncated"].append(t["truncated"][r])

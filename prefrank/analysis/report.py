@@ -27,6 +27,7 @@ from prefrank.analysis.summary import (
     summarize,
 )
 from prefrank.errors import InputError
+from prefrank.table import TableLayout
 
 
 def checkpoint_series(paths: list[str], ref_scores: str | None, beta: float,
@@ -220,9 +221,9 @@ def scored_examples(table: str, data: str, columns=None) -> list:
     from dataclasses import fields
 
     from prefrank.data import Columns, read_examples
-    from prefrank.io import read_sidecar, sidecar_path
+    from prefrank.table import read_sidecar, sidecar_path
     try:
-        scored = read_sidecar(table)["options"]
+        scored = read_sidecar(table).options
     except (OSError, ValueError, KeyError, TypeError) as e:
         if columns is None:
             raise InputError(f"cannot read {sidecar_path(table)} ({type(e).__name__}), which says how --data was "
@@ -246,7 +247,7 @@ def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None,
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# prefrank report: {scores}", ""]
     kwise_summary = None
-    if kwise.is_kwise_table(scores):
+    if TableLayout.of_table(scores).kwise:
         if checkpoints or ref_scores:
             raise InputError("checkpoints and reference score tables must be pair tables; convert K-wise tables with "
                              "`prefrank pairs`")

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from prefrank.analysis import metrics
 from prefrank.errors import InputError
-from prefrank.io import read_sidecar
 from prefrank.options import flags, float_list, option, options, positive_float, positive_int
+from prefrank.table import TableLayout, read_sidecar
 
 
 @options
@@ -150,8 +150,8 @@ def _alpha_source(scores) -> str | None:
     if isinstance(scores, dict):
         return None
     try:
-        return read_sidecar(scores).get("alpha_source")
-    except (OSError, ValueError, AttributeError):  # no sidecar, or not prefrank's
+        return read_sidecar(scores).alpha_source
+    except (OSError, ValueError, TypeError):  # no sidecar (a table from elsewhere), or not prefrank's
         return None
 
 
@@ -159,7 +159,8 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
     """Pairs from a pair score table: a Parquet path (read in record batches), or its columns as a
     dict of lists."""
     names = _names(scores)
-    if "logps" in names:
+    layout = TableLayout.of_names(names)
+    if layout.kwise:
         raise InputError(f"{scores} is a K-wise score table: analyze it as such, or convert it with `prefrank pairs`")
     if missing := {"id", "status", *POLICY} - names:
         raise InputError(f"not a prefrank score table (missing {', '.join(sorted(missing))})")
@@ -169,7 +170,7 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
         if missing := {"id", "status", "logp_chosen", "logp_rejected"} - ref_names:
             raise InputError(f"{ref_scores}: not a prefrank score table (missing {', '.join(sorted(missing))})")
         ref_cols = ["logp_chosen", "logp_rejected"] + (["ches", "ches_normalized"] if "ches" in ref_names else [])
-    elif "ref_logp_chosen" in names:
+    elif layout.with_ref:  # the CHES columns read where present (a table may carry the reference's alone)
         ref_cols = ["ref_logp_chosen", "ref_logp_rejected"] + (
             ["ref_ches", "ref_ches_normalized"] if "ref_ches" in names else [])
     else:

@@ -27,6 +27,7 @@ import torch
 from prefrank import ops
 from prefrank.analysis import metrics
 from prefrank.data import Columns, read_examples
+from prefrank.dpo.forward import completion_hidden
 from prefrank.dpo.loss import LOSS_TYPES, dpo_loss, fused_linear_dpo_loss
 from prefrank.errors import InputError
 from prefrank.models import CausalLM, LoadOptions
@@ -34,7 +35,7 @@ from prefrank.ops import IGNORE_INDEX
 from prefrank.options import option, options, positive_float, positive_int, row_options
 from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, process_device
 from prefrank.runtime import max_length as run_max_length
-from prefrank.scoring import completion_hidden, score
+from prefrank.scoring import score
 from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 OPTIMIZERS = ("adamw", "rmsprop")
@@ -95,7 +96,7 @@ class TrainOptions(LoadOptions, TokenizeOptions):
 
 def dpo_step_loss(lm: CausalLM, items, ref_chosen, ref_rejected, opts: TrainOptions):
     """The DPO loss of a batch of pairs with each prompt run once: the prompt pass, then both
-    completions continued from its KV cache (scoring.completion_hidden), then the fused loss on
+    completions continued from its KV cache (dpo.forward.completion_hidden), then the fused loss on
     the completion tokens' hidden states. Differentiable w.r.t. every model parameter."""
     # completions are flattened in item order: chosen of pair i is 2i, its rejected 2i + 1
     hidden, targets, sequence = completion_hidden(lm, items, "kv")

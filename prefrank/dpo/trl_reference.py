@@ -11,8 +11,8 @@ up to its first marked token (its first token if the mask marks it: that one has
 is not scored) and the completion the rest, and a pair whose two rows keep the same context
 becomes one item with two completions (one prompt, computed once), else two items of one.
 
-The precomputed reference is a score table (table_schema without reference columns: `logp_*`
-are the reference's), written chunk by chunk as prefrank parts (io.Parts): a killed precompute
+The precomputed reference is a score table (prefrank.table's pair layout without reference
+columns: `logp_*` are the reference's), written chunk by chunk as prefrank parts (io.Parts): a killed precompute
 continues from its complete parts, and a finished one is reused while its key (data, model,
 options) stays the same. Row ids are digests of the row's token ids, so a part is reused only for
 the same rows.
@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 
-from prefrank.io import Parts, table_schema
+from prefrank.io import Parts
 from prefrank.scoring import score
+from prefrank.table import RunStats, Sidecar, TableLayout
 from prefrank.tokenization import Tokenized
 
 CHUNK_ROWS = 2048  # rows per part
 COLLATE_ROWS = 64  # rows per collator call (bounds its padded tensors)
 BUDGET = 8192  # padded tokens per scorer forward call
-SCHEMA = table_schema(with_ref=False, per_token=False)
+TABLE = TableLayout()  # logp_*, n_* of pairs: the reference's
 
 
 @dataclass
@@ -128,18 +129,18 @@ def score_rows(lm, collate, rows: list[dict], max_length: int | None):
     logps, tokens = logps.view(-1, 2).tolist(), torch.tensor(pairs.tokens).view(-1, 2).tolist()
     truncated = [max_length is not None and len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
                  > max_length for r in rows]
-    columns = {f.name: [None] * len(rows) for f in SCHEMA}
+    columns = {f.name: [None] * len(rows) for f in TABLE.schema()}
     columns.update({"id": [row_digest(r) for r in rows], "logp_chosen": [v[0] for v in logps],
                     "logp_rejected": [v[1] for v in logps], "n_chosen": [n[0] for n in tokens],
                     "n_rejected": [n[1] for n in tokens], "truncated": truncated, "status": ["ok"] * len(rows)})
-    stats = {"rows": len(rows), "ok": len(rows), "errors": 0, "truncated": sum(truncated), "boundary_moved": 0,
-             "real_tokens": sums.counts.real if sums else 0, "padded_tokens": sums.counts.padded if sums else 0,
-             "methods": {sums.method: 1} if sums else {}, "seconds": time.perf_counter() - start,
-             "first_error": None}
+    stats = RunStats(rows=len(rows), ok=len(rows), truncated=sum(truncated),
+                     real_tokens=sums.counts.real if sums else 0, padded_tokens=sums.counts.padded if sums else 0,
+                     methods={sums.method: 1} if sums else {}, seconds=time.perf_counter() - start)
     return columns, stats
 
 
-def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world: int, barrier, total: int | None):
+def write_table(out: Path, sidecar: Sidecar, dataset, score_chunk, rank: int, world: int, barrier,
+                total: int | None):
     """Score `dataset` (`total` rows, None if unknown) into the table `out` through parts: chunk c
     by rank c mod world, complete parts of an earlier run kept; rank 0 assembles the table and
     shows the progress. `score_chunk(rows)` returns a part's columns and statistics; `barrier()`
@@ -148,7 +149,7 @@ def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world
     parts = Parts(str(out))
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        parts.prepare({"key": sidecar["key"]}, sidecar, resume=True)
+        parts.prepare({"key": sidecar.key}, sidecar, resume=True)
     barrier()
     bar = tqdm(total=total, unit="pair", desc="prefrank: reference log-probs", disable=None if rank == 0 else True)
     n_chunks = 0
@@ -156,13 +157,13 @@ def write_table(out: Path, sidecar: dict, dataset, score_chunk, rank: int, world
         n_chunks = c + 1
         if c % world == rank and not parts.is_complete(c, [row_digest(r) for r in rows]):
             columns, stats = score_chunk(rows)
-            parts.write(c, columns, SCHEMA, stats)
+            parts.write(c, columns, TABLE, stats)
         bar.update(len(rows))
     bar.close()
     parts.mark_done(rank, n_chunks)
     barrier()
     if rank == 0:
-        parts.merge(SCHEMA)
+        parts.merge()
     barrier()
 
 
@@ -183,9 +184,10 @@ def reference_from_table(path, row_ids: list[str], rows: list[int], tokens: list
         names = set(pq.read_schema(path).names)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"ref_scores {path}: cannot read it as a Parquet score table: {e}") from None
-    if "logps" in names:
+    layout = TableLayout.of_names(names)
+    if layout.kwise:
         raise ValueError(f"ref_scores {path}: a K-wise table; the reference of pairs needs a pair table")
-    prefix = "ref_" if {"ref_logp_chosen", "ref_logp_rejected"} <= names else ""
+    prefix = "ref_" if layout.with_ref else ""
     needed = {"id", "status", "error", "n_chosen", "n_rejected", f"{prefix}logp_chosen", f"{prefix}logp_rejected"}
     if not needed <= names:
         raise ValueError(f"ref_scores {path}: not a prefrank score table (missing {', '.join(sorted(needed - names))})")

@@ -37,9 +37,11 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from prefrank import __version__
 from prefrank.dpo import trl_reference
+from prefrank.dpo.forward import completion_hidden
 from prefrank.dpo.loss import fused_linear_dpo_loss
 from prefrank.models import CausalLM, HeadError
-from prefrank.scoring import completion_hidden, resolve_method, unsupported
+from prefrank.scoring import resolve_method, unsupported
+from prefrank.table import Sidecar
 
 FUSED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")  # batch keys that are no model input
@@ -192,13 +194,14 @@ class PrefrankDPOTrainer(DPOTrainer):
         return Path(self.args.output_dir) / "prefrank_ref_logps"
 
     def _precompute(self, out: Path, key: str, dataset, name: str, lm: CausalLM):
-        sidecar = {"prefrank_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "key": key,
-                   "what": f"reference log-probs of TRL's {name} dataset (logp_* are the reference's)",
-                   "model": {"class": type(lm.model).__name__, "name_or_path": lm.config.name_or_path,
-                             "parameters": sum(p.numel() for p in lm.model.parameters())},
-                   "trl": {"max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
-                           "mixed_precision": self.accelerator.mixed_precision},
-                   "table": {"with_ref": False, "per_token": False, "kwise": False}}
+        sidecar = Sidecar(
+            prefrank_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), key=key,
+            what=f"reference log-probs of TRL's {name} dataset (logp_* are the reference's)",
+            model={"class": type(lm.model).__name__, "name_or_path": lm.config.name_or_path,
+                   "parameters": sum(p.numel() for p in lm.model.parameters())},
+            trl={"max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
+                 "mixed_precision": self.accelerator.mixed_precision},
+            table=trl_reference.TABLE)
         max_length = self.args.max_length
         logger.info(f"prefrank: scoring the reference log-probs of the {name} dataset -> {out}")
         with self.accelerator.autocast():  # the precision of TRL's own reference forward
