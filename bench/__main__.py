@@ -4,6 +4,7 @@
                                  and an 11M Llama), scaling with prompt share, vocabulary and length,
                                  C++ log-probs, fused DPO loss vs naive and Liger, streaming memory, analysis memory,
                                  grouping votes into pairs (memory, speed), model fingerprints vs sha256,
+                                 --deterministic vs the default mode (drift, whole-process time),
                                  PrefrankDPOTrainer vs TRL's DPOTrainer (needs ../shared)
   python -m bench --suite gpu    the log-prob ops on a CUDA GPU with the machine's ceilings, and scoring end
                                  to end (random-init Llama 3.2 1B and 3.1 8B shapes, bf16, HH lengths:
@@ -31,9 +32,11 @@ SUITES = {
             ("analysis", ["--sizes", "100000,1000000"]),
             ("grouping", ["--mb", "300"]),
             ("fingerprint", []),
+            ("deterministic", ["--pairs", "120", "--reps", "3"]),
             ("trl", ["--pairs", "128", "--batches", "4", "--reps", "3"])],
     "gpu": [("ops_gpu", []),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "hh", "--pairs", "512", "--compile"]),
+            ("deterministic", ["--pairs", "120", "--reps", "3", "--device", "cuda"]),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "prompt-heavy", "--pairs", "128", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.2-1b", "--mix", "completion-heavy", "--pairs", "256", "--compile"]),
             ("scoring_gpu", ["--config", "llama-3.1-8b", "--mix", "hh", "--pairs", "192", "--reps", "2", "--compile"]),

@@ -239,6 +239,11 @@ class CausalLM:
     def device(self) -> torch.device:
         return self.weight.device
 
+    @property
+    def fsdp(self) -> bool:
+        """The model is wrapped by FSDP2: its forward gathers parameters in step with the other processes."""
+        return self._fsdp
+
     def no_autograd(self):
         """The context scoring runs in: inference_mode, or no_grad for a model FSDP2 wraps (its
         unsharding tracks version counters, which inference tensors lack)."""

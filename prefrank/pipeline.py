@@ -32,14 +32,14 @@ from prefrank.runtime import (
     stop_together,
 )
 from prefrank.runtime import max_length as run_max_length
-from prefrank.scoring import METHODS, first_completion, resolve_method, score
+from prefrank.scoring import METHODS, ScoringMode, deterministic_method, first_completion, resolve_method, score
 from prefrank.table import RunStats, Sidecar, TableLayout
 from prefrank.tokenization import TokenizeOptions, effective_join, tokenize_examples
 from prefrank.votes import alpha_source
 
 
 @options
-class ScoreOptions(LoadOptions, TokenizeOptions):
+class ScoreOptions(LoadOptions, TokenizeOptions, ScoringMode):
     """Everything a scoring run is told (the options of `prefrank score`)."""
     data: str = option(help="input file or Hugging Face dataset", group="data and models", path=True)
     model: str = option(help="policy model: local folder or hub id", group="data and models", path=True)
@@ -91,12 +91,22 @@ class ScoreOptions(LoadOptions, TokenizeOptions):
                           "kept, the others scored (the run's input, options and model and tokenizer files must "
                           "match)", group="execution", decides_rows=False)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.deterministic and self.tp > 1:
+            raise InputError("<deterministic> with <tp>: a sharded model adds its partial matmuls in another order "
+                             "than one process; score deterministically without tensor parallelism")
+        if self.deterministic and self.compile:
+            raise InputError("<deterministic> with <compile>: deterministic scoring uses the kv method, which does "
+                             "not run compiled")
+
 
 @dataclass
 class Summary(RunStats):
     """The run's totals (the sidecar's summary), as `score` reports them."""
     resumed_from: int = 0  # parts an interrupted run had left, each reused if it verified
     read_as: str = ""  # the column mapping and join the input was read with (the sidecar's read_as)
+    mode: str = ""  # how deterministic scoring computed the rows (empty: the default mode)
 
     def line(self, out: str) -> str:
         waste = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
@@ -105,6 +115,8 @@ class Summary(RunStats):
                 f"{self.ok} ok, {self.errors} errors, {self.truncated} truncated -> {out}")
         if self.read_as:
             text += f"\nread as {self.read_as}"
+        if self.mode:
+            text += f"\n{self.mode}"
         if self.boundary_moved:
             text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
                      f"those ids are scored as the completions'")
@@ -297,7 +309,8 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
                 continue
             items = list(tokenized.values())
             policy, ref = (lm and score(lm, items, method=opts.method, budget=opts.max_tokens_per_batch,
-                                        per_token=opts.per_token, hidden=opts.ches or opts.hidden_sums)
+                                        per_token=opts.per_token, hidden=opts.ches or opts.hidden_sums,
+                                        deterministic=opts.deterministic)
                            for lm in (policy_lm, ref_lm))
             if not where.leader:  # a tensor-parallel rank that lent its shards: its leader writes the part
                 continue
@@ -329,7 +342,12 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     if rank != 0:
         return None
     totals, sidecar = parts.merge()
-    return Summary(**asdict(totals), resumed_from=found, read_as=sidecar.read_as)
+    mode = ""
+    if opts.deterministic:
+        used = sorted({deterministic_method(lm) for lm in (policy_lm, ref_lm) if lm is not None})
+        mode = (f"deterministic: each row scored alone by the {' and '.join(used)} method, one thread per op"
+                + (f" (--method {opts.method} not used)" if opts.method != "auto" and [opts.method] != used else ""))
+    return Summary(**asdict(totals), resumed_from=found, read_as=sidecar.read_as, mode=mode)
 
 
 def merge_parts(out: str) -> Summary:

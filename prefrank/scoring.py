@@ -29,6 +29,7 @@ from prefrank import ops
 from prefrank.batching import length_batches, pad
 from prefrank.errors import InputError
 from prefrank.ops import IGNORE_INDEX
+from prefrank.options import option, options
 from prefrank.tokenization import Tokenized
 
 METHODS = ("auto", "packed", "kv", "naive")
@@ -92,6 +93,18 @@ class SequenceLogprobs:
     def finish(self) -> "SequenceLogprobs":
         self.logps = self.logps.cpu()
         return self
+
+    @classmethod
+    def concat(cls, parts: list["SequenceLogprobs"]) -> "SequenceLogprobs":
+        """The parts' completions one after the other (the parts of one method)."""
+        out = cls(0, parts[0].token_logps is not None, parts[0].logps.device, parts[0].method)
+        out.logps = torch.cat([p.logps for p in parts])
+        if out.token_logps is not None:
+            out.token_logps = [row for p in parts for row in p.token_logps]
+        if parts[0].hidden_sums is not None:
+            out.hidden_sums = torch.cat([p.hidden_sums for p in parts])
+        out.counts = TokenCounts(sum(p.counts.real for p in parts), sum(p.counts.padded for p in parts))
+        return out
 
     def hidden_grams(self, items: list[Tokenized]) -> list[list[float]]:
         """Per item, the K×K inner products ⟨Σh_i, Σh_j⟩ of its completions' hidden sums (row-major,
@@ -398,16 +411,65 @@ def resolve_method(lm, method: str, items: list[Tokenized] | None = None) -> str
 
 
 def score(lm, items: list[Tokenized], *, method: str = "auto", budget: int = 8192, per_token: bool = False,
-          hidden: bool = False) -> SequenceLogprobs:
+          hidden: bool = False, deterministic: bool = False) -> SequenceLogprobs:
     """Σ log π(completion | prompt) for every completion of `items`, by `method` (see METHODS);
     `hidden`: also the sums of the final hidden states that predict each completion's tokens (the
     positions from the prompt's last token to the completion's second-to-last), in the same
-    forward passes: `hidden_sums` and hidden_grams() (CHES). An item longer than the model's
-    positions is refused (tokenize_examples(max_length=...) makes such rows errors instead)."""
+    forward passes: `hidden_sums` and hidden_grams() (CHES). `deterministic`: every value a
+    function of its item alone (score_alone: `method` and `budget` unused). An item longer than the
+    model's positions is refused (tokenize_examples(max_length=...) makes such rows errors instead)."""
     longest = max((len(it.prompt_ids) + max(map(len, it.completion_ids)) for it in items), default=0)
     if lm.max_positions and longest > lm.max_positions:
         raise InputError(f"an item has {longest} tokens, more than the model's {lm.max_positions} positions: "
                          f"tokenize with <max_length> {lm.max_positions} (or truncate) first")
+    if deterministic:
+        return score_alone(lm, items, per_token, hidden)
     method = resolve_method(lm, method, items)
     return {"kv": score_kv, "packed": score_packed, "naive": score_naive}[method](lm, items, budget, per_token,
                                                                                   hidden)
+
+
+@options
+class ScoringMode:
+    """How log-probs are computed: the option `score` and `train` (its evaluations and reference) share."""
+    deterministic: bool = option(
+        False, "bit-identical log-probs whatever the batching: each row scored alone by one method (kv where the "
+        "model allows it, else naive; score's --method and --max-tokens-per-batch are then not used), each op on one "
+        "thread, rows in parallel on the CPU's threads; the same bits whatever the token budget, chunk size, row "
+        "order, method, thread count or number of processes (not with --tp or --compile), at some cost on a "
+        "CPU (bench/RESULTS.md) and much more on a GPU, where rows run one at a time", group="execution")
+
+
+def deterministic_method(lm) -> str:
+    """The one computation deterministic scoring uses for this model: kv where it is exact, else naive."""
+    return "kv" if unsupported(lm, "kv") is None else "naive"
+
+
+def score_alone(lm, items: list[Tokenized], per_token: bool = False, hidden: bool = False) -> SequenceLogprobs:
+    """score() with every value a function of its item alone, bit for bit: whatever the batch, the
+    token budget, the row order, the method asked for, the thread count or the number of processes.
+    A value moves in its last bits with all of these (measured: bench/deterministic.py) because a
+    row's matmuls, attention and elementwise kernels (vectorized body or scalar tail) follow the
+    shape and the thread split of the whole batch. So each item is scored alone (its own batch, no
+    padding from other rows), by one method (deterministic_method), each op on one thread; on a CPU
+    as many items run at once as torch has threads (on a GPU or for an FSDP2 model, one at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    scorer = {"kv": score_kv, "naive": score_naive}[deterministic_method(lm)]
+    # one at a time on a GPU, and for a sharded (FSDP2) model, whose forwards gather in step across processes
+    workers = torch.get_num_threads() if lm.device.type == "cpu" and not lm.fsdp else 1
+    unbounded = 1 << 62  # a token budget no item reaches: one batch per item
+
+    # autocast is per thread: each worker runs under the caller's (the TRL drop-in's mixed precision)
+    device_type = lm.device.type
+    autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    def alone(item):
+        with torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
+            return scorer(lm, [item], unbounded, per_token, hidden)
+
+    # set_num_threads in a worker thread sets that thread's own count: the caller's stays as it was
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        parts = list(pool.map(alone, items))
+    if not parts:
+        return SequenceLogprobs(0, per_token, lm.device, deterministic_method(lm))
+    return SequenceLogprobs.concat(parts)

@@ -1,6 +1,8 @@
 """The GPU benchmark script runs (tiny shapes, any device), so a GPU session can trust it."""
 import pytest
 
+from conftest import needs_shared
+
 
 class FakeClock:
     """time.perf_counter for code whose timed calls each take a scripted number of seconds."""
@@ -124,3 +126,15 @@ def test_analysis_smoke(tmp_path):
     result = main(["--sizes", "3000", "--out-dir", str(tmp_path)])
     assert [(r["command"], r["pairs"], r["exit"]) for r in result["runs"]] == [("analyze", 3000, 0), ("report", 3000, 0)]
     assert all(r["peak_rss_mb"] > 0 for r in result["runs"])
+
+
+@needs_shared
+def test_deterministic_smoke():
+    """The deterministic benchmark on 12 HH pairs: the deterministic mode's tables agree to the bit under
+    every variant it runs, and both modes are timed."""
+    from bench.deterministic import main
+    result = main(["--smoke"])
+    assert result["drift"]["deterministic"] and all(
+        d["rows_differing"] == 0 and d["max_abs_diff"] == 0.0 for d in result["drift"]["deterministic"].values())
+    assert set(result["drift"]["default"]) == set(result["drift"]["deterministic"])
+    assert set(result["seconds"]) == {"default", "deterministic"}

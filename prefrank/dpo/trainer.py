@@ -35,14 +35,14 @@ from prefrank.ops import IGNORE_INDEX
 from prefrank.options import option, options, positive_float, positive_int, row_options
 from prefrank.runtime import barrier, distributed, load_lm, load_run_tokenizer, process_device
 from prefrank.runtime import max_length as run_max_length
-from prefrank.scoring import score
+from prefrank.scoring import ScoringMode, score
 from prefrank.tokenization import TokenizeOptions, tokenize_examples
 
 OPTIMIZERS = ("adamw", "rmsprop")
 
 
 @options
-class TrainOptions(LoadOptions, TokenizeOptions):
+class TrainOptions(LoadOptions, TokenizeOptions, ScoringMode):
     """Everything a training run is told (the options of `prefrank train` and `prefrank sft`).
     `decides_rows` marks what the cached reference log-probs depend on."""
     model: str = option(help="initial policy: local folder or hub id", group="data and models", path=True)
@@ -148,7 +148,8 @@ def _split(items, opts):
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-def _reference_logps(ref_lm, lists: dict[str, list], cache: Path, key: str) -> dict[str, torch.Tensor]:
+def _reference_logps(ref_lm, lists: dict[str, list], cache: Path, key: str,
+                     deterministic: bool = False) -> dict[str, torch.Tensor]:
     """{name: [n, 2] float64 reference log-probs} of each list of items, computed once with the
     scorer and cached under `key`. Each list is scored on its own, as the evaluation scores the
     policy on it: the batches (and so the float rounding) are the same, and a policy equal to the
@@ -158,8 +159,8 @@ def _reference_logps(ref_lm, lists: dict[str, list], cache: Path, key: str) -> d
         stored = load_file(cache)
         if bytes(stored["key"].tolist()).decode() == key and set(lists) <= set(stored):
             return {name: stored[name] for name in lists}
-    logps = {name: score(ref_lm, items).logps.view(-1, 2) if items else torch.zeros(0, 2, dtype=torch.float64)
-             for name, items in lists.items()}
+    logps = {name: score(ref_lm, items, deterministic=deterministic).logps.view(-1, 2) if items
+             else torch.zeros(0, 2, dtype=torch.float64) for name, items in lists.items()}
     save_file({**{name: t.contiguous() for name, t in logps.items()},
                "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, cache)
     return logps
@@ -180,7 +181,7 @@ def evaluate(lm: CausalLM, items, ref_logps: torch.Tensor | None, opts: TrainOpt
     reference × policy groups."""
     was_training = lm.model.training
     lm.model.eval()
-    logps = score(lm, items).logps.view(-1, 2)
+    logps = score(lm, items, deterministic=opts.deterministic).logps.view(-1, 2)
     lm.model.train(was_training)
     correct = metrics.ranking_correct(logps[:, 0].numpy(), logps[:, 1].numpy())
     lengths = torch.tensor([[len(c) for c in it.completion_ids] for it in items], dtype=torch.float64)
@@ -312,9 +313,9 @@ def _setup(opts: TrainOptions, log, judge) -> _Run:
         cache, key = out / "reference_logps.safetensors", _reference_key(opts, max_length)
         lists = {"train": train_items, "eval": [train_items[i] for i in eval_index], "val": val_items}
         if rank == 0:  # one process computes and caches them; the others read the cache
-            _reference_logps(ref_lm, lists, cache, key)
+            _reference_logps(ref_lm, lists, cache, key, opts.deterministic)
         barrier(world)
-        refs = _reference_logps(ref_lm, lists, cache, key)
+        refs = _reference_logps(ref_lm, lists, cache, key, opts.deterministic)
         ref_train, ref_eval, ref_val = refs["train"], refs["eval"], refs["val"]
     reference = ref_lm.model if ref_lm else model
     same_shapes = [p.shape for p in reference.parameters()] == [p.shape for p in model.parameters()]

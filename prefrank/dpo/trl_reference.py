@@ -116,14 +116,14 @@ def data_digest(dataset) -> str:
     return digest.hexdigest()
 
 
-def score_rows(lm, collate, rows: list[dict], max_length: int | None):
+def score_rows(lm, collate, rows: list[dict], max_length: int | None, deterministic: bool = False):
     """One part's columns and statistics: the reference log-probs of the tokens TRL scores (0 for
     a sequence with none), their counts, whether the collator truncated the row (the columns the
     token ids do not tell, such as alpha, are null)."""
     start = time.perf_counter()
     pairs = collate_pairs(collate, rows)
     logps = torch.zeros(2 * len(rows), dtype=torch.float64)
-    sums = score(lm, pairs.items, budget=BUDGET) if pairs.items else None
+    sums = score(lm, pairs.items, budget=BUDGET, deterministic=deterministic) if pairs.items else None
     if sums is not None:
         logps[torch.tensor(pairs.sequence)] = sums.logps
     logps, tokens = logps.view(-1, 2).tolist(), torch.tensor(pairs.tokens).view(-1, 2).tolist()

@@ -96,10 +96,11 @@ class PrefrankDPOTrainer(DPOTrainer):
         files, else args.output_dir/prefrank_ref_logps).
     """
 
-    def __init__(self, *args, ref_scores=None, ref_cache_dir=None, **kwargs):
+    def __init__(self, *args, ref_scores=None, ref_cache_dir=None, deterministic: bool = False, **kwargs):
         self._ref_scores = dict(ref_scores) if isinstance(ref_scores, dict) else (
             {"train": ref_scores} if ref_scores is not None else {})
         self._ref_cache_dir = ref_cache_dir
+        self._deterministic = deterministic  # the reference precompute's mode (prefrank.scoring.score_alone)
         self._row_ids = {}  # dataset name → its rows' ids as a score table names them
         super().__init__(*args, **kwargs)
         unused = sorted(set(self._ref_scores) - set(self._row_ids))
@@ -183,7 +184,8 @@ class PrefrankDPOTrainer(DPOTrainer):
                  "config": lm.config.to_json_string(),
                  "dtype": str(lm.weight.dtype), "mixed_precision": self.accelerator.mixed_precision,
                  "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
-                 "prefrank": __version__, "chunk_rows": trl_reference.CHUNK_ROWS}
+                 "prefrank": __version__, "chunk_rows": trl_reference.CHUNK_ROWS,
+                 "deterministic": self._deterministic}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def _cache_dir(self, dataset) -> Path:
@@ -206,7 +208,8 @@ class PrefrankDPOTrainer(DPOTrainer):
         logger.info(f"prefrank: scoring the reference log-probs of the {name} dataset -> {out}")
         with self.accelerator.autocast():  # the precision of TRL's own reference forward
             trl_reference.write_table(
-                out, sidecar, dataset, lambda rows: trl_reference.score_rows(lm, self.data_collator, rows, max_length),
+                out, sidecar, dataset,
+                lambda rows: trl_reference.score_rows(lm, self.data_collator, rows, max_length, self._deterministic),
                 self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.wait_for_everyone,
                 len(dataset) if isinstance(dataset, Dataset) else None)
 
