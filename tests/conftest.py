@@ -1,5 +1,6 @@
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def interrupted_at_chunk(chunk: int):
+    """Within the block, writing part `chunk` of a score table raises KeyboardInterrupt (a Ctrl-C
+    mid-run: the parts before it stay on disk for --resume)."""
+    from prefrank.io import Parts
+    real_write = Parts.write
+
+    def crash(self, c, *args, **kwargs):
+        if c == chunk:
+            raise KeyboardInterrupt
+        real_write(self, c, *args, **kwargs)
+
+    Parts.write = crash
+    try:
+        yield
+    finally:
+        Parts.write = real_write

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import interrupted_at_chunk
 from prefrank.cli import main
 from prefrank.demo.default import build_tokenizer
 from prefrank.io import Parts
@@ -279,21 +280,13 @@ def test_tokenization_modes_end_to_end(bpe_model_dir, tmp_path, capsys):
     assert code == 2 and "--append-eos with --tokenization trl" in err
 
 
-def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys, monkeypatch):
+def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "m.jsonl", MERGING)
     out = tmp_path / "s.parquet"
     args = ["score", "--data", data, "--model", bpe_model_dir, "--out", str(out), "--chunk-rows", "2"]
-    real_write = Parts.write
-
-    def crash_after_one(self, chunk, *a, **k):
-        if chunk == 1:
-            raise KeyboardInterrupt
-        real_write(self, chunk, *a, **k)
-
-    monkeypatch.setattr(Parts, "write", crash_after_one)
-    assert main(args) == 130
+    with interrupted_at_chunk(1):
+        assert main(args) == 130
     assert "rerun the same command with --resume" in capsys.readouterr().err  # Ctrl-C says how to go on
-    monkeypatch.setattr(Parts, "write", real_write)
     code, err = run(args + ["--resume", "--tokenization", "trl"], capsys)
     assert code == 2 and "other --tokenization" in err
     code, err = run(args + ["--resume"], capsys)

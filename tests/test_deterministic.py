@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import HH, STORIES, free_port, needs_shared
+from conftest import HH, STORIES, free_port, interrupted_at_chunk, needs_shared
 from prefrank.cli import main
 from prefrank.data import Columns, read_examples
 from prefrank.demo.default import build_tokenizer
@@ -119,8 +119,7 @@ def test_refused_combinations(tmp_path, capsys, extra, message):
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_the_sidecar_records_the_mode_and_resume_refuses_the_other(tmp_path, capsys, monkeypatch):
-    from prefrank.io import Parts
+def test_the_sidecar_records_the_mode_and_resume_refuses_the_other(tmp_path, capsys):
     folder = tmp_path / "model"
     tiny_model("llama").save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
@@ -128,16 +127,8 @@ def test_the_sidecar_records_the_mode_and_resume_refuses_the_other(tmp_path, cap
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(12, seed=1)))
     out = tmp_path / "s.parquet"
     run = ["score", "--data", str(data), "--model", str(folder), "--out", str(out), "--chunk-rows", "4"]
-    real_write = Parts.write
-
-    def crash_after_one(self, chunk, *a, **k):
-        if chunk == 1:
-            raise KeyboardInterrupt
-        real_write(self, chunk, *a, **k)
-
-    monkeypatch.setattr(Parts, "write", crash_after_one)
-    assert main(run + ["--deterministic"]) == 130
-    monkeypatch.setattr(Parts, "write", real_write)
+    with interrupted_at_chunk(1):
+        assert main(run + ["--deterministic"]) == 130
     capsys.readouterr()
     assert main(run + ["--resume"]) == 2 and "other --deterministic" in capsys.readouterr().err
     assert main(run + ["--resume", "--deterministic"]) == 0
