@@ -352,16 +352,23 @@ def option_flags() -> dict[str, str]:
     return options.flags(ScoreOptions, TrainOptions, AnalysisOptions)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# each command's parser, by the commands it adds: a command line naming one builds only its parser, so
+# analyze, report and pairs never import torch and models (a few hundred MB) for options they do not take
+PARSERS = ((("score",), add_score_parser), (("analyze", "report"), add_analysis_parsers),
+           (("pairs",), add_pairs_parser), (("merge",), add_merge_parser), (("train", "sft"), add_train_parsers),
+           (("demo",), add_demo_parser))
+MODEL_COMMANDS = ("score", "train", "sft", "demo")  # the commands that load models through transformers
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The command line's parser: every command's, or only the one `argv` names (its first word)."""
     parser = argparse.ArgumentParser(prog="prefrank", description="Exact, fast scoring of preference data and "
                                      "ranking analysis for language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_score_parser(sub)
-    add_analysis_parsers(sub)
-    add_pairs_parser(sub)
-    add_merge_parser(sub)
-    add_train_parsers(sub)
-    add_demo_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    named = [add for names, add in PARSERS if argv and argv[0] in names]
+    for add in named or [add for _, add in PARSERS]:
+        add(sub)
     return parser
 
 
@@ -385,10 +392,11 @@ def _catch_sigterm() -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    import transformers
-    transformers.logging.set_verbosity_error()  # prefrank reports its own progress and problems
-    transformers.logging.disable_progress_bar()
+    args = build_parser(argv).parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        import transformers
+        transformers.logging.set_verbosity_error()  # prefrank reports its own progress and problems
+        transformers.logging.disable_progress_bar()
     previous = signal.getsignal(signal.SIGTERM)
     caught = _catch_sigterm()
     try:
@@ -407,8 +415,8 @@ def main(argv=None) -> int:
     finally:
         if caught:
             signal.signal(signal.SIGTERM, previous)
-        from prefrank.runtime import shutdown
-        shutdown()
+        if "prefrank.runtime" in sys.modules:  # a torchrun job's process group, if this command made one
+            sys.modules["prefrank.runtime"].shutdown()
 
 
 if __name__ == "__main__":

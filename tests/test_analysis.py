@@ -2,6 +2,8 @@
 hand-computed cases, float64 formulas written out here, simulated coverage."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -427,3 +429,18 @@ def test_tables_read_in_batches_across_row_groups(tmp_path, monkeypatch):
     pq.write_table(pa.table({k: v[:-1] for k, v in ref_table.items()}), short, row_group_size=3)
     with pytest.raises(InputError, match="ids differ"):
         load_pairs(pol_path, str(short))
+
+
+def test_analysis_commands_do_not_load_torch(tmp_path):
+    """analyze, report and pairs on a score table build only their own parser: neither torch nor
+    transformers is imported (a few hundred MB of memory the analysis of a big table needs)."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(-20, 5, (50, 2))
+    path = write_scores(tmp_path / "s.parquet", ref + rng.normal(0, 1, (50, 2)), ref)
+    code = (f"import sys; from prefrank.cli import main\n"
+            f"assert main(['analyze', {str(path)!r}, '--out', {str(tmp_path / 'a.json')!r}]) == 0\n"
+            f"assert main(['report', {str(path)!r}, '--out', {str(tmp_path / 'rep')!r}, '--bootstrap', '10']) == 0\n"
+            f"print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[]", result.stdout
