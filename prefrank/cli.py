@@ -163,8 +163,10 @@ def run_analyze(args) -> int:
     if TableLayout.of_table(args.table).kwise:
         return _print_summary(_analyze_kwise(args), args, "exact_order_accuracy", "prompts")
     opts = _analysis_options(args)
-    pairs = load_pairs(args.table, args.ref_scores)
-    summary = summarize(pairs, opts)
+    # the table's pairs are kept only for --pairs-out: else summarize() holds the sole reference and frees
+    # the whole table's arrays once it has their ranked subset
+    pairs = load_pairs(args.table, args.ref_scores) if args.pairs_out else None
+    summary = summarize(pairs if pairs is not None else load_pairs(args.table, args.ref_scores), opts)
     if args.checkpoints:
         summary["series"] = checkpoint_series(args.checkpoints, args.ref_scores, opts.beta, opts.tie_band)
     if args.pairs_out:

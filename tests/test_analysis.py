@@ -444,3 +444,15 @@ def test_analysis_commands_do_not_load_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "[]", result.stdout
+
+
+def test_scatter_plots_draw_a_fixed_sample_of_a_big_table():
+    """Up to SCATTER_POINTS every pair is drawn; beyond, the same sample of distinct pairs on every run, in
+    order, and the title says so."""
+    from prefrank.analysis.report import SCATTER_POINTS, _drawn
+    everything, note = _drawn(SCATTER_POINTS)
+    assert np.arange(SCATTER_POINTS)[everything].tolist() == list(range(SCATTER_POINTS)) and note == ""
+    sample, note = _drawn(SCATTER_POINTS * 3 + 1)
+    again, _ = _drawn(SCATTER_POINTS * 3 + 1)
+    assert len(np.unique(sample)) == SCATTER_POINTS and (np.diff(sample) > 0).all() and sample.max() <= SCATTER_POINTS * 3
+    assert np.array_equal(sample, again) and f"of {SCATTER_POINTS * 3 + 1:,} pairs drawn" in note

@@ -82,12 +82,28 @@ def plot_accuracy(summary: dict, path: Path):
     plt.close(fig)
 
 
+SCATTER_POINTS = 20_000  # a scatter of more points draws no more legibly, and takes memory by the point
+
+
+def _drawn(n: int):
+    """The points of n that a scatter plot draws: all of them, or a fixed sample of SCATTER_POINTS (the
+    same on every run), and the note its title then carries."""
+    if n <= SCATTER_POINTS:
+        return slice(None), ""
+    sample = np.sort(np.random.default_rng(0).choice(n, SCATTER_POINTS, replace=False))
+    return sample, f"{SCATTER_POINTS:,} of {n:,} pairs drawn, a fixed random sample"
+
+
 def plot_loss_vs_c(theorem: dict, beta: float, path: Path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     c, loss, correct = theorem["c"], theorem["loss"], theorem["correct"]
-    ax.scatter(c[correct], loss[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
-    ax.scatter(c[~correct], loss[~correct], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
+    drawn, note = _drawn(len(c))
+    dc, dloss, dcorrect = c[drawn], loss[drawn], correct[drawn]
+    ax.scatter(dc[dcorrect], dloss[dcorrect], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
+    ax.scatter(dc[~dcorrect], dloss[~dcorrect], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
+    if note:
+        ax.set_title(note, fontsize=8)
     grid = np.linspace(c.min(), c.max(), 400) if len(c) else np.zeros(0)
     ax.plot(grid, -metrics.log_sigmoid(beta * grid), color="k", lw=1, label=r"$-\log\sigma(\beta c)$ (Thm 4.1)")
     ax.set_xlabel(r"difficulty $c = \log\pi_{ref}(y_l|x) - \log\pi_{ref}(y_w|x)$")
@@ -127,8 +143,10 @@ def plot_displacement(moved: dict, correct: np.ndarray, path: Path, ches: np.nda
                              squeeze=False)
     ax = axes[0, 0]
     d_w, d_l = moved["delta_w"], moved["delta_l"]
-    ax.scatter(d_w[correct], d_l[correct], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
-    ax.scatter(d_w[~correct], d_l[~correct], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
+    drawn, note = _drawn(len(d_w))
+    dw, dl, dcorrect = d_w[drawn], d_l[drawn], correct[drawn]
+    ax.scatter(dw[dcorrect], dl[dcorrect], s=6, alpha=0.5, color="tab:green", label="ranked correctly")
+    ax.scatter(dw[~dcorrect], dl[~dcorrect], s=6, alpha=0.5, color="tab:red", label="ranked incorrectly")
     ax.axvline(0, color="k", lw=0.8)
     ax.axhline(0, color="k", lw=0.8)
     if len(d_w):
@@ -140,8 +158,10 @@ def plot_displacement(moved: dict, correct: np.ndarray, path: Path, ches: np.nda
                  "chosen lost, rejected gained"), ((d_w < 0) & (d_l < 0), 0.03, 0.03, "both lost"),
                  ((d_w > 0) & (d_l < 0), 0.97, 0.03, "chosen gained, rejected lost")]
     unchanged = (d_w == 0) | (d_l == 0)
-    if unchanged.any():
-        ax.set_title(f"{100 * unchanged.mean():.0f}% of the pairs in no quadrant: a Δ of exactly 0", fontsize=9)
+    titles = ([f"{100 * unchanged.mean():.0f}% of the pairs in no quadrant: a Δ of exactly 0"] if unchanged.any()
+              else []) + ([note] if note else [])
+    if titles:
+        ax.set_title("\n".join(titles), fontsize=9)
     for mask, x, y, text in quadrants:
         ax.text(x, y, f"{text}: {100 * mask.mean():.0f}%" if len(mask) else text, transform=ax.transAxes,
                 ha="right" if x > 0.5 else "left", va="top" if y > 0.5 else "bottom", fontsize=7)
@@ -150,7 +170,7 @@ def plot_displacement(moved: dict, correct: np.ndarray, path: Path, ches: np.nda
     ax.legend(fontsize=7, loc="center right")
     if ches is not None:
         ax = axes[0, 1]
-        ax.scatter(ches, d_w, s=6, alpha=0.5, color="tab:blue")
+        ax.scatter(ches[drawn], d_w[drawn], s=6, alpha=0.5, color="tab:blue")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("CHES (reference model's hidden states)")
         ax.set_ylabel(r"$\Delta_w$")
@@ -260,6 +280,7 @@ def write_report(scores: str, out_dir: str, opts: AnalysisOptions | None = None,
     summary = summarize(all_pairs, opts)
     beta, tie_band = opts.beta, opts.tie_band
     pairs = ranked_pairs(all_pairs, tie_band)  # the pairs the summary measured
+    del all_pairs  # the plots and sections below read the ranked pairs alone
     plot_accuracy(summary, out / "accuracy.png")
     lines += _headline(summary) + ["", "![accuracy](accuracy.png)", ""]
     if pairs.has_ref and len(pairs.ids):

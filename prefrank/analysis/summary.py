@@ -135,8 +135,7 @@ class _Rows:
 
 
 def _values(column: pa.ChunkedArray) -> np.ndarray:
-    """A column as numpy, a batch at a time (Arrow's memory is reused batch after batch); null
-    reads as nan."""
+    """A column as numpy, a batch at a time; null reads as nan."""
     return column.to_numpy()
 
 
@@ -178,39 +177,50 @@ def load_pairs(scores, ref_scores: str | None = None) -> Pairs:
     own = ["id", "status", *POLICY, *(c for c in ("alpha", "reoriented") if c in names)]
     own += ref_cols if ref_scores is None else []
     ref_rows = _Rows(ref_scores, ["id", "status", *ref_cols]) if ref_scores is not None else None
-    kept = {c: [] for c in own}  # the scored rows' values, batch by batch
-    ref_kept = {c: [] for c in ref_cols} if ref_rows is not None else kept
-    positions, n_rows = [], 0
-    for rows in _Rows(scores, own):
-        ok = _ok(rows)
+    # the scored rows' values, filled batch by batch into arrays sized for the whole table: the table is
+    # never held twice (as batches and joined), and status is read for the mask only
+    total = len(scores["id"]) if isinstance(scores, dict) else _parquet(scores).metadata.num_rows
+    # 32-bit integers where they always fit (token counts; row positions below 2^31): the values are the
+    # same, in half the memory
+    dtypes = {"n_chosen": np.int32, "n_rejected": np.int32, "reoriented": bool}
+    kept = {c: np.empty(total, dtypes.get(c, np.float64)) for c in own if c not in ("id", "status")}
+    kept_ids, ref_kept = [], {c: np.empty(total) for c in ref_cols} if ref_rows is not None else kept
+    rows, n_kept, n_rows = np.empty(total, np.int32 if total < 2 ** 31 else np.int64), 0, 0
+    for batch in _Rows(scores, own):
+        ok = _ok(batch)
         if ref_rows is not None:
-            ref = ref_rows.take(len(rows))
-            if ref is None or not ref.column("id").equals(rows.column("id")):
+            ref = ref_rows.take(len(batch))
+            if ref is None or not ref.column("id").equals(batch.column("id")):
                 raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
             ok = pc.and_(ok, _ok(ref))
+        positions = np.flatnonzero(ok.to_numpy(zero_copy_only=False))
+        end = n_kept + len(positions)
+        if ref_rows is not None:
             for c in ref_cols:
-                ref_kept[c].append(_values(ref.column(c).filter(ok)))
-        for c in own:
-            kept[c].append(rows.column(c).filter(ok) if c == "id" else _values(rows.column(c).filter(ok)))
-        positions.append(np.flatnonzero(ok.to_numpy(zero_copy_only=False)) + n_rows)
-        n_rows += len(rows)
+                ref_kept[c][n_kept:end] = _values(ref.column(c).filter(ok))
+        for c in kept:
+            kept[c][n_kept:end] = _values(batch.column(c).filter(ok))
+        kept_ids.append(batch.column("id").filter(ok))
+        rows[n_kept:end] = positions + n_rows
+        n_kept, n_rows = end, n_rows + len(batch)
     if ref_rows is not None and ref_rows.take(1) is not None:
         raise InputError(f"{ref_scores} does not hold the same rows as the policy's table (ids differ)")
-    rows = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    rows = rows[:n_kept]
+    pa.default_memory_pool().release_unused()  # the batches' memory, which Arrow's allocator would keep
 
-    def column(name, dtype=np.float64, source=kept):
-        return np.concatenate(source[name]).astype(dtype, copy=False) if len(rows) else np.zeros(0, dtype)
+    def column(name, source=kept):
+        return source[name][:n_kept]
 
-    reoriented = column("reoriented", bool) if "reoriented" in kept else np.zeros(len(rows), bool)
+    reoriented = column("reoriented") if "reoriented" in kept else np.zeros(len(rows), bool)
     alpha = column("alpha") if "alpha" in kept else None
     if alpha is not None and np.isnan(alpha).all():
         alpha = None
     elif alpha is not None and np.isnan(alpha).any():
         raise InputError("alpha is missing on some scored rows but not all; idealized accuracy needs it on every pair")
     ref_w, ref_l, *ches = [column(c, source=ref_kept) for c in ref_cols] or [None, None]
-    return Pairs(ids=pa.chunked_array(kept["id"], type=pa.string()).combine_chunks(), rows=rows,
+    return Pairs(ids=pa.chunked_array(kept_ids, type=pa.string()).combine_chunks(), rows=rows,
                  pol_w=column("logp_chosen"), pol_l=column("logp_rejected"),
-                 n_w=column("n_chosen", np.int64), n_l=column("n_rejected", np.int64),
+                 n_w=column("n_chosen"), n_l=column("n_rejected"),
                  ref_w=ref_w, ref_l=ref_l, alpha=alpha, reoriented=reoriented, n_rows=n_rows,
                  ref_ches=np.stack(ches, 1) if ches else None,
                  alpha_source=None if alpha is None else _alpha_source(scores))
@@ -272,21 +282,25 @@ def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
     beta, betas, epsilon, gamma, tie_band = opts.beta, opts.betas, opts.epsilon, opts.gamma, opts.tie_band
     n_boot, bootstrap_seed = opts.n_boot, opts.bootstrap_seed
     p = ranked_pairs(pairs, tie_band)
-    norm_w, norm_l = metrics.length_normalized(p.pol_w, p.n_w), metrics.length_normalized(p.pol_l, p.n_l)
-    observed = {
-        "raw": metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band),
-        "length_normalized": metrics.ranking_correct(norm_w, norm_l, p.alpha, tie_band),
-    }
     out = {
         "n_pairs": len(pairs.ids), "n_errors": pairs.n_errors, "n_ties": int(pairs.tie.sum()), "n_ranked": len(p.ids),
         "n_reoriented": int(pairs.reoriented.sum()),
         "n_chosen_rejected_by_raters": 0 if pairs.alpha is None else int((pairs.alpha < 0.5).sum()),
-        **({"alpha_source": pairs.alpha_source} if pairs.alpha_source else {}),
-        "ranking_accuracy": _accuracy(observed["raw"], n_boot, bootstrap_seed),
-        "ranking_accuracy_length_normalized": _accuracy(observed["length_normalized"], n_boot, bootstrap_seed),
+        **({"alpha_source": pairs.alpha_source} if pairs.alpha_source else {})}
+    # from here on only the ranked pairs: when the caller keeps no reference to the whole table
+    # (analyze without --pairs-out), its arrays are freed rather than held beside their subset
+    del pairs
+    pa.default_memory_pool().release_unused()  # the whole table's ids, which Arrow's allocator would keep
+    out["ranking_accuracy"] = _accuracy(metrics.ranking_correct(p.pol_w, p.pol_l, p.alpha, tie_band), n_boot,
+                                        bootstrap_seed)
+    norm_w, norm_l = metrics.length_normalized(p.pol_w, p.n_w), metrics.length_normalized(p.pol_l, p.n_l)
+    out.update({
+        "ranking_accuracy_length_normalized": _accuracy(metrics.ranking_correct(norm_w, norm_l, p.alpha, tie_band),
+                                                        n_boot, bootstrap_seed),
         # keyed as the command line names them (--bootstrap: n_boot)
         "options": {flag[2:].replace("-", "_"): getattr(opts, name) for name, flag in flags(AnalysisOptions).items()},
-    }
+    })
+    del norm_w, norm_l
     if not p.has_ref or not len(p.ids):
         return out
     m = pair_measures(p, beta, tie_band)
@@ -299,14 +313,17 @@ def summarize(pairs: Pairs, opts: AnalysisOptions | None = None) -> dict:
     out["reward_accuracy"] = _accuracy(m.margin > 0, n_boot, bootstrap_seed)
     out["theorem41_violations"] = int(len(m.theorem["violations"]))
     out["theorem41_violating_ids"] = p.id_list(m.theorem["violations"][:20])
-    out["difficulty"] = _difficulty(p, m.theorem["c"])
-    out["displacement"] = m.displacement
+    displacement, groups, c = m.displacement, m.groups, m.theorem["c"]
     if p.ref_ches is not None:  # CHES of the reference predicts which pairs' chosen loses likelihood
         delta_w = m.moved["delta_w"]
-        out["displacement"]["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], delta_w)
-        out["displacement"]["spearman_ref_ches_normalized_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 1],
-                                                                                               delta_w)
-    out["groups"] = m.groups
+        displacement["spearman_ref_ches_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 0], delta_w)
+        displacement["spearman_ref_ches_normalized_vs_delta_chosen"] = metrics.spearman(p.ref_ches[:, 1], delta_w)
+        del delta_w
+    del m  # the per-pair measures but c: the difficulty's rank correlations need the room
+    out["difficulty"] = _difficulty(p, c)
+    del c
+    out["displacement"] = displacement
+    out["groups"] = groups
     if p.alpha is None:
         return out
     ref_norm_w, ref_norm_l = metrics.length_normalized(p.ref_w, p.n_w), metrics.length_normalized(p.ref_l, p.n_l)
