@@ -77,7 +77,12 @@ def run_score(args) -> int:
         data, model = default_data, model or default_model
     opts = options.from_args(ScoreOptions, args, data=data, model=model, columns=columns_from_args(args))
     existed = os.path.exists(opts.out)
-    summary = score_dataset(opts)
+    try:
+        summary = score_dataset(opts)
+    except KeyboardInterrupt:
+        from prefrank.io import Parts
+        args.parts_left = Parts(opts.out).dir.exists()  # what the interruption's message says
+        raise
     if summary is not None:  # rank 0 (or a single process)
         print(summary.line(opts.out) + (f"\n({opts.out} existed: it was replaced)" if existed else ""), file=sys.stderr)
         if summary.rows and not summary.ok:
@@ -409,8 +414,10 @@ def main(argv=None) -> int:
         print(f"prefrank {args.command}: error: {e.text(option_flags())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        resume = (" (the parts written so far are kept: rerun the same command with --resume to continue)"
-                  if args.command == "score" else "")
+        resume = ""
+        if args.command == "score":
+            resume = (" (the parts written so far are kept: rerun the same command with --resume to continue)"
+                      if getattr(args, "parts_left", False) else " before any part was written: nothing to resume")
         terminated = isinstance(e, Terminated)
         print(f"prefrank: {'terminated (SIGTERM)' if terminated else 'interrupted'}{resume}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)

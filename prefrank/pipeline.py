@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import islice
 
 import torch
@@ -106,7 +106,7 @@ class Summary(RunStats):
     """The run's totals (the sidecar's summary), as `score` reports them."""
     resumed_from: int = 0  # parts an interrupted run had left, each reused if it verified
     read_as: str = ""  # the column mapping and join the input was read with (the sidecar's read_as)
-    mode: str = ""  # how deterministic scoring computed the rows (empty: the default mode)
+    notes: str = ""  # lines on how the run went: the deterministic mode's method, a --resume with nothing to resume
 
     def line(self, out: str) -> str:
         waste = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
@@ -115,8 +115,8 @@ class Summary(RunStats):
                 f"{self.ok} ok, {self.errors} errors, {self.truncated} truncated -> {out}")
         if self.read_as:
             text += f"\nread as {self.read_as}"
-        if self.mode:
-            text += f"\n{self.mode}"
+        if self.notes:
+            text += f"\n{self.notes}"
         if self.boundary_moved:
             text += (f"\n{self.boundary_moved} rows had their prompt's last tokens merged with a completion's first: "
                      f"those ids are scored as the completions'")
@@ -342,12 +342,17 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     if rank != 0:
         return None
     totals, sidecar = parts.merge()
-    mode = ""
+    notes = []
     if opts.deterministic:
         used = sorted({deterministic_method(lm) for lm in (policy_lm, ref_lm) if lm is not None})
-        mode = (f"deterministic: each row scored alone by the {' and '.join(used)} method, one thread per op"
-                + (f" (--method {opts.method} not used)" if opts.method != "auto" and [opts.method] != used else ""))
-    return Summary(**asdict(totals), resumed_from=found, read_as=sidecar.read_as, mode=mode)
+        unused = [f"--method {opts.method}"] if opts.method != "auto" and [opts.method] != used else []
+        budget = next(f.default for f in fields(opts) if f.name == "max_tokens_per_batch")
+        unused += [f"--max-tokens-per-batch {opts.max_tokens_per_batch}"] * (opts.max_tokens_per_batch != budget)
+        notes.append(f"deterministic: each row scored alone by the {' and '.join(used)} method, one thread per op"
+                     + (f" ({' and '.join(unused)} not used)" if unused else ""))
+    if opts.resume and not found:
+        notes.append("--resume: no parts of an earlier run were on disk: scored from the start")
+    return Summary(**asdict(totals), resumed_from=found, read_as=sidecar.read_as, notes="\n".join(notes))
 
 
 def merge_parts(out: str) -> Summary:

@@ -293,6 +293,24 @@ def test_resume_refuses_another_tokenization(bpe_model_dir, tmp_path, capsys):
     assert code == 0 and "resumed: 1 parts were on disk" in err  # part 0 was written before the crash
 
 
+def test_an_interruption_before_any_part_says_there_is_nothing_to_resume(model_dirs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the models load: no parts exist, so the message does not promise any; a --resume then
+    says it found nothing and scored from the start."""
+    import prefrank.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    args = ["score", "--data", write_jsonl(tmp_path / "d.jsonl", GOOD), "--model", model_dirs[0], "--out",
+            str(tmp_path / "s.parquet")]
+    with monkeypatch.context() as patch:
+        patch.setattr(prefrank.pipeline, "load_run_tokenizer", interrupted)
+        code, err = run(args, capsys)
+    assert code == 130 and "before any part was written: nothing to resume" in err and "--resume" not in err
+    code, err = run(args + ["--resume"], capsys)
+    assert code == 0 and "--resume: no parts of an earlier run were on disk: scored from the start" in err
+
+
 def test_an_internal_error_keeps_its_traceback(model_dirs, tmp_path, monkeypatch):
     """Only the user's mistakes (InputError) become one line: a bug elsewhere surfaces with its
     traceback, even when it is a ValueError."""

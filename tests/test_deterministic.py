@@ -136,8 +136,8 @@ def test_the_sidecar_records_the_mode_and_resume_refuses_the_other(tmp_path, cap
     assert "resumed: 1 parts" in err and "deterministic: each row scored alone by the kv method" in err
     assert json.loads(open(f"{out}.meta.json").read())["options"]["deterministic"] is True
     out.unlink()
-    assert main(run + ["--deterministic", "--method", "packed"]) == 0
-    assert "(--method packed not used)" in capsys.readouterr().err
+    assert main(run + ["--deterministic", "--method", "packed", "--max-tokens-per-batch", "700"]) == 0
+    assert "(--method packed and --max-tokens-per-batch 700 not used)" in capsys.readouterr().err
 
 
 def test_training_and_the_trl_reference_score_deterministically(tmp_path, monkeypatch):
