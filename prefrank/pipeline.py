@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 
 import torch
@@ -346,8 +346,8 @@ def _score(opts: ScoreOptions, where: Layout, device: torch.device, progress: bo
     if opts.deterministic:
         used = sorted({deterministic_method(lm) for lm in (policy_lm, ref_lm) if lm is not None})
         unused = [f"--method {opts.method}"] if opts.method != "auto" and [opts.method] != used else []
-        budget = next(f.default for f in fields(opts) if f.name == "max_tokens_per_batch")
-        unused += [f"--max-tokens-per-batch {opts.max_tokens_per_batch}"] * (opts.max_tokens_per_batch != budget)
+        if opts.max_tokens_per_batch != ScoreOptions.max_tokens_per_batch:  # not the default
+            unused.append(f"--max-tokens-per-batch {opts.max_tokens_per_batch}")
         notes.append(f"deterministic: each row scored alone by the {' and '.join(used)} method, one thread per op"
                      + (f" ({' and '.join(unused)} not used)" if unused else ""))
     if opts.resume and not found:
@@ -387,7 +387,7 @@ def _chunk_stats(chunk, tokenized, errors, sums, seconds: float) -> RunStats:
 def _layout(opts: ScoreOptions, with_ref: bool) -> TableLayout:
     """The score table's columns (the sidecar records them)."""
     return TableLayout(with_ref=with_ref, per_token=opts.per_token, kwise=opts.columns.completions is not None,
-                  ches=opts.ches, hidden_sums=opts.hidden_sums)
+                       ches=opts.ches, hidden_sums=opts.hidden_sums)
 
 
 def _manifest(opts: ScoreOptions, sidecar: Sidecar) -> dict:

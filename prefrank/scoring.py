@@ -454,7 +454,8 @@ def score_alone(lm, items: list[Tokenized], per_token: bool = False, hidden: boo
     padding from other rows), by one method (deterministic_method), each op on one thread; on a CPU
     as many items run at once as torch has threads (on a GPU or for an FSDP2 model, one at a time)."""
     from concurrent.futures import ThreadPoolExecutor
-    scorer = {"kv": score_kv, "naive": score_naive}[deterministic_method(lm)]
+    method = deterministic_method(lm)
+    scorer = {"kv": score_kv, "naive": score_naive}[method]
     # one at a time on a GPU, and for a sharded (FSDP2) model, whose forwards gather in step across processes
     workers = torch.get_num_threads() if lm.device.type == "cpu" and not lm.fsdp else 1
     unbounded = 1 << 62  # a token budget no item reaches: one batch per item
@@ -471,5 +472,5 @@ def score_alone(lm, items: list[Tokenized], per_token: bool = False, hidden: boo
     with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         parts = list(pool.map(alone, items))
     if not parts:
-        return SequenceLogprobs(0, per_token, lm.device, deterministic_method(lm))
+        return SequenceLogprobs(0, per_token, lm.device, method)
     return SequenceLogprobs.concat(parts)
