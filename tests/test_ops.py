@@ -206,6 +206,60 @@ def test_logprobs_from_hidden_backward_for_any_upstream_gradient(backend, monkey
         assert err <= 1e-5 * e.grad.abs().max().item() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend, tile_cols, v", [(b, None, 4099) for b in BACKENDS] +  # triton: interpreted, slow
+                         [(b, 100, 1031) for b in ("cpp", "torch")])
+def test_logprobs_from_hidden_in_vocabulary_tiles(backend, dtype, tile_cols, v, monkeypatch):
+    """The CPU head's vocabulary tiles (ops/head.py): the default width on a vocabulary of two full
+    tiles and a ragged one, and narrow tiles (11, the last of 31 columns) with several blocks of
+    rows; targets in every tile, ignored rows, bias, softcap and temperature; log-probs and the
+    gradients for an arbitrary upstream gradient against float64 autograd through the full logits."""
+    from prefrank.ops import head
+    if tile_cols is not None:
+        monkeypatch.setattr(head, "TILE_COLS", tile_cols)
+    monkeypatch.setenv("PREFRANK_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    n, d = 300, 24
+    hidden, weight, bias = (torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / 2,
+                            torch.randn(v, generator=g))
+    targets = torch.randint(0, v, (n,), generator=g)
+    every = torch.arange(0, v, 97)
+    targets[:len(every)] = every  # a target in every tile
+    targets[5::7] = IGNORE_INDEX
+    upstream = torch.randn(n, generator=g)
+    leaves = [x.to(dtype).requires_grad_() for x in (hidden, weight, bias)]
+    chunk_bytes = 4 * 128 * (100 + 2 * d) if tile_cols else None  # 128 rows a block: 3 blocks
+    assert head.Head(weight, bias, chunk_bytes=chunk_bytes).cols == min(v, head.TILE_COLS)
+    out = ops.logprobs_from_hidden(*leaves[:2], targets, leaves[2], softcap=20.0, temperature=1.3,
+                                   chunk_bytes=chunk_bytes)
+    (out * upstream).sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    z = (ref[0] @ ref[1].T + ref[2]) / 1.3
+    expected = float64_logprobs(20.0 * torch.tanh(z / 20.0), targets)
+    (expected * upstream.double()).sum().backward()
+    # bf16: the logits are rounded to bf16 (as the model's own are) before the fp32 math
+    check(f"{backend} {dtype} tiles of {tile_cols}", out, expected.detach(), 1e-5 if dtype == torch.float32 else 2**-7)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, e in zip(("hidden", "weight", "bias"), leaves, ref):
+        err = (a.grad.double() - e.grad).abs().max().item()
+        print(f"{backend} {dtype} d{name}: max abs error {err:.3g} (max {e.grad.abs().max().item():.3g})")
+        assert a.grad.dtype == dtype and err <= tol * e.grad.abs().max().item()
+
+
+def test_logprobs_from_hidden_gradcheck_float64_in_tiles(monkeypatch):
+    """float64 gradcheck through tiles of 4 columns (the last of 3) and blocks of 1 row."""
+    from prefrank.ops import head
+    monkeypatch.setattr(head, "TILE_COLS", 4)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.tensor([1, IGNORE_INDEX, 10, 7])
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: ops.logprobs_from_hidden(h, w, targets, b, softcap=4.0, temperature=0.9, chunk_bytes=100),
+        (hidden, weight, bias))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sequence_logprobs_and_segment_sums(backend, dtype, monkeypatch):

@@ -78,33 +78,32 @@ def choose(t: torch.Tensor, backend: str | None = None) -> str:
 # ---------------------------------------------------------------- launchers
 
 def _cpp_logprobs(logits, targets, ignore_index, num_threads):
+    """(logp [N], lse [N]) from the C++ kernel: fp32, float64 for float64 logits."""
     if logits.dtype not in _CPP_DTYPES or logits.device.type != "cpu":
         raise TypeError(f"the cpp backend takes CPU floating-point logits, not {logits.dtype} on {logits.device}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     targets = targets.to(torch.int64).contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    logp = torch.empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    lse = torch.empty_like(logp)
     bad = _cpu_ops.logprobs_from_logits(
         logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
-        targets.data_ptr(), out.data_ptr(), ignore_index, num_threads)
+        targets.data_ptr(), logp.data_ptr(), lse.data_ptr(), ignore_index, num_threads)
     if bad:  # the extension skips such rows (no stray reads); the public API refuses them before
         raise RuntimeError(f"internal error: {bad} out-of-range targets reached the C++ backend unchecked")
-    return out
+    return logp, lse
 
 
 def logprobs_and_lse(backend: str, logits, targets, ignore_index: int, num_threads: int = 0):
     """(logp [N], lse [N]) of `logits` [N, V] at `targets` on `backend`: fp32 (float64 for float64
     logits on cpp and torch); 0 in both for ignored rows. `logits` is left intact."""
-    keep = targets != ignore_index
     if backend == "triton":
         logp, lse = _triton_kernels().logprobs_from_logits_forward(logits, targets, ignore_index)
         return logp.to(upcast(logits[:0]).dtype), lse.to(upcast(logits[:0]).dtype)
     if backend == "cpp":
-        logp = _cpp_logprobs(logits, targets, ignore_index, num_threads)
-        picked = upcast(logits.gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1))
-        return logp, torch.where(keep, picked - logp, 0.0)  # the kernel returns no lse: the target's logit minus logp
+        return _cpp_logprobs(logits, targets, ignore_index, num_threads)
     logp = torch_logprobs_from_logits(logits, targets, ignore_index)
-    return logp, torch.where(keep, torch.logsumexp(upcast(logits), -1), 0.0)
+    return logp, torch.where(targets != ignore_index, torch.logsumexp(upcast(logits), -1), 0.0)
 
 
 def logprobs_backward_(backend: str, logits, targets, lse, g, ignore_index: int | None):

@@ -15,21 +15,35 @@ the model's own backward would). d weight and d bias accumulate across chunks in
 to the weight's dtype once at the end: a half-precision accumulator would round once per chunk,
 and its error would grow with the number of chunks past plain torch's single rounding. Chunks hold
 a multiple of 128 rows where they can: a GEMM tile's height, so no tile runs nearly empty.
-`forward` keeps one logsumexp per row, `backward` recomputes each chunk; the registered op
+On the CPU a large vocabulary goes in tiles of TILE_COLS columns: a block of rows meets the weight
+tile by tile, each tile's log-sum-exp joins the row's by logaddexp, the target's logit is read from
+the tile that holds it, and the backward adds each tile's d hidden (fp32) and writes its rows of
+d weight. A GEMM against a [2048, d] slice of the weight runs about a fifth faster there than
+against the whole [V, d] weight with fewer rows (MKL repacks the weight on every call; bench/head.py),
+and the rows per block follow the tile's width. On a GPU the tile is the whole vocabulary.
+`forward` keeps one logsumexp per row, `backward` recomputes each tile; the registered op
 prefrank::logprobs_from_hidden runs them (registered.py).
 """
 import torch
 import torch.nn.functional as F
 
-from prefrank.ops import backends
+from prefrank.ops import backends, torch_backend
 from prefrank.ops.torch_backend import IGNORE_INDEX, head_logits, upcast
 
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # logits per chunk: GEMMs big enough for a GPU; cache-sized on CPU
+TILE_COLS = 2048  # the vocabulary tile's width on the CPU (measured: bench/head.py)
+
+
+def _round_rows(rows: int) -> int:
+    """A multiple of 128 rows (a GEMM tile's height) where there are that many."""
+    return rows - rows % 128 if rows >= 128 else max(1, rows)
 
 
 class Head:
-    """The head's parameters and chunk size; `backend` runs the log-softmax steps (backends.BACKENDS).
-    `chunk_bytes`: memory for one chunk's logits (None: by device, CHUNK_BYTES)."""
+    """The head's parameters and chunk sizes; `backend` runs the log-softmax steps (backends.BACKENDS).
+    `chunk_bytes`: memory for one chunk's logits (None: by device, CHUNK_BYTES). `rows`: the rows of
+    a chunk of whole-vocabulary logits (the fused DPO loss); `cols` and `tile_rows`: the tiles of
+    forward and backward (cols = V but on the CPU; then tile_rows = rows)."""
 
     def __init__(self, weight, bias=None, softcap=None, temperature=1.0, backend="torch", chunk_bytes=None):
         self.weight, self.bias, self.softcap, self.temperature = weight, bias, softcap, temperature
@@ -38,14 +52,19 @@ class Head:
         logit_bytes = 4 if self.fp32_logits else weight.element_size()
         if chunk_bytes is None:
             chunk_bytes = CHUNK_BYTES["cuda" if weight.is_cuda else "cpu"]
-        rows = max(1, chunk_bytes // (logit_bytes * max(weight.shape[0], 1)))
-        self.rows = rows - rows % 128 if rows >= 128 else rows
+        vocab, width = weight.shape
+        self.rows = _round_rows(chunk_bytes // (logit_bytes * max(vocab, 1)))
+        self.cols = vocab if weight.is_cuda else min(vocab, TILE_COLS)
+        # a tiled block also holds its hidden rows and their fp32 d hidden
+        self.tile_rows = self.rows if self.cols == vocab else _round_rows(chunk_bytes // (4 * (self.cols + 2 * width)))
 
-    def logits(self, hidden_rows):
-        """[n, V] logits of a chunk of rows: the weight's dtype, or fp32 under softcap / temperature."""
+    def logits(self, hidden_rows, cols=slice(None)):
+        """[n, V] logits of a chunk of rows (of the vocabulary slice `cols`): the weight's dtype, or
+        fp32 under softcap / temperature."""
+        weight, bias = self.weight[cols], None if self.bias is None else self.bias[cols]
         if self.fp32_logits:
-            return head_logits(hidden_rows, self.weight, self.bias, self.softcap, self.temperature)
-        return F.linear(hidden_rows.to(self.weight.dtype), self.weight, self.bias)
+            return head_logits(hidden_rows, weight, bias, self.softcap, self.temperature)
+        return F.linear(hidden_rows.to(weight.dtype), weight, bias)
 
     def logprobs(self, logits, targets):
         """(logp, lse) of a chunk without ignored rows, fp32 (float64 for float64 logits); `logits`
@@ -68,19 +87,59 @@ class Head:
         return [grad_h, None if grad_w is None else grad_w.to(self.weight.dtype),
                 None if grad_b is None else grad_b.to(self.bias.dtype)]
 
+    def tiled_logprobs(self, hidden_rows, targets):
+        """(logp, lse) of a block of rows (no ignored rows), tile by tile over the vocabulary."""
+        vocab = self.weight.shape[0]
+        if self.cols == vocab:
+            return self.logprobs(self.logits(hidden_rows), targets)
+        lse, picked = None, torch.empty(targets.shape, dtype=upcast(hidden_rows[:0]).dtype, device=targets.device)
+        anywhere = torch.zeros_like(targets)  # the tile's log-sum-exp does not need the target
+        for start in range(0, vocab, self.cols):
+            logits = self.logits(hidden_rows, slice(start, start + self.cols))
+            tile_lse = self.logprobs(logits, anywhere)[1]
+            lse = tile_lse if lse is None else torch.logaddexp(lse, tile_lse)
+            here = torch.nonzero((targets >= start) & (targets < start + self.cols)).squeeze(1)
+            picked[here] = upcast(logits[here, targets[here] - start]).to(picked.dtype)
+        return picked - lse, lse
+
+    def tiled_backward_(self, hidden_rows, targets, lse, g, grads, row_index):
+        """Add a block of rows' contributions to grads (see backward_), tile by tile over the
+        vocabulary; d hidden is summed over the tiles in fp32 and written once."""
+        vocab = self.weight.shape[0]
+        if self.cols == vocab:
+            return self.backward_(self.logits(hidden_rows), targets, lse, g, hidden_rows, grads, row_index)
+        grad_h, grad_w, grad_b = grads
+        block_h = torch.zeros(hidden_rows.shape, dtype=lse.dtype) if grad_h is not None else None
+        for start in range(0, vocab, self.cols):
+            cols = slice(start, start + self.cols)
+            here = torch.nonzero((targets >= start) & (targets < start + self.cols)).squeeze(1)
+            d_raw = self.d_raw_(self.logits(hidden_rows, cols), targets[here] - start, lse, g, here)
+            self._add_grads(d_raw, hidden_rows, cols, [block_h, grad_w, grad_b])
+        if grad_h is not None:
+            grad_h[row_index] = block_h.to(grad_h.dtype)
+
+    def d_raw_(self, logits, targets, lse, g, rows=None):
+        """d raw (the weight's dtype) from a chunk's logits (turned in place where they allow it)
+        for per-row gradients `g`; `rows`: the rows whose targets lie in these logits' columns
+        (None: all)."""
+        # fp32 math, except where the Triton kernel writes d logits straight over half logits
+        tanh_sq = None
+        if self.fp32_logits or self.backend != "triton" or rows is not None:
+            logits = upcast(logits)  # a copy for half logits; fp32 logits are updated in place
+            tanh_sq = (logits / self.softcap) ** 2 if self.softcap else None
+        if rows is None:
+            d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None)  # no ignored rows
+        else:  # a tile: only some rows have their target here (the torch formula, every backend)
+            d_logits = torch_backend.logprobs_backward_(logits, targets, lse, g, rows)
+        if tanh_sq is not None:
+            d_logits.mul_(1 - tanh_sq)
+        return (d_logits.div_(self.temperature) if self.temperature != 1.0 else d_logits).to(self.weight.dtype)
+
     def backward_(self, logits, targets, lse, g, hidden_rows, grads, row_index):
         """Turn a chunk's logits (in place where they allow it) into d raw for per-row gradients
         `g`, and add the chunk's contributions to grads (see new_grads; d hidden's rows are written
         at row_index)."""
-        # fp32 math, except where the Triton kernel writes d logits straight over half logits
-        tanh_sq = None
-        if self.fp32_logits or self.backend != "triton":
-            logits = upcast(logits)  # a copy for half logits; fp32 logits are updated in place
-            tanh_sq = (logits / self.softcap) ** 2 if self.softcap else None
-        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None)  # chunks: no ignored rows
-        if tanh_sq is not None:
-            d_logits.mul_(1 - tanh_sq)
-        d_raw = (d_logits.div_(self.temperature) if self.temperature != 1.0 else d_logits).to(self.weight.dtype)
+        d_raw = self.d_raw_(logits, targets, lse, g)
         grad_h, grad_w, grad_b = grads
         if grad_h is not None:
             grad_h[row_index] = (d_raw @ self.weight).to(grad_h.dtype)
@@ -88,6 +147,16 @@ class Head:
             _add_product_(grad_w, d_raw.T, hidden_rows.to(d_raw.dtype))
         if grad_b is not None:
             grad_b += upcast(d_raw).sum(0)
+
+    def _add_grads(self, d_raw, hidden_rows, cols, grads):
+        """Add a tile's d raw to [the block's fp32 d hidden, d weight, d bias] (None: not needed)."""
+        block_h, grad_w, grad_b = grads
+        if block_h is not None:
+            _add_product_(block_h, d_raw, self.weight[cols])
+        if grad_w is not None:
+            _add_product_(grad_w[cols], d_raw.T, hidden_rows.to(d_raw.dtype))
+        if grad_b is not None:
+            grad_b[cols] += upcast(d_raw).sum(0)
 
 
 def _add_product_(acc, a, b):
@@ -108,21 +177,20 @@ def forward(hidden, weight, bias, targets, head: Head, ignore_index: int):
     acc = upcast(hidden[:0]).dtype
     out = torch.zeros(targets.shape[0], dtype=acc, device=hidden.device)
     lse = torch.zeros(targets.shape[0], dtype=acc, device=hidden.device)
-    for start in range(0, rows.numel(), head.rows):
-        idx = rows[start:start + head.rows]
-        logp, chunk_lse = head.logprobs(head.logits(hidden[idx]), targets[idx])
-        out[idx], lse[idx] = logp.to(acc), chunk_lse.to(acc)
+    for start in range(0, rows.numel(), head.tile_rows):
+        idx = rows[start:start + head.tile_rows]
+        logp, block_lse = head.tiled_logprobs(hidden[idx], targets[idx])
+        out[idx], lse[idx] = logp.to(acc), block_lse.to(acc)
     return out, lse
 
 
 def backward(grad_out, hidden, targets, lse, head: Head, ignore_index: int, need_h: bool, need_w: bool,
              need_b: bool) -> list:
     """[d hidden, d weight, d bias] (None where not needed) for per-row upstream gradients
-    grad_out [N], recomputing each chunk's logits; lse from `forward`."""
+    grad_out [N], recomputing each tile's logits; lse from `forward`."""
     rows = torch.nonzero(targets != ignore_index).squeeze(1)
     grads = head.new_grads(hidden, need_h, need_w, need_b)
-    for start in range(0, rows.numel(), head.rows):
-        idx = rows[start:start + head.rows]
-        h = hidden[idx]
-        head.backward_(head.logits(h), targets[idx], lse[idx], grad_out[idx].to(lse.dtype), h, grads, idx)
+    for start in range(0, rows.numel(), head.tile_rows):
+        idx = rows[start:start + head.tile_rows]
+        head.tiled_backward_(hidden[idx], targets[idx], lse[idx], grad_out[idx].to(lse.dtype), grads, idx)
     return head.finish_grads(grads)

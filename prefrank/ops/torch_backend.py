@@ -28,11 +28,15 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     return torch.where(keep, logp, 0.0)
 
 
-def logprobs_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def logprobs_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
     """d logits = g · (onehot(target) − softmax(logits)) for per-row gradients g [n], written over
-    `logits` [n, V] (rows whose targets are all in range) and returned."""
+    `logits` [n, V] and returned. Targets [n] in range; or, given `rows` [m] (the rows whose target
+    lies in these columns: a tile of the vocabulary), targets [m] of those rows, the others' onehot 0."""
     d = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-    d[torch.arange(len(targets), device=targets.device), targets] += g
+    if rows is None:
+        rows = torch.arange(len(targets), device=targets.device)
+    d[rows, targets] += g[rows]
     return d
 
 
