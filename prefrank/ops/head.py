@@ -68,16 +68,18 @@ class Head:
         return [grad_h, None if grad_w is None else grad_w.to(self.weight.dtype),
                 None if grad_b is None else grad_b.to(self.bias.dtype)]
 
-    def backward_(self, logits, targets, lse, g, hidden_rows, grads, row_index):
+    def backward_(self, logits, targets, lse, g, hidden_rows, grads, row_index, target_g=None):
         """Turn a chunk's logits (in place where they allow it) into d raw for per-row gradients
         `g`, and add the chunk's contributions to grads (see new_grads; d hidden's rows are written
-        at row_index)."""
+        at row_index). target_g: the one-hot term's per-row weight where it is not g (a vocabulary
+        shard: 0 for rows whose target another shard holds; backends.logprobs_backward_)."""
         # fp32 math, except where the Triton kernel writes d logits straight over half logits
         tanh_sq = None
-        if self.fp32_logits or self.backend != "triton":
+        if self.fp32_logits or self.backend != "triton" or target_g is not None:
             logits = upcast(logits)  # a copy for half logits; fp32 logits are updated in place
             tanh_sq = (logits / self.softcap) ** 2 if self.softcap else None
-        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None)  # chunks: no ignored rows
+        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None,  # chunks: no ignored rows
+                                               target_g)
         if tanh_sq is not None:
             d_logits.mul_(1 - tanh_sq)
         d_raw = (d_logits.div_(self.temperature) if self.temperature != 1.0 else d_logits).to(self.weight.dtype)

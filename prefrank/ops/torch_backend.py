@@ -28,11 +28,14 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     return torch.where(keep, logp, 0.0)
 
 
-def logprobs_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """d logits = g · (onehot(target) − softmax(logits)) for per-row gradients g [n], written over
-    `logits` [n, V] (rows whose targets are all in range) and returned."""
+def logprobs_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                       target_g: torch.Tensor | None = None) -> torch.Tensor:
+    """d logits = target_g · onehot(target) − g · softmax(logits) for per-row gradients g [n]
+    (target_g: g unless given; 0 for a row whose target lies in another rank's vocabulary shard,
+    ops/vocab_parallel.py), written over `logits` [n, V] (rows whose targets are all in range) and
+    returned."""
     d = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-    d[torch.arange(len(targets), device=targets.device), targets] += g
+    d[torch.arange(len(targets), device=targets.device), targets] += g if target_g is None else target_g
     return d
 
 
