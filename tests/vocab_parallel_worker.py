@@ -18,9 +18,11 @@ import torch.nn.functional as F
 V, D, N = 101, 6, 13  # a vocabulary 2 does not divide: shards of 51 and 50 rows
 IGNORE = -100
 PAIRS, T = 3, 4
-# per case: softcap, temperature, chunk_bytes (24 rows' logits at most: several chunks), bias
-OP_CASES = {"plain": (None, 1.0, None, True), "softcap_temperature": (3.0, 0.7, None, True),
-            "chunks": (None, 1.0, 8 * 51 * 4, True), "no_bias": (2.0, 1.3, 8 * 51 * 3, False)}
+# per case: softcap, temperature, chunk_bytes (4 or 3 rows' logits: several chunks), bias, vocabulary
+# (one token: rank 1's shard is empty)
+OP_CASES = {"plain": (None, 1.0, None, True, V), "softcap_temperature": (3.0, 0.7, None, True, V),
+            "chunks": (None, 1.0, 8 * 51 * 4, True, V), "no_bias": (2.0, 1.3, 8 * 51 * 3, False, V),
+            "empty_shard": (1.5, 1.0, None, True, 1)}
 # per case: loss type, the reference as precomputed log-probs ("logps") or hidden states ("hidden")
 DPO_CASES = {"sigmoid": ("sigmoid", "logps"), "ipo": ("ipo", "logps"), "sigmoid_ref_hidden": ("sigmoid", "hidden"),
              "robust_softcap": ("robust", "logps")}
@@ -29,12 +31,14 @@ DPO_CASES = {"sigmoid": ("sigmoid", "logps"), "ipo": ("ipo", "logps"), "sigmoid_
 def op_data(case: str):
     """(hidden [N, d], weight [V, d], bias [V] or None, targets [N] with ignored rows, coefficients [N])."""
     g = torch.Generator().manual_seed(3)
+    vocab = OP_CASES[case][4]
     hidden = torch.randn(N, D, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, D, generator=g, dtype=torch.float64)
-    bias = torch.randn(V, generator=g, dtype=torch.float64) if OP_CASES[case][3] else None
-    targets = torch.randint(0, V, (N,), generator=g)
+    weight = torch.randn(vocab, D, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64) if OP_CASES[case][3] else None
+    targets = torch.randint(0, vocab, (N,), generator=g)
     targets[[1, 5, 6]] = IGNORE
-    targets[[0, 2]] = torch.tensor([50, 51])  # the last row of shard 0, the first of shard 1
+    if vocab == V:
+        targets[[0, 2]] = torch.tensor([50, 51])  # the last row of shard 0, the first of shard 1
     return hidden, weight, bias, targets, torch.randn(N, generator=g, dtype=torch.float64)
 
 
@@ -51,7 +55,7 @@ def token_logps(logits, targets):
 def op_reference(case: str):
     """One process, plain float64 torch: (log-probs [N], {hidden, weight, bias: gradient of Σ c·logp})."""
     hidden, weight, bias, targets, coef = op_data(case)
-    softcap, temperature, _, _ = OP_CASES[case]
+    softcap, temperature, *_ = OP_CASES[case]
     params = {"hidden": hidden, "weight": weight, "bias": bias}
     for t in params.values():
         if t is not None:
@@ -118,7 +122,7 @@ def run_op(case, mesh):
 
     from prefrank.ops import logprobs_from_hidden
     hidden, weight, bias, targets, coef = op_data(case)
-    softcap, temperature, chunk_bytes, _ = OP_CASES[case]
+    softcap, temperature, chunk_bytes, *_ = OP_CASES[case]
     hidden.requires_grad_(True)
     w = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
     b = None if bias is None else torch.nn.Parameter(distribute_tensor(bias, mesh, [Shard(0)]))
@@ -182,6 +186,28 @@ def refusals(mesh):
     return messages
 
 
+def opchecks(mesh) -> list:
+    """torch.library.opcheck of prefrank::vocab_parallel_logprobs and its backward on this rank's shard
+    (schema, autograd registration, fake kernels, AOT dispatch; every rank runs the same calls, so
+    their all-reduces pair up): the ops checked."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from prefrank.ops.vocab_parallel import shard
+    P = torch.ops.prefrank
+    hidden, weight, bias, targets, _ = op_data("plain")
+    w, first, group = shard("weight", distribute_tensor(weight, mesh, [Shard(0)]))
+    b = shard("bias", distribute_tensor(bias, mesh, [Shard(0)]))[0]
+    head = (2.0, 0.8, IGNORE, 8 * 51 * 4, "torch", group)
+    _, lse = P.vocab_parallel_logprobs(hidden, w, b, targets, first, V, *head)
+    calls = {P.vocab_parallel_logprobs: (hidden.clone().requires_grad_(True), w.clone().requires_grad_(True),
+                                         b.clone().requires_grad_(True), targets, first, V, *head),
+             P.vocab_parallel_logprobs_backward: (torch.randn(N, dtype=torch.float64), hidden, w, b, targets, lse,
+                                                  first, *head, True, True, True)}
+    for op, args in calls.items():
+        torch.library.opcheck(op, args)
+    return [str(op) for op in calls]
+
+
 def _message(call):
     try:
         call()
@@ -222,6 +248,7 @@ def main(out: str, model_dir: str):
     finally:
         DTensor.full_tensor, DTensor.redistribute = saved
     results["refusals"] = refusals(mesh)
+    results["opcheck"] = opchecks(mesh)
     results["score_head"] = score_head(model_dir)
     torch.save(results, f"{out}/rank{dist.get_rank()}.pt")
     dist.barrier()
