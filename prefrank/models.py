@@ -211,7 +211,9 @@ class CausalLM:
 
     hidden(): [B, T] ids → [B, T, d] final hidden states, continuing from `cache` if given.
     logits(): the model's own full forward (for the naive oracle).
-    head: weight [V, d], bias [V] or None, softcap, temperature — the op's arguments.
+    head: weight [V, d], bias [V] or None, softcap, temperature — the op's arguments. With
+    `tensor_parallel` (runtime.load_lm under --tp), weight and bias stay the head's vocabulary
+    shards as DTensors (their shapes global) and head_kwargs asks the op for vocab_parallel.
     """
 
     def __init__(self, model, tensor_parallel: bool = False):
