@@ -13,14 +13,15 @@ With z = (log πθ(y_w) - log πθ(y_l)) - γ (log πref(y_w) - log πref(y_l)) 
   gamma    -log σ(βz) with γ scaling the reference log-ratio (DPO^γ, Chen et al. Section 5)
 Losses are averaged over pairs (reduction="mean"), summed ("sum") or returned per pair ("none").
 
-The fused loss works like Liger's fused linear losses, with what they lack: precomputed reference log-probs (or
-reference hidden states), IPO, and any layout (prompt rows can share the tensor: they carry ignore_index and cost
-nothing, so a packed prompt + chosen + rejected layout works). Pairs are processed in chunks that hold whole pairs,
-so each chunk's loss gradient is known as soon as its log-probs are: the forward pass computes d(hidden), d(weight)
-and d(bias) at once (three matmuls per chunk, no recompute), and backward only scales them (reduction "none": the
-backward recomputes the chunks with each pair's upstream gradient). Both run as registered ops
-(prefrank::fused_linear_dpo and prefrank::fused_linear_dpo_backward): torch.compile traces the loss without graph
-breaks, and the checks on data (targets in range, sequences with tokens, finite values) run inside them.
+The fused loss works like Liger's fused linear losses, with what they lack: precomputed reference
+log-probs (or reference hidden states), IPO, and any layout (prompt rows can share the tensor: they
+carry ignore_index and cost nothing, so a packed prompt + chosen + rejected layout works). Pairs are
+processed in chunks that hold whole pairs, so each chunk's loss gradient is known as soon as its
+log-probs are: the forward pass computes d(hidden), d(weight) and d(bias) at once (three matmuls per
+chunk, no recompute), and backward only scales them (reduction "none": the backward recomputes
+the chunks with each pair's upstream gradient). Both run as registered ops (prefrank::fused_linear_dpo
+and prefrank::fused_linear_dpo_backward): torch.compile traces the loss without graph breaks, and
+the checks on data (targets in range, sequences with tokens, finite values) run inside them.
 """
 import torch
 import torch.nn.functional as F
@@ -433,18 +434,17 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     "triton", "cpp" or "torch" for the per-chunk log-softmax (None: $PREFRANK_BACKEND, else the
     fastest for hidden). Works under torch.compile(fullgraph=True) (flat ref_hidden: pass num_pairs).
 
-    Returns the loss (fp32; float64 for float64 hidden) if not return_metrics, else (loss, metrics): metrics are
-    0-dim tensors (dpo_metrics; no device sync: call .item() to read one). With sequence_stats the metrics also
-    hold, per pair and sequence ([B, 2] float tensors, column 0 chosen, detached): the policy's
-    "sequence_logps"; its "sequence_tokens" (target tokens); and sums over its tokens of the entropy of the
-    next-token distribution ("sequence_entropy"), of the mean logit over the vocabulary ("sequence_logits") and
-    of whether the target is the (first) argmax ("sequence_top1"), computed from the logits the loss computes
-    anyway (what trainers log). Bad input (shapes, dtypes, options, target ids, NaN / inf) raises, naming the
-    argument. A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh (FSDP2's, the
-    lm_head as its own unit) is gathered for the op, its gradient returned sharded and averaged over the ranks
-    as FSDP2's would be (ops/sharded.py); with vocab_parallel, such DTensors split over a tensor-parallel group
-    are not gathered: each rank scores its vocabulary shard (no sequence_stats; dpo/vocab_parallel.py). Other
-    layouts are refused.
+    Returns the loss (fp32; float64 for float64 hidden) if not return_metrics, else (loss, metrics):
+    metrics are 0-dim tensors (dpo_metrics; no device sync: call .item() to read one). With
+    sequence_stats the metrics also hold, per pair and sequence ([B, 2] float tensors, column 0
+    chosen, detached): the policy's "sequence_logps"; its "sequence_tokens" (target tokens); and
+    sums over its tokens of the entropy of the next-token distribution ("sequence_entropy"), of
+    the mean logit over the vocabulary ("sequence_logits") and of whether the target is the
+    (first) argmax ("sequence_top1"), computed from the logits the loss computes anyway (not with vocab_parallel; what
+    trainers log). Bad input (shapes, dtypes, options, target ids, NaN / inf) raises, naming the
+    argument. A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh (others: refused)
+    (FSDP2's, the lm_head as its own unit) is gathered for the op, its gradient returned sharded and rank-averaged
+    as FSDP2's (ops/sharded.py); vocab_parallel: split by vocabulary over tensor-parallel ranks (dpo/vocab_parallel.py).
     """
     if vocab_parallel:  # each rank scores its vocabulary shard (dpo/vocab_parallel.py)
         return vocab_parallel_dpo_loss(**{k: v for k, v in locals().items() if k != "vocab_parallel"})
