@@ -3,10 +3,11 @@
 One room, read top-down: this module is the public API (argument checks, the backend choice);
 registered.py registers each op with torch.library (torch.ops.prefrank.*: torch.compile traces
 them without graph breaks, opcheck tests them); sharded.py and vocab_parallel.py take heads held
-as DTensors (gathered; or split by vocabulary over a tensor-parallel group); head.py is the chunked output head (hidden states
-→ log-probs without the full logits, and its backward); backends.py chooses a backend and launches
-the Triton kernels (`kernels/`) and the C++ extension (`csrc/`); torch_backend.py is the
-plain-torch fallback and the definition every backend computes. Every op takes `backend=`
+as DTensors (gathered; or split by vocabulary over a tensor-parallel group); head.py is the
+chunked output head (hidden states → log-probs without the full logits, and its backward);
+backends.py chooses a backend and launches the Triton kernels (`kernels/`) and the C++ extension
+(`csrc/`); torch_backend.py is the plain-torch fallback and the definition every backend
+computes. Every op takes `backend=`
 ("triton", "cpp" or "torch"; None: $PREFRANK_BACKEND if set, else the fastest for the tensors).
 
 Targets are token ids in [0, V) or `ignore_index` (scored as 0); any other id raises IndexError on
