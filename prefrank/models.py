@@ -187,24 +187,48 @@ def _gathered(param):
         return param.full_tensor()
 
 
+def _vocab_shards(param):
+    """A head parameter split by vocabulary over a tensor-parallel group, as the vocabulary-parallel
+    op takes it: a DTensor sharded Shard(0) on that group's 1-D mesh. transformers' plans leave it
+    so; when FSDP2 replicates the groups (runtime.tensor_parallel_config), the mesh has more
+    dimensions, over which it is replicated (or split over one rank), and the same local rows are
+    seen on the tensor-parallel dimension alone. None for any other parameter or layout."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(param, DTensor):
+        return None
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    split = [i for i, p in enumerate(placements) if not p.is_replicate() and mesh.size(i) > 1]
+    if len(split) != 1 or placements[split[0]] != Shard(0):
+        return None
+    if mesh.ndim == 1:
+        return param
+    return DTensor.from_local(param.to_local(), mesh[mesh.mesh_dim_names[split[0]]], [Shard(0)], run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
 class CausalLM:
     """A Hugging Face causal LM seen as decoder + output head.
 
     hidden(): [B, T] ids → [B, T, d] final hidden states, continuing from `cache` if given.
     logits(): the model's own full forward (for the naive oracle).
-    head: weight [V, d], bias [V] or None, softcap, temperature — the op's arguments.
+    head: weight [V, d], bias [V] or None, softcap, temperature — the op's arguments. With
+    `tensor_parallel` (runtime.load_lm under --tp), weight and bias stay the head's vocabulary
+    shards as DTensors (their shapes global) and head_kwargs asks the op for vocab_parallel.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, tensor_parallel: bool = False):
         self.model = model
         self.decoder = model.base_model
         head = model.get_output_embeddings()
         if head is None or not isinstance(head, torch.nn.Linear):
             raise HeadError(f"{type(model).__name__}: no linear output head")
-        # Under tensor parallelism the head's weight is a vocabulary-sharded DTensor: the fused head
-        # runs on a gathered copy (V·d more memory per process, 2.1 GB for Llama 3 70B in bf16) on the
-        # decoder's replicated final hidden states, so its log-sum-exp is the single-device one.
-        self.weight, self.bias = (_gathered(p) for p in (head.weight, head.bias))
+        # Under tensor parallelism the head's weight is a vocabulary-sharded DTensor: the head runs
+        # vocabulary-parallel on it (each process its shard's logits, the log-sum-exp all-reduced:
+        # ops/vocab_parallel.py) on the decoder's replicated final hidden states, so no process
+        # gathers V × d (2.1 GB for Llama 3 70B in bf16). Other DTensor heads are gathered.
+        shards = [_vocab_shards(p) for p in (head.weight, head.bias)] if tensor_parallel else [None, None]
+        self.vocab_parallel = shards[0] is not None and (head.bias is None or shards[1] is not None)
+        self.weight, self.bias = shards if self.vocab_parallel else (_gathered(p) for p in (head.weight, head.bias))
         config = model.config.get_text_config()
         self.config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
@@ -252,7 +276,8 @@ class CausalLM:
     @property
     def head_kwargs(self) -> dict:
         """The head's arguments to ops.logprobs_from_hidden, beside hidden, weight and targets."""
-        return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature)
+        return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature,
+                    vocab_parallel=self.vocab_parallel)
 
     def new_cache(self, layers=None):
         """A DynamicCache, empty or holding the given per-layer (keys, values)."""
@@ -297,6 +322,7 @@ class CausalLM:
         and its autocast if one is active: a trainer's mixed precision), compared to what that
         precision's rounding of the logits allows."""
         from prefrank.ops.torch_backend import head_logits
+        from prefrank.ops.vocab_parallel import shard, shard_log_softmax
         ids = torch.arange(length, device=self.device)[None] % self.vocab_size
         mask = torch.ones_like(ids)
         training = self.model.training
@@ -305,14 +331,29 @@ class CausalLM:
             with self.no_autograd():
                 logits = self.logits(ids, mask)[0].float()
                 hidden = self.hidden(ids, mask, torch.arange(length, device=self.device)[None])[0]
-                head = head_logits(hidden, self.weight, self.bias, self.softcap, self.temperature)
+                model, cols = torch.log_softmax(logits, -1), slice(None)
+                if self.vocab_parallel:  # this process's columns of the vocabulary: its shard of the head
+                    weight, first, group = shard("weight", self.weight)
+                    head = shard_log_softmax(head_logits(hidden, weight, None if self.bias is None else
+                                                         self.bias.to_local(), self.softcap, self.temperature), group)
+                    cols = slice(first, first + weight.shape[0])
+                else:
+                    head = torch.log_softmax(head_logits(hidden, self.weight, self.bias, self.softcap,
+                                                         self.temperature), -1)
         finally:
             self.model.train(training)
-        if not (logits.isfinite().all() and head.isfinite().all()):  # an overflow says nothing of the head
+        # [the largest log-prob difference, whether the head's log-probs are finite], the same on every process
+        diff = (head - model[:, cols]).abs()
+        err = torch.stack([diff.max() if diff.numel() else diff.new_zeros(()), head.isfinite().all().float()])
+        if self.vocab_parallel:
+            err[1] = -err[1]  # MAX: the largest difference, and whether any process's shard is not finite
+            torch.distributed.all_reduce(err, torch.distributed.ReduceOp.MAX, group=self.weight.device_mesh.get_group())
+            err[1] = -err[1]
+        err, finite = err.tolist()
+        if not (logits.isfinite().all() and finite):  # an overflow says nothing of the head
             raise InputError(f"{type(self.model).__name__}: its log-probs are not finite in "
                              f"{str(self.weight.dtype).removeprefix('torch.')} on a short probe input (it overflows "
                              f"in this dtype): use <dtype> bfloat16 or float32")
-        err = (torch.log_softmax(head, -1) - torch.log_softmax(logits, -1)).abs().max().item()
         dtype, tol = self._head_tolerance(logits)
         if not err <= tol:
             raise HeadError(f"{type(self.model).__name__}: its logits are not (hidden @ lm_head) as prefrank reads "

@@ -75,8 +75,9 @@ class ScoreOptions(LoadOptions, TokenizeOptions, ScoringMode):
                              type=positive_int, group="execution")
     tp: int = option(1, "tensor parallelism under torchrun: shard each model over groups of TP consecutive "
                      "processes (transformers' tensor-parallel plan), the groups sharing the chunks as single "
-                     "processes do; the fused head runs on a gathered copy of the head's weight, so the numbers "
-                     "are those of one process within float rounding", type=positive_int, group="execution",
+                     "processes do; the head stays split by vocabulary (each process its shard's logits, the "
+                     "log-sum-exp all-reduced: no process holds the whole head), so the numbers are those of one "
+                     "process within float rounding", type=positive_int, group="execution",
                      decides_rows=False)
     per_token: bool = option(False, "also write per-token log-prob lists", group="execution")
     ches: bool = option(

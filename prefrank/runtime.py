@@ -151,7 +151,8 @@ def load_lm(path: str, opts: LoadOptions, device: torch.device, dtype: torch.dty
     """The model at `path` on `device`, or sharded over `where`'s tensor-parallel group."""
     return CausalLM(load_model(path, dtype=dtype, device=device, trust_remote_code=opts.trust_remote_code,
                                allow_pickle=opts.allow_pickle,
-                               distributed_config=tensor_parallel_config(where) if where else None))
+                               distributed_config=tensor_parallel_config(where) if where else None),
+                    tensor_parallel=where is not None and where.tp > 1)
 
 
 def load_run_tokenizer(opts: LoadOptions, model_path: str):

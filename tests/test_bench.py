@@ -89,6 +89,13 @@ def test_tensor_parallel_smoke():
     assert set(result["layouts"]) == {"tp1", "tp2"} and max(result["max_rel_diff_vs_tp1"].values()) < 1e-5
 
 
+def test_vocab_parallel_smoke(tmp_path):
+    """The vocabulary-parallel head's benchmark on 2 gloo processes: both heads give the same log-probs."""
+    from bench.vocab_parallel import main
+    result = main(["--vocab", "101", "--dim", "8", "--tokens", "16", "--out-dir", str(tmp_path)])
+    assert set(result["methods"]) == {"gathered", "vocab_parallel"} and result["max_abs_diff_logp"] < 1e-5
+
+
 def test_scaling_smoke(tmp_path):
     from bench.scaling import main
     result = main(["--pairs", "2", "--length", "16", "--reps", "1", "--vocabs", "512,1000", "--lengths", "16,32",

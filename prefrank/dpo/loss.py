@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefrank import ops
+from prefrank.dpo.vocab_parallel import vocab_parallel_dpo_loss
 from prefrank.ops import IGNORE_INDEX, backends, sum_by_sequence
 from prefrank.ops.head import Head
 from prefrank.ops.registered import check_targets, grad_fakes, grad_outputs
@@ -364,7 +365,7 @@ def _check_head(hidden, weight, bias, targets):
 
 
 def _reference(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
-               ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index, backend):
+               ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index, backend, vocab_parallel):
     """The reference's sequence log-probs [2B] (2i chosen, 2i + 1 rejected)."""
     if ref_hidden is not None:
         if hidden.dim() == 3:
@@ -381,7 +382,7 @@ def _reference(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_reject
         _check_head(ref_h, ref_w, ref_bias, flat_t)
         with torch.no_grad():
             token = ops.logprobs_from_hidden(ref_h, ref_w, flat_t, ref_bias, softcap=softcap, temperature=temperature,
-                                             ignore_index=ignore_index, backend=backend)
+                                             ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel)
             keep = flat_t != ignore_index
             # ignored rows add 0 to sequence 0: their ids may be anything (prompt, padding)
             return sum_by_sequence(torch.where(keep, token.double(), 0.0), torch.where(keep, seq, 0), n_seq)
@@ -406,7 +407,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                           label_smoothing: float = 0.0, gamma: float = 1.0, softcap: float | None = None,
                           temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, chunk_bytes: int | None = None,
                           reduction: str = "mean", backend: str | None = None, return_metrics: bool = True,
-                          sequence_stats: bool = False):
+                          sequence_stats: bool = False, vocab_parallel: bool = False):
     """DPO-family loss from the policy's final hidden states, differentiable w.r.t. hidden, weight and bias.
 
     Layout: hidden [N, d] with sequence_ids [N] (int; 2i: chosen of pair i, 2i + 1: rejected;
@@ -439,12 +440,14 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     chosen, detached): the policy's "sequence_logps"; its "sequence_tokens" (target tokens); and
     sums over its tokens of the entropy of the next-token distribution ("sequence_entropy"), of
     the mean logit over the vocabulary ("sequence_logits") and of whether the target is the
-    (first) argmax ("sequence_top1"), computed from the logits the loss computes anyway (what
+    (first) argmax ("sequence_top1"), computed from the logits the loss computes anyway (not with vocab_parallel; what
     trainers log). Bad input (shapes, dtypes, options, target ids, NaN / inf) raises, naming the
-    argument. A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh
-    (FSDP2's, the lm_head as its own unit) is gathered for the op, its gradient returned sharded
-    and averaged over the ranks as FSDP2's would be (ops/sharded.py); other layouts are refused.
+    argument. A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh (others: refused)
+    (FSDP2's, the lm_head as its own unit) is gathered for the op, its gradient returned sharded and rank-averaged
+    as FSDP2's (ops/sharded.py); vocab_parallel: split by vocabulary over tensor-parallel ranks (dpo/vocab_parallel.py).
     """
+    if vocab_parallel:  # each rank scores its vocabulary shard (dpo/vocab_parallel.py)
+        return vocab_parallel_dpo_loss(**{k: v for k, v in locals().items() if k != "vocab_parallel"})
     weight, bias, ref_weight, ref_bias = gather_head(weight=weight, bias=bias, ref_weight=ref_weight,
                                                      ref_bias=ref_bias)
     _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
@@ -454,7 +457,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     backend = backends.choose(flat_h, backend)
     ref_logps = _reference(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden,
                            ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index,
-                           backend)
+                           backend, False)
     grad = torch.is_grad_enabled()
     needs = (grad and flat_h.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)
@@ -474,16 +477,15 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
-    """nn.Module form of fused_linear_dpo_loss: configure once (the keyword options of
-    fused_linear_dpo_loss: beta, loss_type, label_smoothing, gamma, softcap, temperature,
-    ignore_index, chunk_bytes, reduction, backend, return_metrics, sequence_stats), call with
-    (hidden, weight, targets, sequence_ids=None, bias=None, ref_chosen_logps=..., ...); any option
-    passed to a call overrides the configured one for that call."""
+    """nn.Module form of fused_linear_dpo_loss: configure once (the keyword options of fused_linear_dpo_loss:
+    beta, loss_type, label_smoothing, gamma, softcap, temperature, ignore_index, chunk_bytes, reduction, backend,
+    return_metrics, sequence_stats, vocab_parallel), call with (hidden, weight, targets, sequence_ids=None,
+    bias=None, ref_chosen_logps=..., ...); any option passed to a call overrides the configured one for that call."""
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 gamma: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
-                 ignore_index: int = IGNORE_INDEX, chunk_bytes: int | None = None, reduction: str = "mean",
-                 backend: str | None = None, return_metrics: bool = True, sequence_stats: bool = False):
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
+                 softcap: float | None = None, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                 chunk_bytes: int | None = None, reduction: str = "mean", backend: str | None = None,
+                 return_metrics: bool = True, sequence_stats: bool = False, vocab_parallel: bool = False):
         super().__init__()
         _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
                        temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
@@ -492,7 +494,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
                             softcap=softcap, temperature=temperature, ignore_index=ignore_index,
                             chunk_bytes=chunk_bytes, reduction=reduction, backend=backend,
-                            return_metrics=return_metrics, sequence_stats=sequence_stats)
+                            return_metrics=return_metrics, sequence_stats=sequence_stats, vocab_parallel=vocab_parallel)
 
     def forward(self, hidden, weight, targets, sequence_ids=None, bias=None, **kwargs):
         return fused_linear_dpo_loss(hidden, weight, targets, sequence_ids, bias=bias, **{**self.options, **kwargs})

@@ -2,10 +2,12 @@
 
 One room, read top-down: this module is the public API (argument checks, the backend choice);
 registered.py registers each op with torch.library (torch.ops.prefrank.*: torch.compile traces
-them without graph breaks, opcheck tests them); head.py is the chunked output head (hidden states
-→ log-probs without the full logits, and its backward); backends.py chooses a backend and launches
-the Triton kernels (`kernels/`) and the C++ extension (`csrc/`); torch_backend.py is the
-plain-torch fallback and the definition every backend computes. Every op takes `backend=`
+them without graph breaks, opcheck tests them); sharded.py and vocab_parallel.py take heads held
+as DTensors (gathered; or split by vocabulary over a tensor-parallel group); head.py is the
+chunked output head (hidden states → log-probs without the full logits, and its backward);
+backends.py chooses a backend and launches the Triton kernels (`kernels/`) and the C++ extension
+(`csrc/`); torch_backend.py is the plain-torch fallback and the definition every backend
+computes. Every op takes `backend=`
 ("triton", "cpp" or "torch"; None: $PREFRANK_BACKEND if set, else the fastest for the tensors).
 
 Targets are token ids in [0, V) or `ignore_index` (scored as 0); any other id raises IndexError on
@@ -20,6 +22,7 @@ from prefrank.ops.head import Head
 from prefrank.ops.registered import check_targets
 from prefrank.ops.sharded import gather_head
 from prefrank.ops.torch_backend import IGNORE_INDEX, sum_by_sequence
+from prefrank.ops.vocab_parallel import logprobs_from_shard
 
 __all__ = ["BACKENDS", "IGNORE_INDEX", "Head", "check_targets", "logprobs_from_hidden", "logprobs_from_logits",
            "segment_sums", "sequence_logprobs", "sum_by_sequence"]
@@ -49,7 +52,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, temperature=1.0,
-                         ignore_index=IGNORE_INDEX, chunk_bytes: int | None = None, backend: str | None = None):
+                         ignore_index=IGNORE_INDEX, chunk_bytes: int | None = None, backend: str | None = None,
+                         vocab_parallel: bool = False):
     """Log-probs of `targets` under the output head applied to `hidden`, without the full logits;
     differentiable w.r.t. hidden, weight and bias (the backward recomputes chunk by chunk).
 
@@ -58,15 +62,23 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, *, softcap=None, te
     then softcap * tanh(z / softcap) if softcap. Returns [N] float32 (float64 for float64 inputs).
     chunk_bytes: memory for one chunk of scores (None: 256 MiB on GPU, 64 MiB on CPU).
     backend: see the module. Works under torch.compile(fullgraph=True). A DTensor weight or bias
-    sharded Shard(0) on a 1-D mesh (FSDP2's) is gathered first (ops/sharded.py).
+    sharded Shard(0) on a 1-D mesh (FSDP2's) is gathered first (ops/sharded.py). vocab_parallel:
+    the weight and bias are such DTensors sharded over a tensor-parallel group whose ranks all hold
+    the same hidden and targets; each rank computes only its vocabulary shard's logits, and the
+    log-sum-exp and the target's logit are all-reduced (ops/vocab_parallel.py): no rank gathers
+    the weight, and d weight stays sharded.
     """
-    weight, bias = gather_head(weight=weight, bias=bias)
+    if not vocab_parallel:
+        weight, bias = gather_head(weight=weight, bias=bias)
     _check_shapes("hidden", hidden, targets)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, d] with d = {hidden.shape[1]} (hidden's last dimension); "
                          f"got {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
+    if vocab_parallel:
+        return logprobs_from_shard(hidden, weight, targets.long(), bias, softcap, temperature, ignore_index,
+                                   chunk_bytes, backends.choose(hidden, backend))
     return torch.ops.prefrank.logprobs_from_hidden(hidden, weight, bias, targets.long(), softcap, float(temperature),
                                                    ignore_index, chunk_bytes, backends.choose(hidden, backend))[0]
 

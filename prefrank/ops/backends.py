@@ -106,16 +106,18 @@ def logprobs_and_lse(backend: str, logits, targets, ignore_index: int, num_threa
     return logp, torch.where(targets != ignore_index, torch.logsumexp(upcast(logits), -1), 0.0)
 
 
-def logprobs_backward_(backend: str, logits, targets, lse, g, ignore_index: int | None):
+def logprobs_backward_(backend: str, logits, targets, lse, g, ignore_index: int | None, target_g=None):
     """d logits for per-row gradients g [N], written over `logits` [N, V] where they are fp32 (or
     half on Triton) and returned; ignored rows get 0. ignore_index None: no row is ignored (the
-    head's chunks), which spares the torch formula a masking pass. The C++ extension has no
-    backward: the torch formula serves it."""
-    if backend == "triton":
+    head's chunks), which spares the torch formula a masking pass. target_g (with ignore_index
+    None only): the one-hot term's own per-row weight (torch_backend.logprobs_backward_), which the
+    torch formula serves on every backend. The C++ extension has no backward: the torch formula
+    serves it."""
+    if backend == "triton" and target_g is None:
         return _triton_kernels().logprobs_from_logits_backward(
             logits, targets, lse, g, IGNORE_INDEX if ignore_index is None else ignore_index, inplace=True)
     if ignore_index is None:
-        return torch_logprobs_backward_(upcast(logits), targets, lse, g)
+        return torch_logprobs_backward_(upcast(logits), targets, lse, g, target_g)
     keep = targets != ignore_index
     d = torch_logprobs_backward_(upcast(logits), torch.where(keep, targets, 0), lse, torch.where(keep, g, 0.0))
     return d.masked_fill_(~keep[:, None], 0.0)

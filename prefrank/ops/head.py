@@ -27,7 +27,7 @@ prefrank::logprobs_from_hidden runs them (registered.py).
 import torch
 import torch.nn.functional as F
 
-from prefrank.ops import backends, torch_backend
+from prefrank.ops import backends
 from prefrank.ops.torch_backend import IGNORE_INDEX, head_logits, upcast
 
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # logits per chunk: GEMMs big enough for a GPU; cache-sized on CPU
@@ -92,14 +92,14 @@ class Head:
         vocab = self.weight.shape[0]
         if self.cols == vocab:
             return self.logprobs(self.logits(hidden_rows), targets)
-        lse, picked = None, torch.empty(targets.shape, dtype=upcast(hidden_rows[:0]).dtype, device=targets.device)
-        anywhere = torch.zeros_like(targets)  # the tile's log-sum-exp does not need the target
+        lse, picked = None, torch.zeros(targets.shape, dtype=upcast(hidden_rows[:0]).dtype, device=targets.device)
         for start in range(0, vocab, self.cols):
             logits = self.logits(hidden_rows, slice(start, start + self.cols))
-            tile_lse = self.logprobs(logits, anywhere)[1]
+            local, held = local_targets(targets, start, logits.shape[1])
+            tile_lse = self.logprobs(logits, local)[1]
             lse = tile_lse if lse is None else torch.logaddexp(lse, tile_lse)
-            here = torch.nonzero((targets >= start) & (targets < start + self.cols)).squeeze(1)
-            picked[here] = upcast(logits[here, targets[here] - start]).to(picked.dtype)
+            here = torch.nonzero(held).squeeze(1)
+            picked[here] = upcast(logits[here, local[here]]).to(picked.dtype)
         return picked - lse, lse
 
     def tiled_backward_(self, hidden_rows, targets, lse, g, grads, row_index):
@@ -112,34 +112,34 @@ class Head:
         block_h = torch.zeros(hidden_rows.shape, dtype=lse.dtype) if grad_h is not None else None
         for start in range(0, vocab, self.cols):
             cols = slice(start, start + self.cols)
-            here = torch.nonzero((targets >= start) & (targets < start + self.cols)).squeeze(1)
-            d_raw = self.d_raw_(self.logits(hidden_rows, cols), targets[here] - start, lse, g, here)
+            logits = self.logits(hidden_rows, cols)
+            local, held = local_targets(targets, start, logits.shape[1])
+            d_raw = self.d_raw_(logits, local, lse, g, torch.where(held, g, 0.0))
             self._add_grads(d_raw, hidden_rows, cols, [block_h, grad_w, grad_b])
         if grad_h is not None:
             grad_h[row_index] = block_h.to(grad_h.dtype)
 
-    def d_raw_(self, logits, targets, lse, g, rows=None):
+    def d_raw_(self, logits, targets, lse, g, target_g=None):
         """d raw (the weight's dtype) from a chunk's logits (turned in place where they allow it)
-        for per-row gradients `g`; `rows`: the rows whose targets lie in these logits' columns
-        (None: all)."""
+        for per-row gradients `g`. target_g: the one-hot term's per-row weight where it is not g
+        (0 for rows whose target lies outside these columns: a vocabulary tile, or another rank's
+        shard; backends.logprobs_backward_)."""
         # fp32 math, except where the Triton kernel writes d logits straight over half logits
         tanh_sq = None
-        if self.fp32_logits or self.backend != "triton" or rows is not None:
+        if self.fp32_logits or self.backend != "triton" or target_g is not None:
             logits = upcast(logits)  # a copy for half logits; fp32 logits are updated in place
             tanh_sq = (logits / self.softcap) ** 2 if self.softcap else None
-        if rows is None:
-            d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None)  # no ignored rows
-        else:  # a tile: only some rows have their target here (the torch formula, every backend)
-            d_logits = torch_backend.logprobs_backward_(logits, targets, lse, g, rows)
+        d_logits = backends.logprobs_backward_(self.backend, logits, targets, lse, g, None,  # chunks: no ignored rows
+                                               target_g)
         if tanh_sq is not None:
             d_logits.mul_(1 - tanh_sq)
         return (d_logits.div_(self.temperature) if self.temperature != 1.0 else d_logits).to(self.weight.dtype)
 
-    def backward_(self, logits, targets, lse, g, hidden_rows, grads, row_index):
+    def backward_(self, logits, targets, lse, g, hidden_rows, grads, row_index, target_g=None):
         """Turn a chunk's logits (in place where they allow it) into d raw for per-row gradients
-        `g`, and add the chunk's contributions to grads (see new_grads; d hidden's rows are written
-        at row_index)."""
-        d_raw = self.d_raw_(logits, targets, lse, g)
+        `g` (target_g: see d_raw_), and add the chunk's contributions to grads (see new_grads; d
+        hidden's rows are written at row_index)."""
+        d_raw = self.d_raw_(logits, targets, lse, g, target_g)
         grad_h, grad_w, grad_b = grads
         if grad_h is not None:
             grad_h[row_index] = (d_raw @ self.weight).to(grad_h.dtype)
@@ -157,6 +157,14 @@ class Head:
             _add_product_(grad_w[cols], d_raw.T, hidden_rows.to(d_raw.dtype))
         if grad_b is not None:
             grad_b[cols] += upcast(d_raw).sum(0)
+
+
+def local_targets(targets, first: int, cols: int):
+    """(targets as column indices of the vocabulary slice first .. first + cols - 1, 0 where the
+    slice does not hold them; whether it holds them)."""
+    local = targets - first
+    held = (local >= 0) & (local < cols)
+    return torch.where(held, local, 0), held
 
 
 def _add_product_(acc, a, b):

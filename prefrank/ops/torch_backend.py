@@ -29,14 +29,13 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 def logprobs_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
-    """d logits = g · (onehot(target) − softmax(logits)) for per-row gradients g [n], written over
-    `logits` [n, V] and returned. Targets [n] in range; or, given `rows` [m] (the rows whose target
-    lies in these columns: a tile of the vocabulary), targets [m] of those rows, the others' onehot 0."""
+                       target_g: torch.Tensor | None = None) -> torch.Tensor:
+    """d logits = target_g · onehot(target) − g · softmax(logits) for per-row gradients g [n],
+    written over `logits` [n, V] (targets all in range) and returned. target_g: g unless given; 0
+    for a row whose target lies outside these columns (a vocabulary tile, ops/head.py, or another
+    rank's shard, ops/vocab_parallel.py)."""
     d = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-    if rows is None:
-        rows = torch.arange(len(targets), device=targets.device)
-    d[rows, targets] += g[rows]
+    d[torch.arange(len(targets), device=targets.device), targets] += g if target_g is None else target_g
     return d
 
 
