@@ -36,9 +36,10 @@ setup(
     cmdclass={"build_ext": build_ext},
     # Ranges, not pins: users bring their own (CUDA) torch. The CPU machine's install
     # command pins torch==2.13.0 before this runs.
+    # No triton here: the GPU kernels need it only where torch is a CUDA build, and those builds
+    # require it themselves on Linux; a CPU machine is spared its ~290 MB.
     install_requires=[
         "torch>=2.11",
-        "triton>=3.6; platform_system == 'Linux'",
         "transformers>=5.17,<6",
         "safetensors>=0.4",
         "numpy>=1.26",
@@ -50,7 +51,8 @@ setup(
         "accelerate>=1.0",  # transformers loads a model sharded by its tensor-parallel plan (--tp) only with it
     ],
     # trl: the drop-in test of prefrank's fused loss inside TRL's DPOTrainer (<1.17: PrefrankDPOTrainer
-    # overrides a private TRL method); ruff: the lint CI runs before the tests (rules in pyproject.toml)
-    extras_require={"test": ["pytest>=8", "trl>=1.16,<1.17", "ruff>=0.6"]},
+    # overrides a private TRL method); ruff: the lint CI runs before the tests (rules in pyproject.toml);
+    # triton: the kernels' tests run them interpreted on CPU tensors (TRITON_INTERPRET=1)
+    extras_require={"test": ["pytest>=8", "trl>=1.16,<1.17", "ruff>=0.6", "triton>=3.6; platform_system == 'Linux'"]},
     entry_points={"console_scripts": ["prefrank=prefrank.cli:main"]},
 )

@@ -2,8 +2,9 @@
 
   python -m bench --suite cpu    scoring (packed and kv vs naive vs TRL-style, K = 2 and 4, stories260K
                                  and an 11M Llama), scaling with prompt share, vocabulary and length,
-                                 C++ log-probs, fused DPO loss vs naive and Liger, the vocabulary-parallel vs
-                                 the gathered head (2 gloo processes), streaming memory, analysis memory,
+                                 C++ log-probs, the fused head vs CCE, fused DPO loss vs naive and Liger, the
+                                 vocabulary-parallel vs the gathered head (2 gloo processes), streaming
+                                 memory, analysis memory,
                                  grouping votes into pairs (memory, speed), model fingerprints vs sha256,
                                  --deterministic vs the default mode (drift, whole-process time),
                                  PrefrankDPOTrainer vs TRL's DPOTrainer (needs ../shared)
@@ -26,6 +27,7 @@ SUITES = {
     "cpu": [("scoring", ["--pairs", "600", "--k", "2", "--reps", "5"]),
             ("scoring", ["--pairs", "600", "--k", "4", "--reps", "5"]),
             ("logprobs", []),
+            ("head", ["--reps", "3"]),
             ("dpo_loss", []),
             ("vocab_parallel", []),
             ("scoring", ["--model", "llama-11m", "--pairs", "150", "--k", "2", "--reps", "3"]),

@@ -96,6 +96,15 @@ def test_vocab_parallel_smoke(tmp_path):
     assert set(result["methods"]) == {"gathered", "vocab_parallel"} and result["max_abs_diff_logp"] < 1e-5
 
 
+def test_head_smoke(tmp_path):
+    """bench.head on a tiny shape: prefrank's forward and forward + backward (and CCE's where installed)."""
+    from bench.head import main
+    result = main(["--shapes", "smoke", "--reps", "1", "--out-dir", str(tmp_path)])
+    row = result["shapes"]["smoke"]
+    assert set(row["forward_s"]) >= {"prefrank", "gemm"} and "prefrank" in row["forward_backward_s"]
+    assert all(diff < 1e-3 for d in row["max_abs_diff_vs_prefrank"].values() for diff in d.values())
+
+
 def test_scaling_smoke(tmp_path):
     from bench.scaling import main
     result = main(["--pairs", "2", "--length", "16", "--reps", "1", "--vocabs", "512,1000", "--lengths", "16,32",

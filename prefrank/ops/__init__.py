@@ -44,7 +44,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
     logits: [N, V] float32/bfloat16/float16/float64; targets: [N] int64. Returns [N] float32
     (float64 for float64 logits on the cpp and torch backends). Differentiable w.r.t. logits on
-    every backend. num_threads: C++ backend only (0 = OpenMP's default). backend: see the module.
+    every backend. num_threads: C++ backend only (0 = torch.get_num_threads()). backend: see the module.
     """
     _check_shapes("logits", logits, targets)
     return torch.ops.prefrank.logprobs_from_logits(logits, targets.long(), ignore_index,

@@ -3,7 +3,8 @@ Triton kernels (`kernels/`, installed as prefrank.kernels) and the C++ extension
 as prefrank._cpu_ops).
 
   triton  CUDA tensors, differentiable (on CPU tensors only through TRITON_INTERPRET=1, for tests)
-  cpp     CPU tensors, forward only (OpenMP over rows)
+  cpp     CPU tensors, forward only (OpenMP over rows, as many threads as torch's intra-op
+          pool: torch.set_num_threads reaches it, per calling thread)
   torch   any device, differentiable (torch_backend.py, the definition)
 
 A call's `backend=` argument forces one, and `PREFRANK_BACKEND=triton|cpp|torch` is its default;
@@ -88,7 +89,7 @@ def _cpp_logprobs(logits, targets, ignore_index, num_threads):
     lse = torch.empty_like(logp)
     bad = _cpu_ops.logprobs_from_logits(
         logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
-        targets.data_ptr(), logp.data_ptr(), lse.data_ptr(), ignore_index, num_threads)
+        targets.data_ptr(), logp.data_ptr(), lse.data_ptr(), ignore_index, num_threads or torch.get_num_threads())
     if bad:  # the extension skips such rows (no stray reads); the public API refuses them before
         raise RuntimeError(f"internal error: {bad} out-of-range targets reached the C++ backend unchecked")
     return logp, lse
@@ -140,7 +141,7 @@ def cpp_sequence_logprobs(logits, targets, cu_seqlens, ignore_index: int, num_th
     targets, cu_seqlens = targets.to(torch.int64).contiguous(), cu_seqlens.contiguous()
     bad = _cpu_ops.sequence_logprobs(logits.data_ptr(), _CPP_DTYPES[logits.dtype], logits.shape[1], logits.stride(0),
                                      targets.data_ptr(), cu_seqlens.data_ptr(), sums.numel(), sums.data_ptr(),
-                                     counts.data_ptr(), ignore_index, num_threads)
+                                     counts.data_ptr(), ignore_index, num_threads or torch.get_num_threads())
     if bad:
         raise RuntimeError(f"internal error: {bad} out-of-range targets reached the C++ backend unchecked")
     return sums, counts
