@@ -1,17 +1,13 @@
-"""DPO losses for other trainers: a light one on sequence log-probs, and a fused one from the
-policy's final hidden states and lm_head weight that never holds the full logits.
+"""DPO losses for other trainers: a fused one from the policy's final hidden states and lm_head
+weight that never holds the full logits, and (from dpo/objective.py, re-exported here) the light
+one on sequence log-probs.
 
-  dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ...)
   fused_linear_dpo_loss(hidden, weight, targets, sequence_ids, ref_chosen_logps=..., ...)
   FusedLinearDPOLoss(...)(hidden, weight, targets, ...)   the same as an nn.Module
+  dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ...)
 
-With z = (log πθ(y_w) - log πθ(y_l)) - γ (log πref(y_w) - log πref(y_l)) (γ = 1 unless "gamma"):
-  sigmoid  -(1 - ε) log σ(βz) - ε log σ(-βz)           DPO, ε = label_smoothing (cDPO)
-  robust   (-(1 - ε) log σ(βz) + ε log σ(-βz)) / (1 - 2ε)
-  hinge    max(0, 1 - βz)                                SLiC
-  ipo      (z - 1/(2β))², on mean token log-probs        IPO
-  gamma    -log σ(βz) with γ scaling the reference log-ratio (DPO^γ, Chen et al. Section 5)
-Losses are averaged over pairs (reduction="mean"), summed ("sum") or returned per pair ("none").
+The loss types (LOSS_TYPES) and reductions are dpo/objective.py's; the fused loss's inputs are read
+and checked by dpo/inputs.py, shared with its vocabulary-parallel form (dpo/vocab_parallel.py).
 
 The fused loss works like Liger's fused linear losses, with what they lack: precomputed reference
 log-probs (or reference hidden states), IPO, and any layout (prompt rows can share the tensor: they
@@ -24,115 +20,19 @@ and prefrank::fused_linear_dpo_backward): torch.compile traces the loss without 
 the checks on data (targets in range, sequences with tokens, finite values) run inside them.
 """
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from prefrank import ops
+from prefrank.dpo.inputs import check_data, check_head, flatten_layout, reference_logps, refuse_non_finite
+from prefrank.dpo.objective import LOSS_TYPES, check_options, dpo_loss, dpo_metrics, loss_of_margin, loss_slope, margin
 from prefrank.dpo.vocab_parallel import vocab_parallel_dpo_loss
 from prefrank.ops import IGNORE_INDEX, backends, sum_by_sequence
 from prefrank.ops.head import Head
-from prefrank.ops.registered import check_targets, grad_fakes, grad_outputs
+from prefrank.ops.registered import grad_fakes, grad_outputs
 from prefrank.ops.sharded import gather_head
 from prefrank.ops.torch_backend import upcast
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "gamma")
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 1.0,
-             chosen_lengths=None, rejected_lengths=None):
-    """Per-pair DPO-family losses [B] from sequence log-probs [B] (sums over completion tokens).
-    IPO needs the completion lengths, since it works on mean token log-probs."""
-    _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
-    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError("ipo works on mean token log-probs: pass chosen_lengths and rejected_lengths")
-    z, _ = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type, gamma,
-                   chosen_lengths, rejected_lengths)
-    return _loss_of_margin(z, beta, loss_type, label_smoothing)
-
-
-def _margin(pw, pl, rw, rl, loss_type: str, gamma: float, chosen_lengths, rejected_lengths):
-    """z = (policy log-ratio) - γ (reference log-ratio), on mean token log-probs for ipo, and
-    (dz/dpw, dz/dpl)."""
-    if loss_type == "ipo":
-        z = (pw / chosen_lengths - pl / rejected_lengths) - (rw / chosen_lengths - rl / rejected_lengths)
-        return z, (1 / chosen_lengths, -1 / rejected_lengths)
-    return (pw - pl) - (gamma if loss_type == "gamma" else 1.0) * (rw - rl), (1.0, -1.0)
-
-
-def _loss_of_margin(z, beta: float, loss_type: str, eps: float):
-    """Each loss type as a function of the margin z (see the module)."""
-    if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
-    if loss_type == "robust":
-        return (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
-    if loss_type == "hinge":
-        return torch.relu(1 - beta * z)
-    if loss_type == "ipo":
-        return (z - 1 / (2 * beta)) ** 2
-    return -F.logsigmoid(beta * z)  # gamma
-
-
-def _loss_slope(z, beta: float, loss_type: str, eps: float):
-    """d loss / d z of _loss_of_margin, written out: the fused loss's registered op runs below
-    autograd, so it differentiates the per-pair losses by hand (gradcheck tests both)."""
-    if loss_type == "sigmoid":
-        return beta * (-(1 - eps) * torch.sigmoid(-beta * z) + eps * torch.sigmoid(beta * z))
-    if loss_type == "robust":
-        return beta * (-(1 - eps) * torch.sigmoid(-beta * z) - eps * torch.sigmoid(beta * z)) / (1 - 2 * eps)
-    if loss_type == "hinge":
-        # -β times the mask in z's dtype: torch.where(mask, -β, 0.0) would round β to float32
-        return -beta * (1 - beta * z > 0).to(z.dtype)
-    if loss_type == "ipo":
-        return 2 * (z - 1 / (2 * beta))
-    return -beta * torch.sigmoid(-beta * z)  # gamma
-
-
-def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-                as_floats: bool = False) -> dict:
-    """Rewards β(log πθ - log πref), margins, reward accuracy and ranking accuracy (πθ alone), as
-    0-dim tensors on the inputs' device (no device sync), or Python floats with `as_floats`."""
-    with torch.no_grad():
-        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
-        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
-        metrics = {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
-                   "reward_margin": (chosen - rejected).mean(),
-                   "reward_accuracy": (chosen > rejected).float().mean(),
-                   "ranking_accuracy": (policy_chosen_logps >= policy_rejected_logps).float().mean(),
-                   "logps_chosen": policy_chosen_logps.mean(), "logps_rejected": policy_rejected_logps.mean()}
-    return {k: v.item() for k, v in metrics.items()} if as_floats else metrics
-
-
-def _check_options(*, beta, loss_type, label_smoothing, gamma, softcap=None, temperature=1.0, reduction="mean",
-                   chunk_bytes=None):
-    """Refuse option values the losses cannot use, naming the option (no data is read)."""
-    def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-    number("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0 (the strength of the KL penalty), got {beta!r}")
-    number("label_smoothing", label_smoothing)
-    if not 0 <= label_smoothing <= 1:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if loss_type == "robust" and label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust' (the loss divides by "
-                         f"1 - 2 label_smoothing), got {label_smoothing!r}")
-    number("gamma", gamma)
-    if softcap is not None:
-        number("softcap", softcap)
-        if softcap <= 0:
-            raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
-    number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
-        raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+__all__ = ["LOSS_TYPES", "FusedLinearDPOLoss", "dpo_loss", "dpo_metrics", "fused_linear_dpo_loss"]
 
 
 def _pair_chunks(pair_of_row: torch.Tensor, budget: int) -> list[slice]:
@@ -162,26 +62,6 @@ def _token_stats(logits, targets, lse, seq, n_seq: int, acc) -> torch.Tensor:
         for k, v in enumerate(values):
             out[k] += sum_by_sequence(v.to(acc), seq[start:start + step], n_seq)
     return out
-
-
-def _check_data(hidden, weight, bias, targets, seq_ids, ref_logps, ignore_index: int):
-    """The checks on data, inside the ops (a compiled graph holds no data-dependent branch):
-    targets in range, scored rows' sequence ids within the reference's pairs."""
-    check_targets(targets, weight.shape[0], ignore_index)
-    scored = seq_ids[targets != ignore_index]
-    n_seq = ref_logps.shape[0]
-    if ((scored < 0) | (scored >= n_seq)).any():
-        raise ValueError(f"sequence_ids: scored rows' ids must be in [0, {n_seq}) for the {n_seq // 2} pairs of the "
-                         f"reference log-probs; got ids in [{int(scored.min())}, {int(scored.max())}]")
-
-
-def _refuse_non_finite(hidden, weight, bias, ref_logps):
-    """A NaN or inf result: name the input that holds NaN or inf (an error, not a NaN loss)."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias), ("the reference log-probs", ref_logps)):
-        if t is not None and not torch.isfinite(t).all():
-            verb = "hold" if name.endswith("log-probs") else "holds"
-            raise ValueError(f"{name} {verb} NaN or inf: the loss would be NaN")
-    raise FloatingPointError("the DPO loss overflowed (finite inputs, non-finite loss): check the inputs' scale")
 
 
 def _dpo_pass(hidden, weight, bias, targets, seq_ids, ref_logps, o: "_Opts", pair_grads, needs):
@@ -214,17 +94,17 @@ def _dpo_pass(hidden, weight, bias, targets, seq_ids, ref_logps, o: "_Opts", pai
         pairs = torch.unique(s // 2)
         seq_logp = sum_by_sequence(token_logp.to(acc), s, n_seq)
         pw, pl = seq_logp[2 * pairs], seq_logp[2 * pairs + 1]
-        z, (dz_w, dz_l) = _margin(pw, pl, ref_logps[2 * pairs].to(acc), ref_logps[2 * pairs + 1].to(acc), o.loss_type,
-                                  o.gamma, counts[2 * pairs].to(acc), counts[2 * pairs + 1].to(acc))
-        losses[pairs] = _loss_of_margin(z, o.beta, o.loss_type, o.label_smoothing)
+        z, (dz_w, dz_l) = margin(pw, pl, ref_logps[2 * pairs].to(acc), ref_logps[2 * pairs + 1].to(acc), o.loss_type,
+                                 o.gamma, counts[2 * pairs].to(acc), counts[2 * pairs + 1].to(acc))
+        losses[pairs] = loss_of_margin(z, o.beta, o.loss_type, o.label_smoothing)
         policy[2 * pairs], policy[2 * pairs + 1] = pw, pl
         if pair_grads is not None:
-            slope = _loss_slope(z, o.beta, o.loss_type, o.label_smoothing) * pair_grads[pairs].to(acc)
+            slope = loss_slope(z, o.beta, o.loss_type, o.label_smoothing) * pair_grads[pairs].to(acc)
             d_seq = torch.zeros(n_seq, dtype=acc, device=hidden.device)
             d_seq[2 * pairs], d_seq[2 * pairs + 1] = slope * dz_w, slope * dz_l
             head.backward_(logits, t, lse, d_seq[s], h, grads, r)
     if not (torch.isfinite(losses).all() and torch.isfinite(policy).all()):
-        _refuse_non_finite(hidden, weight, bias, ref_logps)
+        refuse_non_finite(hidden, weight, bias, ref_logps)
     if stats is not None:
         stats = torch.cat([counts.to(acc)[None], stats])
     return losses, policy, stats, (head.finish_grads(grads) if pair_grads is not None else grads)
@@ -248,7 +128,7 @@ def _fused_linear_dpo(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     """(loss [] or [B] under reduction "none", policy log-probs [2B], token statistics [4, 2B] or
     [0], and for "mean" / "sum" the gradients of the loss w.r.t. hidden, weight and bias, computed
     in the same pass; empty where not needed). B = ref_logps.shape[0] // 2."""
-    _check_data(hidden, weight, bias, targets, seq_ids, ref_logps, ignore_index)
+    check_data(hidden, weight, bias, targets, seq_ids, ref_logps, ignore_index)
     o = _Opts(beta, loss_type, label_smoothing, gamma, softcap, temperature, ignore_index, chunk_bytes, backend,
               token_stats)
     needs = (need_hidden, need_weight, need_bias)
@@ -328,79 +208,6 @@ def _fused_backward(ctx, grad_loss, *_):
 _fused_linear_dpo.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
-def _flatten_layout(hidden, targets, sequence_ids):
-    """[2B, T, d] hidden with chosen rows first (the TRL / Liger layout) → flat rows and sequence
-    ids (2i: chosen of pair i, 2i + 1: its rejected); flat inputs pass through."""
-    if hidden.dim() == 2:
-        if sequence_ids is None:
-            raise ValueError("sequence_ids: flat [N, d] hidden states need sequence_ids (2i: chosen of pair i, "
-                             "2i + 1: rejected)")
-        if sequence_ids.shape != hidden.shape[:1] or sequence_ids.is_floating_point():
-            raise ValueError(f"sequence_ids must be [N] = [{hidden.shape[0]}] integers; got "
-                             f"{tuple(sequence_ids.shape)} {sequence_ids.dtype}")
-        if targets.shape != hidden.shape[:1]:
-            raise ValueError(f"targets must be [N] = [{hidden.shape[0]}] for [N, d] hidden; got {tuple(targets.shape)}")
-        return hidden, targets, sequence_ids
-    if hidden.dim() != 3 or hidden.shape[0] % 2 or targets.shape != hidden.shape[:2]:
-        raise ValueError("hidden must be [2B, T, d] (chosen rows, then rejected rows) with targets [2B, T], "
-                         f"or [N, d] with sequence_ids; got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    b2, t = targets.shape
-    row = torch.arange(b2, device=hidden.device)
-    seq = (2 * (row % (b2 // 2)) + row // (b2 // 2))[:, None].expand(b2, t)
-    return hidden.reshape(b2 * t, -1), targets.reshape(-1), seq.reshape(-1)
-
-
-def _check_head(hidden, weight, bias, targets):
-    """Dtypes and shapes of the head's inputs (flat hidden [N, d]), naming the argument."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, not {t.dtype}")
-    if targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer token ids, not {targets.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, d] with d = {hidden.shape[-1]} (hidden's last dimension); got "
-                         f"{tuple(weight.shape)}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
-
-
-def _reference(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
-               ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index, backend, vocab_parallel):
-    """The reference's sequence log-probs [2B] (2i chosen, 2i + 1 rejected)."""
-    if ref_hidden is not None:
-        if hidden.dim() == 3:
-            n_seq = hidden.shape[0]
-        elif num_pairs is not None:
-            n_seq = 2 * num_pairs
-        else:  # read from the data: one device sync, and a graph break under torch.compile (pass num_pairs)
-            keep = flat_t != ignore_index
-            n_seq = 2 * (int(seq[keep].max()) // 2 + 1) if keep.any() else 0
-        ref_h, _, _ = _flatten_layout(ref_hidden, targets, sequence_ids)
-        if ref_h.shape != flat_h.shape:
-            raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}; got {tuple(ref_hidden.shape)}")
-        ref_w = ref_weight if ref_weight is not None else weight
-        _check_head(ref_h, ref_w, ref_bias, flat_t)
-        with torch.no_grad():
-            token = ops.logprobs_from_hidden(ref_h, ref_w, flat_t, ref_bias, softcap=softcap, temperature=temperature,
-                                             ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel)
-            keep = flat_t != ignore_index
-            # ignored rows add 0 to sequence 0: their ids may be anything (prompt, padding)
-            return sum_by_sequence(torch.where(keep, token.double(), 0.0), torch.where(keep, seq, 0), n_seq)
-    if ref_chosen_logps is None or ref_rejected_logps is None:
-        raise ValueError("pass the reference as ref_chosen_logps and ref_rejected_logps, or as ref_hidden")
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if t.dim() != 1 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a [B] floating-point tensor; got {tuple(t.shape)} {t.dtype}")
-    if ref_chosen_logps.shape != ref_rejected_logps.shape:
-        raise ValueError(f"ref_chosen_logps {tuple(ref_chosen_logps.shape)} and ref_rejected_logps "
-                         f"{tuple(ref_rejected_logps.shape)} must have the same shape")
-    n_pairs = ref_chosen_logps.shape[0]
-    if (hidden.dim() == 3 and hidden.shape[0] != 2 * n_pairs) or (num_pairs is not None and num_pairs != n_pairs):
-        got = hidden.shape[0] // 2 if hidden.dim() == 3 else num_pairs
-        raise ValueError(f"ref_chosen_logps / ref_rejected_logps: {n_pairs} reference pairs for {got} policy pairs")
-    return torch.stack([ref_chosen_logps, ref_rejected_logps], 1).reshape(-1).detach()
-
-
 def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=None, ref_chosen_logps=None,
                           ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                           num_pairs: int | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -424,7 +231,7 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
     flat layout, where it is otherwise read from sequence_ids (a device sync and, under
     torch.compile, a graph break).
 
-    Loss (z = policy log-ratio minus gamma·reference log-ratio, see the module): loss_type one of
+    Loss (z = policy log-ratio minus gamma·reference log-ratio, dpo/objective.py): loss_type one of
     "sigmoid" (DPO; label_smoothing ε in [0, 1] gives cDPO), "robust" (ε < 0.5), "hinge" (SLiC),
     "ipo" (on mean token log-probs), "gamma" (DPO^γ: gamma scales the reference log-ratio; other
     types use 1); beta > 0. reduction: "mean" over pairs (default), "sum", or "none" (per-pair
@@ -436,28 +243,31 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
 
     Returns the loss (fp32; float64 for float64 hidden) if not return_metrics, else (loss, metrics):
     metrics are 0-dim tensors (dpo_metrics; no device sync: call .item() to read one). With
-    sequence_stats the metrics also hold, per pair and sequence ([B, 2] float tensors, column 0
-    chosen, detached): the policy's "sequence_logps"; its "sequence_tokens" (target tokens); and
-    sums over its tokens of the entropy of the next-token distribution ("sequence_entropy"), of
-    the mean logit over the vocabulary ("sequence_logits") and of whether the target is the
-    (first) argmax ("sequence_top1"), computed from the logits the loss computes anyway (not with vocab_parallel; what
-    trainers log). Bad input (shapes, dtypes, options, target ids, NaN / inf) raises, naming the
-    argument. A DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh (others: refused)
-    (FSDP2's, the lm_head as its own unit) is gathered for the op, its gradient returned sharded and rank-averaged
-    as FSDP2's (ops/sharded.py); vocab_parallel: split by vocabulary over tensor-parallel ranks (dpo/vocab_parallel.py).
+    sequence_stats (what trainers log; refused with vocab_parallel) the metrics also hold, per pair
+    and sequence ([B, 2] float tensors, column 0 chosen, detached): the policy's "sequence_logps";
+    its "sequence_tokens" (target tokens); and sums over its tokens of the entropy of the next-token
+    distribution ("sequence_entropy"), of the mean logit over the vocabulary ("sequence_logits") and
+    of whether the target is the (first) argmax ("sequence_top1"), computed from the logits the loss
+    computes anyway. Bad input (shapes, dtypes, options, target ids, NaN / inf) raises, naming the
+    argument.
+
+    Sharded heads: a DTensor weight, bias, ref_weight or ref_bias sharded Shard(0) on a 1-D mesh
+    (FSDP2's, the lm_head as its own unit) is gathered for the op, its gradient returned sharded and
+    rank-averaged as FSDP2's (ops/sharded.py); other layouts are refused. vocab_parallel=True
+    instead splits the head by vocabulary over tensor-parallel ranks (dpo/vocab_parallel.py).
     """
     if vocab_parallel:  # each rank scores its vocabulary shard (dpo/vocab_parallel.py)
         return vocab_parallel_dpo_loss(**{k: v for k, v in locals().items() if k != "vocab_parallel"})
     weight, bias, ref_weight, ref_bias = gather_head(weight=weight, bias=bias, ref_weight=ref_weight,
                                                      ref_bias=ref_bias)
-    _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
-                   temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
-    flat_h, flat_t, seq = _flatten_layout(hidden, targets, sequence_ids)
-    _check_head(flat_h, weight, bias, flat_t)
+    check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
+                  temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
+    flat_h, flat_t, seq = flatten_layout(hidden, targets, sequence_ids)
+    check_head(flat_h, weight, bias, flat_t)
     backend = backends.choose(flat_h, backend)
-    ref_logps = _reference(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden,
-                           ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index,
-                           backend, False)
+    ref_logps = reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps,
+                                ref_hidden, ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap,
+                                temperature, ignore_index, backend, False)
     grad = torch.is_grad_enabled()
     needs = (grad and flat_h.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)
@@ -487,8 +297,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
                  chunk_bytes: int | None = None, reduction: str = "mean", backend: str | None = None,
                  return_metrics: bool = True, sequence_stats: bool = False, vocab_parallel: bool = False):
         super().__init__()
-        _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
-                       temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
+        check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
+                      temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {', '.join(ops.BACKENDS)}")
         self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,

@@ -28,7 +28,8 @@ from prefrank import ops
 from prefrank.analysis import metrics
 from prefrank.data import Columns, read_examples
 from prefrank.dpo.forward import completion_hidden
-from prefrank.dpo.loss import LOSS_TYPES, dpo_loss, fused_linear_dpo_loss
+from prefrank.dpo.loss import fused_linear_dpo_loss
+from prefrank.dpo.objective import LOSS_TYPES, dpo_loss
 from prefrank.errors import InputError
 from prefrank.models import CausalLM, LoadOptions
 from prefrank.ops import IGNORE_INDEX

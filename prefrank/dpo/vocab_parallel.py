@@ -12,6 +12,8 @@ reference's hidden states go through the same op. The token statistics of sequen
 import torch
 
 from prefrank import ops
+from prefrank.dpo.inputs import check_data, check_head, flatten_layout, reference_logps, refuse_non_finite
+from prefrank.dpo.objective import check_options, dpo_loss, dpo_metrics
 from prefrank.ops import backends, sum_by_sequence
 from prefrank.ops.vocab_parallel import shard
 
@@ -21,32 +23,21 @@ def vocab_parallel_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias,
                             softcap, temperature, ignore_index, chunk_bytes, reduction, backend, return_metrics,
                             sequence_stats):
     """fused_linear_dpo_loss's arguments and results (its docstring), the head split by vocabulary."""
-    # imported late: dpo/loss.py imports this module for its vocab_parallel=True, and this builds on it
-    from prefrank.dpo.loss import (
-        _check_data,
-        _check_head,
-        _check_options,
-        _flatten_layout,
-        _reference,
-        _refuse_non_finite,
-        dpo_loss,
-        dpo_metrics,
-    )
     if sequence_stats:
         raise ValueError("sequence_stats: the token statistics (entropy, mean logit, argmax) need the whole "
                          "vocabulary, which vocab_parallel=True splits over the ranks; pass sequence_stats=False")
-    _check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
-                   temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
+    check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
+                  temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
     for name, t in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         if t is not None:
             shard(name, t)  # refused here under its own name
-    flat_h, flat_t, seq = _flatten_layout(hidden, targets, sequence_ids)
-    _check_head(flat_h, weight, bias, flat_t)
+    flat_h, flat_t, seq = flatten_layout(hidden, targets, sequence_ids)
+    check_head(flat_h, weight, bias, flat_t)
     backend = backends.choose(flat_h, backend)
-    ref_logps = _reference(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden,
-                           ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index,
-                           backend, True)
-    _check_data(flat_h, weight, bias, flat_t, seq, ref_logps, ignore_index)
+    ref_logps = reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps,
+                                ref_hidden, ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap,
+                                temperature, ignore_index, backend, True)
+    check_data(flat_h, weight, bias, flat_t, seq, ref_logps, ignore_index)
     token = ops.logprobs_from_hidden(flat_h, weight, flat_t, bias, softcap=softcap, temperature=temperature,
                                      ignore_index=ignore_index, chunk_bytes=chunk_bytes, backend=backend,
                                      vocab_parallel=True)
@@ -62,7 +53,7 @@ def vocab_parallel_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias,
                       label_smoothing=label_smoothing, gamma=gamma, chosen_lengths=counts[0::2],
                       rejected_lengths=counts[1::2])
     if not torch.isfinite(losses.detach()).all():  # this rank's shards named; the others' ranks name theirs
-        _refuse_non_finite(flat_h, weight.to_local(), None if bias is None else bias.to_local(), ref_logps)
+        refuse_non_finite(flat_h, weight.to_local(), None if bias is None else bias.to_local(), ref_logps)
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
     if not return_metrics:
         return loss
