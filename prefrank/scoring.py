@@ -140,8 +140,10 @@ class _PromptBatch:
 
 def _gather_cache(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]]):
     """A cache and attention mask holding prompt rows (batch, row) of several prompt batches,
-    right-padded to the longest of them."""
-    width = max(batches[b].mask.shape[1] for b, _ in rows)
+    right-padded to the longest real prompt among these rows (not the widest prompt batch, whose
+    pad columns every continuation would attend over, masked)."""
+    lengths = {b: batches[b].mask.sum(1) for b in {b for b, _ in rows}}
+    width = max(int(lengths[b][r]) for b, r in rows)
     dev = batches[0].mask.device
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
     layers = [(k.new_zeros(len(rows), k.shape[1], width, k.shape[3]),
@@ -149,11 +151,11 @@ def _gather_cache(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]]):
     for b in sorted({b for b, _ in rows}):
         out_rows = torch.tensor([j for j, (bb, _) in enumerate(rows) if bb == b], device=dev)
         src_rows = torch.tensor([r for bb, r in rows if bb == b], device=dev)
-        p = batches[b].mask.shape[1]
-        mask[out_rows, :p] = batches[b].mask[src_rows]
+        p = min(batches[b].mask.shape[1], width)
+        mask[out_rows, :p] = batches[b].mask[src_rows, :p]
         for (k_out, v_out), (k, v) in zip(layers, batches[b].layers):
-            k_out[out_rows, :, :p] = k[src_rows]
-            v_out[out_rows, :, :p] = v[src_rows]
+            k_out[out_rows, :, :p] = k[src_rows, :, :p]
+            v_out[out_rows, :, :p] = v[src_rows, :, :p]
     return lm.new_cache(layers), mask
 
 
