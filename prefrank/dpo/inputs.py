@@ -8,7 +8,7 @@ imports neither.
 import torch
 
 from prefrank import ops
-from prefrank.ops import sum_by_sequence
+from prefrank.ops import backends, sum_by_sequence
 from prefrank.ops.registered import check_targets
 
 
@@ -83,6 +83,20 @@ def reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_r
         got = hidden.shape[0] // 2 if hidden.dim() == 3 else num_pairs
         raise ValueError(f"ref_chosen_logps / ref_rejected_logps: {n_pairs} reference pairs for {got} policy pairs")
     return torch.stack([ref_chosen_logps, ref_rejected_logps], 1).reshape(-1).detach()
+
+
+def prepare(hidden, weight, bias, targets, sequence_ids, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
+            ref_bias, num_pairs, softcap, temperature, ignore_index, backend, vocab_parallel: bool):
+    """What both forms of the fused loss do first: (flat hidden [N, d], flat targets [N], sequence
+    ids [N], the backend, the reference's sequence log-probs [2B]) from the caller's layout, the
+    head checked against it."""
+    flat_h, flat_t, seq = flatten_layout(hidden, targets, sequence_ids)
+    check_head(flat_h, weight, bias, flat_t)
+    backend = backends.choose(flat_h, backend)
+    ref_logps = reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden,
+                                ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap, temperature,
+                                ignore_index, backend, vocab_parallel)
+    return flat_h, flat_t, seq, backend, ref_logps
 
 
 def check_data(hidden, weight, bias, targets, seq_ids, ref_logps, ignore_index: int):

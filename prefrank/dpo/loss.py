@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from prefrank import ops
-from prefrank.dpo.inputs import check_data, check_head, flatten_layout, reference_logps, refuse_non_finite
+from prefrank.dpo.inputs import check_data, prepare, refuse_non_finite
 from prefrank.dpo.objective import LOSS_TYPES, check_options, dpo_loss, dpo_metrics, loss_of_margin, loss_slope, margin
 from prefrank.dpo.vocab_parallel import vocab_parallel_dpo_loss
-from prefrank.ops import IGNORE_INDEX, backends, sum_by_sequence
+from prefrank.ops import IGNORE_INDEX, sum_by_sequence
 from prefrank.ops.head import Head
 from prefrank.ops.registered import grad_fakes, grad_outputs
 from prefrank.ops.sharded import gather_head
@@ -262,12 +262,9 @@ def fused_linear_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias=No
                                                      ref_bias=ref_bias)
     check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, softcap=softcap,
                   temperature=temperature, reduction=reduction, chunk_bytes=chunk_bytes)
-    flat_h, flat_t, seq = flatten_layout(hidden, targets, sequence_ids)
-    check_head(flat_h, weight, bias, flat_t)
-    backend = backends.choose(flat_h, backend)
-    ref_logps = reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps,
-                                ref_hidden, ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap,
-                                temperature, ignore_index, backend, False)
+    flat_h, flat_t, seq, backend, ref_logps = prepare(hidden, weight, bias, targets, sequence_ids, ref_chosen_logps,
+                                                      ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_pairs,
+                                                      softcap, temperature, ignore_index, backend, False)
     grad = torch.is_grad_enabled()
     needs = (grad and flat_h.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)

@@ -12,9 +12,9 @@ reference's hidden states go through the same op. The token statistics of sequen
 import torch
 
 from prefrank import ops
-from prefrank.dpo.inputs import check_data, check_head, flatten_layout, reference_logps, refuse_non_finite
+from prefrank.dpo.inputs import check_data, prepare, refuse_non_finite
 from prefrank.dpo.objective import check_options, dpo_loss, dpo_metrics
-from prefrank.ops import backends, sum_by_sequence
+from prefrank.ops import sum_by_sequence
 from prefrank.ops.vocab_parallel import shard
 
 
@@ -31,12 +31,9 @@ def vocab_parallel_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias,
     for name, t in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         if t is not None:
             shard(name, t)  # refused here under its own name
-    flat_h, flat_t, seq = flatten_layout(hidden, targets, sequence_ids)
-    check_head(flat_h, weight, bias, flat_t)
-    backend = backends.choose(flat_h, backend)
-    ref_logps = reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps,
-                                ref_hidden, ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap,
-                                temperature, ignore_index, backend, True)
+    flat_h, flat_t, seq, backend, ref_logps = prepare(hidden, weight, bias, targets, sequence_ids, ref_chosen_logps,
+                                                      ref_rejected_logps, ref_hidden, ref_weight, ref_bias, num_pairs,
+                                                      softcap, temperature, ignore_index, backend, True)
     check_data(flat_h, weight, bias, flat_t, seq, ref_logps, ignore_index)
     token = ops.logprobs_from_hidden(flat_h, weight, flat_t, bias, softcap=softcap, temperature=temperature,
                                      ignore_index=ignore_index, chunk_bytes=chunk_bytes, backend=backend,
