@@ -43,7 +43,8 @@ class Head:
     """The head's parameters and chunk sizes; `backend` runs the log-softmax steps (backends.BACKENDS).
     `chunk_bytes`: memory for one chunk's logits (None: by device, CHUNK_BYTES). `rows`: the rows of
     a chunk of whole-vocabulary logits (the fused DPO loss); `cols` and `tile_rows`: the tiles of
-    forward and backward (cols = V but on the CPU; then tile_rows = rows)."""
+    forward and backward (on the CPU cols = TILE_COLS where V is wider; elsewhere cols = V and
+    tile_rows = rows)."""
 
     def __init__(self, weight, bias=None, softcap=None, temperature=1.0, backend="torch", chunk_bytes=None):
         self.weight, self.bias, self.softcap, self.temperature = weight, bias, softcap, temperature
