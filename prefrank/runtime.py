@@ -25,6 +25,12 @@ def distributed() -> tuple[int, int]:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
+        # torch.distributed.nn.functional takes the default group as its functions' default argument
+        # when first imported (transformers imports it while loading a model): imported after the
+        # group exists, it keeps the group alive past destroy_process_group, whose gloo threads then
+        # free a collective's tensors during the interpreter's exit and abort the process (SIGABRT,
+        # "terminate called without an active exception"). Imported now, it holds no group.
+        import torch.distributed.nn.functional  # noqa: F401
         # generous timeout: ranks wait for each other only at the start and at the end
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
     return dist.get_rank(), dist.get_world_size()

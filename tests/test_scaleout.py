@@ -119,6 +119,33 @@ def test_torchrun_two_ranks_equal_one_process(setup, tmp_path):
     assert meta["world_size"] == 2 and meta["summary"]["rows"] == 300 and meta["summary"]["errors"] == 1
 
 
+GLOO_THREADS = '''
+import os, torch
+from prefrank.models import load_model
+from prefrank.runtime import distributed, shutdown
+distributed()
+load_model({model!r}, dtype=torch.float32, device=torch.device("cpu"))
+shutdown()
+names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads left:", sorted(n for n in names if "gloo" in n))
+'''
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from /proc")
+def test_a_torchrun_process_ends_its_process_group_after_loading_a_model(setup):
+    """shutdown() leaves no gloo thread behind once a model is loaded: transformers imports
+    torch.distributed.nn.functional while loading, which pinned the default group if imported after
+    it was made; its threads then outlived destroy_process_group and now and then aborted the
+    process at exit (SIGABRT, seen as a --strict job's rank dying instead of exiting 2)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--no-python", sys.executable, "-c",
+           GLOO_THREADS.format(model=setup["model"])]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines().count("gloo threads left: []") == 2, result.stdout
+
+
 def test_merge_assembles_left_parts(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "s.parquet"
     def crash(self, *args, **kwargs):
