@@ -258,7 +258,7 @@ def test_bad_input_is_refused_naming_the_argument():
     refused(r"^targets must be integer", h, w, t.float(), seq)
     refused(r"^beta must be > 0", beta=-0.1)
     refused(r"^beta must be > 0", beta=0.0, loss_type="ipo")
-    refused(r"^beta must be a finite number", beta=float("nan"))
+    refused(r"^beta must be a finite Python number", beta=float("nan"))
     refused(r"^label_smoothing must be < 0.5", loss_type="robust", label_smoothing=0.5)
     refused(r"^label_smoothing must be in \[0, 1\]", label_smoothing=1.5)
     refused(r"^loss_type 'dpo'", loss_type="dpo")
@@ -270,6 +270,14 @@ def test_bad_input_is_refused_naming_the_argument():
     refused(r"^ref_chosen_logps / ref_rejected_logps: 3 reference pairs for 2", num_pairs=2,
             ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
     refused(r"^sequence_ids: flat", h, w, t, None)
+    # given but unused, they were dropped without a word
+    refused(r"^sequence_ids: only for flat", h[:20].view(4, 5, -1), w, t[:20].view(4, 5), seq[:20].view(4, 5))
+    refused(r"^the reference twice", ref_hidden=h)
+    refused(r"^beta must be a finite Python number", beta=torch.tensor(0.1))
+    if ops.backends._triton_kernels() is not None:
+        with pytest.MonkeyPatch.context() as env:  # outside the tests' interpreter: Triton's "0 active drivers"
+            env.delenv("TRITON_INTERPRET", raising=False)
+            refused(r"^backend=triton runs on CUDA tensors", backend="triton")
     bad_t = t.clone()
     bad_t[bad_t != IGNORE] = bad_t[bad_t != IGNORE].clamp(max=22)
     bad_t[torch.nonzero(bad_t != IGNORE)[0]] = 23

@@ -25,6 +25,9 @@ def flatten_layout(hidden, targets, sequence_ids):
         if targets.shape != hidden.shape[:1]:
             raise ValueError(f"targets must be [N] = [{hidden.shape[0]}] for [N, d] hidden; got {tuple(targets.shape)}")
         return hidden, targets, sequence_ids
+    if sequence_ids is not None:
+        raise ValueError("sequence_ids: only for flat [N, d] hidden states; [2B, T, d] hidden's rows are its sequences "
+                         "(chosen rows first, then rejected): pass sequence_ids=None, or flatten hidden and targets")
     if hidden.dim() != 3 or hidden.shape[0] % 2 or targets.shape != hidden.shape[:2]:
         raise ValueError("hidden must be [2B, T, d] (chosen rows, then rejected rows) with targets [2B, T], "
                          f"or [N, d] with sequence_ids; got {tuple(hidden.shape)} and {tuple(targets.shape)}")
@@ -51,6 +54,8 @@ def check_head(hidden, weight, bias, targets):
 def reference_logps(flat_h, weight, flat_t, seq, hidden, ref_chosen_logps, ref_rejected_logps, ref_hidden,
                     ref_weight, ref_bias, num_pairs, targets, sequence_ids, softcap, temperature, ignore_index, backend, vocab_parallel):
     """The reference's sequence log-probs [2B] (2i chosen, 2i + 1 rejected)."""
+    if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
+        raise ValueError("the reference twice: pass ref_chosen_logps and ref_rejected_logps, or ref_hidden, not both")
     if ref_hidden is not None:
         if hidden.dim() == 3:
             n_seq = hidden.shape[0]

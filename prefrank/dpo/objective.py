@@ -89,7 +89,7 @@ def check_options(*, beta, loss_type, label_smoothing, gamma, softcap=None, temp
     temperature and chunk_bytes are the fused losses' head options."""
     def number(name, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise ValueError(f"{name} must be a finite Python number (int or float), got {value!r}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     number("beta", beta)

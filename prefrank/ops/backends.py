@@ -65,6 +65,9 @@ def choose(t: torch.Tensor, backend: str | None = None) -> str:
                                f"{_CPP_IMPORT_ERROR}")
         if forced == "triton" and _triton_kernels() is None:
             raise RuntimeError(f"{name}=triton but triton is not installed")
+        if forced == "triton" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{name}=triton runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1, "
+                             f"Triton's interpreter); these are on {t.device}: use cpp or torch")
         return forced
     if t.device.type == "cuda" and t.dtype != torch.float64 and _triton_kernels() is not None:
         return "triton"
