@@ -204,6 +204,10 @@ def test_light_dpo_loss_and_errors():
     assert dpo_loss(pw, pl, rw, rl, beta=0.5).item() == pytest.approx(math.log1p(math.exp(-0.5 * 1.5)))
     with pytest.raises(ValueError, match="lengths"):
         dpo_loss(pw, pl, rw, rl, loss_type="ipo")
+    with pytest.raises(ValueError, match=r"^ref_rejected_logps must be a floating-point tensor of policy_chosen_logps"):
+        dpo_loss(pw, pl, rw, torch.zeros(3))  # it broadcast, naming nothing
+    with pytest.raises(ValueError, match=r"^policy_rejected_logps must be a floating-point"):
+        dpo_loss(pw, torch.tensor([-3]), rw, rl)  # integer log-probs were taken
     with pytest.raises(ValueError, match="loss_type"):
         FusedLinearDPOLoss(loss_type="nope")
     h, w, b, t, seq, rw, rl = make_case()

@@ -24,6 +24,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     """Per-pair DPO-family losses [B] from sequence log-probs [B] (sums over completion tokens).
     IPO needs the completion lengths, since it works on mean token log-probs."""
     check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
+    named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+             "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    for name, t in named.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == policy_chosen_logps.shape):
+            raise ValueError(f"{name} must be a floating-point tensor of policy_chosen_logps' shape "
+                             f"{tuple(policy_chosen_logps.shape)}; got "
+                             f"{(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError("ipo works on mean token log-probs: pass chosen_lengths and rejected_lengths")
     z, _ = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type, gamma,
