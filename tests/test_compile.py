@@ -273,6 +273,10 @@ def test_bad_input_is_refused_naming_the_argument():
     # given but unused, they were dropped without a word
     refused(r"^sequence_ids: only for flat", h[:20].view(4, 5, -1), w, t[:20].view(4, 5), seq[:20].view(4, 5))
     refused(r"^the reference twice", ref_hidden=h)
+    t3 = torch.randint(0, 23, (4, 5))
+    t3[1] = IGNORE  # pair 1's chosen row has no target token (it said "sequence 2", which reads as row 2)
+    refused(r"pair 1's chosen has none \(row 1 of \[2B, T\] targets, or sequence id 2 in the flat layout\)$",
+            h[:20].view(4, 5, -1), w, t3)
     refused(r"^beta must be a finite Python number", beta=torch.tensor(0.1))
     if ops.backends._triton_kernels() is not None:
         with pytest.MonkeyPatch.context() as env:  # outside the tests' interpreter: Triton's "0 active drivers"

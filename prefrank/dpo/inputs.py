@@ -115,6 +115,17 @@ def check_data(hidden, weight, bias, targets, seq_ids, ref_logps, ignore_index: 
                          f"reference log-probs; got ids in [{int(scored.min())}, {int(scored.max())}]")
 
 
+def check_every_sequence_scored(counts):
+    """Refuse a chosen or rejected sequence with no target token (counts [2B]: each sequence's),
+    naming it in both layouts."""
+    if (counts == 0).any():
+        i = int(torch.nonzero(counts == 0)[0])
+        pairs = counts.shape[0] // 2
+        raise ValueError(f"targets / sequence_ids: every chosen and rejected sequence needs at least one target token; "
+                         f"pair {i // 2}'s {'rejected' if i % 2 else 'chosen'} has none (row {i // 2 + i % 2 * pairs} "
+                         f"of [2B, T] targets, or sequence id {i} in the flat layout)")
+
+
 def refuse_non_finite(hidden, weight, bias, ref_logps):
     """A NaN or inf result: name the input that holds NaN or inf (an error, not a NaN loss)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias), ("the reference log-probs", ref_logps)):

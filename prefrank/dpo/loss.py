@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from prefrank import ops
-from prefrank.dpo.inputs import check_data, prepare, refuse_non_finite
+from prefrank.dpo.inputs import check_data, check_every_sequence_scored, prepare, refuse_non_finite
 from prefrank.dpo.objective import LOSS_TYPES, check_options, dpo_loss, dpo_metrics, loss_of_margin, loss_slope, margin
 from prefrank.dpo.vocab_parallel import vocab_parallel_dpo_loss
 from prefrank.ops import IGNORE_INDEX, sum_by_sequence
@@ -74,9 +74,7 @@ def _dpo_pass(hidden, weight, bias, targets, seq_ids, ref_logps, o: "_Opts", pai
     rows = rows[torch.argsort(seq_ids[rows] // 2, stable=True)]  # whole pairs together
     seq = seq_ids[rows]
     counts = torch.bincount(seq, minlength=n_seq).to(ref_logps.dtype)
-    if (counts == 0).any():
-        raise ValueError(f"targets / sequence_ids: every chosen and rejected sequence needs at least one target token; "
-                         f"sequence {int(torch.nonzero(counts == 0)[0])} has none")
+    check_every_sequence_scored(counts)
     acc = upcast(hidden[:0]).dtype  # fp32 math for half inputs, float64 stays float64
     losses = torch.zeros(n_pairs, dtype=acc, device=hidden.device)
     policy = torch.zeros(n_seq, dtype=acc, device=hidden.device)

@@ -12,7 +12,7 @@ reference's hidden states go through the same op. The token statistics of sequen
 import torch
 
 from prefrank import ops
-from prefrank.dpo.inputs import check_data, prepare, refuse_non_finite
+from prefrank.dpo.inputs import check_data, check_every_sequence_scored, prepare, refuse_non_finite
 from prefrank.dpo.objective import check_options, dpo_loss, dpo_metrics
 from prefrank.ops import sum_by_sequence
 from prefrank.ops.vocab_parallel import shard
@@ -42,9 +42,7 @@ def vocab_parallel_dpo_loss(hidden, weight, targets, sequence_ids=None, *, bias,
     ids = torch.where(keep, seq.long(), 0)  # ignored rows add 0 to sequence 0: their ids may be anything
     policy = sum_by_sequence(token, ids, ref_logps.shape[0])
     counts = sum_by_sequence(keep.to(policy.dtype), ids, ref_logps.shape[0])
-    if (counts == 0).any():
-        raise ValueError(f"targets / sequence_ids: every chosen and rejected sequence needs at least one target token; "
-                         f"sequence {int(torch.nonzero(counts == 0)[0])} has none")
+    check_every_sequence_scored(counts)
     ref = ref_logps.to(policy.dtype)
     losses = dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta=beta, loss_type=loss_type,
                       label_smoothing=label_smoothing, gamma=gamma, chosen_lengths=counts[0::2],
