@@ -145,11 +145,12 @@ def test_analysis_smoke(tmp_path):
 
 
 @needs_shared
-def test_deterministic_smoke():
+def test_deterministic_smoke(tmp_path):
     """The deterministic benchmark on 12 HH pairs: the deterministic mode's tables agree to the bit under
-    every variant it runs, and both modes are timed."""
+    every variant it runs, and both modes are timed. (Its JSON goes to tmp_path: written to
+    bench/results, every test run rewrote the committed one.)"""
     from bench.deterministic import main
-    result = main(["--smoke"])
+    result = main(["--smoke", "--out-dir", str(tmp_path)])
     assert result["drift"]["deterministic"] and all(
         d["rows_differing"] == 0 and d["max_abs_diff"] == 0.0 for d in result["drift"]["deterministic"].values())
     assert set(result["drift"]["default"]) == set(result["drift"]["deterministic"])
