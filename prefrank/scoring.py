@@ -142,8 +142,8 @@ def _gather_cache(lm, batches: list[_PromptBatch], rows: list[tuple[int, int]]):
     """A cache and attention mask holding prompt rows (batch, row) of several prompt batches,
     right-padded to the longest real prompt among these rows (not the widest prompt batch, whose
     pad columns every continuation would attend over, masked)."""
-    lengths = {b: batches[b].mask.sum(1) for b in {b for b, _ in rows}}
-    width = max(int(lengths[b][r]) for b, r in rows)
+    lengths = {b: batches[b].mask.sum(1).tolist() for b in {b for b, _ in rows}}  # one device sync per batch
+    width = max(lengths[b][r] for b, r in rows)
     dev = batches[0].mask.device
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
     layers = [(k.new_zeros(len(rows), k.shape[1], width, k.shape[3]),
