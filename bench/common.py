@@ -28,9 +28,9 @@ def machine() -> dict:
     return info
 
 
-def alternate(fns: dict, reps: int) -> dict:
+def alternate_times(fns: dict, reps: int) -> dict:
     """Run each function `reps` times, alternating A, B, A, B... so drift hits all alike;
-    returns each one's median seconds."""
+    returns each one's seconds, run by run."""
     import torch
     times = {name: [] for name in fns}
     for _ in range(reps):
@@ -42,7 +42,12 @@ def alternate(fns: dict, reps: int) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def alternate(fns: dict, reps: int) -> dict:
+    """alternate_times' median seconds of each function."""
+    return {name: statistics.median(t) for name, t in alternate_times(fns, reps).items()}
 
 
 def command(module: str, argv) -> str:

@@ -29,13 +29,28 @@ def test_bench_timers_report_the_median_call(monkeypatch):
 
     import torch
 
-    from bench.common import alternate
+    from bench.common import alternate, alternate_times
     from bench.ops_gpu import timed
     clock = FakeClock()
     monkeypatch.setattr(time, "perf_counter", clock)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert timed(clock.takes([100.0, 5.0, 1.0, 3.0, 50.0, 2.0]), 5, torch.device("cpu")) == 3.0  # odd reps: one median
     assert alternate({"a": clock.takes([4.0, 1.0, 2.0]), "b": clock.takes([7.0, 9.0, 8.0])}, 3) == {"a": 2.0, "b": 8.0}
+    runs = alternate_times({"a": clock.takes([4.0, 1.0, 2.0]), "b": clock.takes([7.0, 9.0, 8.0])}, 3)
+    assert runs == {"a": [4.0, 1.0, 2.0], "b": [7.0, 9.0, 8.0]}  # every run, in order
+
+
+@needs_shared
+def test_scoring_smoke(tmp_path):
+    """bench.scoring on 8 HH pairs, K = 4: every method's runs recorded, its fastest and median from them."""
+    import statistics
+
+    from bench.scoring import main
+    result = main(["--pairs", "8", "--k", "4", "--reps", "3", "--out-dir", str(tmp_path)])
+    for method, runs in result["runs"].items():
+        assert len(runs) == 3
+        assert result["fastest"][method] == min(runs) and result["seconds"][method] == statistics.median(runs)
+    assert result["speedup_kv_over_naive_fastest"] == result["fastest"]["naive"] / result["fastest"]["kv"]
 
 
 def test_ops_gpu_smoke():

@@ -78,6 +78,21 @@ def test_kv_with_small_cache_budget_equals_float64():
     assert_close("llama kv cache_bytes=1", s.logps, ref_sums, n)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_kv_and_packed_equal_float64_under_sdpa_and_eager_attention(implementation):
+    """packed's additive 4-D block mask and kv's prompt caches of several widths (a continuation
+    batch takes rows of several prompt batches) mean the same under both attentions (eager was
+    never tested: the tiny models default to sdpa)."""
+    model = tiny_model("llama")
+    model.set_attn_implementation(implementation)
+    lm = CausalLM(model)
+    items = random_items(12, k=3, seed=7)
+    ref_sums, _ = float64_reference(model, items)
+    n = torch.tensor([len(c) for it in items for c in it.completion_ids], dtype=torch.float64)
+    for method in ("kv", "packed"):
+        assert_close(f"llama {implementation} {method}", score(lm, items, method=method, budget=64).logps, ref_sums, n)
+
+
 def test_k_completions_per_prompt():
     model = tiny_model("qwen2")
     items = random_items(5, k=4, seed=2)
