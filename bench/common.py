@@ -45,9 +45,14 @@ def alternate_times(fns: dict, reps: int) -> dict:
     return times
 
 
+def medians(runs: dict) -> dict:
+    """Each function's median seconds from its runs (alternate_times)."""
+    return {name: statistics.median(t) for name, t in runs.items()}
+
+
 def alternate(fns: dict, reps: int) -> dict:
     """alternate_times' median seconds of each function."""
-    return {name: statistics.median(t) for name, t in alternate_times(fns, reps).items()}
+    return medians(alternate_times(fns, reps))
 
 
 def command(module: str, argv) -> str:

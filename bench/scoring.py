@@ -17,12 +17,11 @@ does not matter for throughput).
 import argparse
 import gzip
 import json
-import statistics
 import time
 
 import torch
 
-from bench.common import SHARED, alternate_times, command, flop_ideal, machine, write_result
+from bench.common import SHARED, alternate_times, command, flop_ideal, machine, medians, write_result
 from prefrank.batching import pad
 from prefrank.data import Columns, to_example
 from prefrank.errors import RowError
@@ -133,10 +132,10 @@ def main(argv=None):
     assert max_diff < 1e-2, f"the methods disagree by {max_diff}"
 
     runs = alternate_times({"kv": lambda: score(lm, items, method="kv", budget=args.budget),
-                         "packed": lambda: score(lm, items, method="packed", budget=args.budget),
-                         "naive": lambda: score(lm, items, method="naive", budget=args.budget),
-                         "trl_style": lambda: trl_style(lm, items)}, args.reps)
-    seconds = {m: statistics.median(t) for m, t in runs.items()}
+                            "packed": lambda: score(lm, items, method="packed", budget=args.budget),
+                            "naive": lambda: score(lm, items, method="naive", budget=args.budget),
+                            "trl_style": lambda: trl_style(lm, items)}, args.reps)
+    seconds = medians(runs)
     # Interference from other processes only ever adds time, and on a shared machine it swings runs by
     # 20-40%: each method's fastest run is its least disturbed (timeit's reasoning), the median the usual one.
     fastest = {m: min(t) for m, t in runs.items()}
